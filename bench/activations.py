@@ -1,0 +1,236 @@
+"""Activation extraction at one hook, cached on disk.
+
+`extract` tokenizes every sentence (BOS prepended when the model expects it),
+runs batches of similar length through the model up to the hook's layer only
+(`stop_at_layer`), keeps the hook's output for real tokens (pad and BOS rows
+are dropped) and returns an `ActivationSet` aligned with token ids, sentence
+ids and positions.
+
+The result is cached as one safetensors file whose name is a hash of what
+determines it: model fingerprint, hook, layer, the dataset's content hash,
+the tokenizer settings and the storage dtype. A second run with the same key
+does no forward pass. Entries are written atomically under a lock (parallel
+jobs of a sweep build each entry once), and an entry that fails its checksum
+is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from bench.datasets import ConceptDataset
+from bench.hooks import hook_name
+from bench.storage import atomic_write, cache_dir, entry_lock, sha256_json
+from methods.base import ActivationSet
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def tokenize(
+    model: Any, sentences: list[str], max_length: int | None = None
+) -> tuple[list[list[int]], dict]:
+    """Token ids per sentence (BOS first when the model prepends one) and the
+    settings that determine them (part of the cache key)."""
+    tokenizer = model.tokenizer
+    prepend_bos = bool(model.cfg.default_prepend_bos) and tokenizer.bos_token_id is not None
+    limit = min(max_length or model.cfg.n_ctx, model.cfg.n_ctx)
+    ids, truncated = [], 0
+    for sentence in sentences:
+        tokens = tokenizer.encode(sentence, add_special_tokens=False)
+        tokens = ([tokenizer.bos_token_id] if prepend_bos else []) + tokens
+        if len(tokens) > limit:
+            truncated += 1
+            tokens = tokens[:limit]
+        ids.append(tokens)
+    if truncated:
+        log.warning(
+            "%d of %d sentences were longer than %d tokens and were truncated",
+            truncated,
+            len(sentences),
+            limit,
+        )
+    settings = {
+        "prepend_bos": prepend_bos,
+        "bos_token_id": tokenizer.bos_token_id,
+        "max_length": limit,
+        "vocab_hash": _vocab_hash(tokenizer),
+        "truncated": truncated,
+    }
+    return ids, settings
+
+
+def _vocab_hash(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def extract(
+    model: Any,
+    dataset: ConceptDataset,
+    layer: int,
+    hook: str,
+    *,
+    model_fingerprint: str,
+    batch_tokens: int = 4096,
+    max_length: int | None = None,
+    dtype: str = "float32",
+    use_cache: bool = True,
+) -> ActivationSet:
+    """Activations of every dataset sentence at `hook` of `layer` (cached)."""
+    name = hook_name(layer, hook, model.cfg.n_layers)
+    if dtype not in DTYPES:
+        raise ValueError(f"activation dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+    token_ids, settings = tokenize(model, list(dataset.sentences), max_length)
+    key = sha256_json(
+        {
+            "format": FORMAT_VERSION,
+            "model": model_fingerprint,
+            "hook": name,
+            "dataset": dataset.content_hash,
+            "tokenizer": {k: v for k, v in settings.items() if k != "truncated"},
+            "dtype": dtype,
+        }
+    )[:24]
+    path = cache_dir() / "activations" / f"{name}-{key}.safetensors"
+    labels = list(dataset.labels)
+    if use_cache:
+        with entry_lock(path):
+            cached = _read_entry(path, labels)
+            if cached is not None:
+                log.info(
+                    "activations at %s: cache hit (%s, %d tokens)", name, path.name, len(cached)
+                )
+                return cached
+            acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+            _write_entry(path, acts)
+            return acts
+    return _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+
+
+def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Sentence indices grouped by similar length, each batch <= batch_tokens padded tokens."""
+    order = np.argsort(lengths, kind="stable")[::-1]
+    batches, current, longest = [], [], 0
+    for i in order.tolist():
+        longest_if = max(longest, lengths[i])
+        if current and longest_if * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> ActivationSet:
+    device = model.cfg.device
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else 0
+    skip = 1 if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None else 0
+    lengths = [len(t) for t in token_ids]
+    total = sum(lengths) - skip * len(lengths)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(activation: torch.Tensor, hook: Any) -> None:
+        captured["x"] = activation
+
+    chunks, ids, sents, positions = [], [], [], []
+    with tqdm(total=total, desc=f"extract {name}", unit="tok", leave=False) as bar:
+        for batch in _batches(lengths, batch_tokens):
+            width = max(lengths[i] for i in batch)
+            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+            for row, i in enumerate(batch):
+                tokens[row, : lengths[i]] = torch.tensor(token_ids[i])
+            # Right padding under a causal mask: real tokens never see the pads.
+            model.run_with_hooks(
+                tokens.to(device),
+                fwd_hooks=[(name, grab)],
+                stop_at_layer=layer + 1,
+                return_type=None,
+            )
+            out = captured.pop("x")
+            for row, i in enumerate(batch):
+                rows = out[row, skip : lengths[i]]
+                _check_finite(rows, name, i, skip)
+                chunks.append(rows.to("cpu", dtype))
+                ids.append(tokens[row, skip : lengths[i]])
+                sents.append(torch.full((lengths[i] - skip,), i, dtype=torch.long))
+                positions.append(torch.arange(skip, lengths[i]))
+            bar.update(sum(lengths[i] - skip for i in batch))
+    order = torch.argsort(torch.cat(sents), stable=True)  # rows in dataset order
+    return ActivationSet(
+        acts=torch.cat(chunks)[order].contiguous(),
+        token_ids=torch.cat(ids)[order],
+        sentence_ids=torch.cat(sents)[order],
+        positions=torch.cat(positions)[order],
+        hook=name,
+        sentence_labels=labels,
+    )
+
+
+def _check_finite(rows: torch.Tensor, name: str, sentence: int, skip: int) -> None:
+    bad = (~torch.isfinite(rows)).any(dim=-1).nonzero()
+    if len(bad):
+        position = int(bad[0]) + skip
+        raise FloatingPointError(
+            f"NaN/Inf activation at {name}, sentence {sentence}, token position {position}"
+        )
+
+
+def _acts_digest(acts: torch.Tensor) -> str:
+    data = acts.contiguous().view(torch.uint8) if acts.dtype != torch.uint8 else acts
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def _write_entry(path: Path, acts: ActivationSet) -> None:
+    tensors = {
+        "acts": acts.acts,
+        "token_ids": acts.token_ids,
+        "sentence_ids": acts.sentence_ids,
+        "positions": acts.positions,
+    }
+    metadata = {
+        "hook": acts.hook,
+        "format": str(FORMAT_VERSION),
+        "acts_sha256": _acts_digest(acts.acts),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    log.info("activations at %s cached: %s (%d tokens x %d)", acts.hook, path, len(acts), acts.d)
+
+
+def _read_entry(path: Path, labels: list[str]) -> ActivationSet | None:
+    """The cached entry, or None when absent, unreadable or failing its checksum."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        if metadata.get("acts_sha256") != _acts_digest(tensors["acts"]):
+            raise ValueError("checksum mismatch")
+        return ActivationSet(
+            acts=tensors["acts"],
+            token_ids=tensors["token_ids"],
+            sentence_ids=tensors["sentence_ids"],
+            positions=tensors["positions"],
+            hook=metadata["hook"],
+            sentence_labels=labels,
+        )
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+        log.warning("activation cache entry %s is corrupt (%s); rebuilding it", path.name, err)
+        return None

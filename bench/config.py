@@ -1,0 +1,106 @@
+"""Typed schemas behind the Hydra config (registered as `featbench_schema`).
+
+Hydra merges the YAML groups onto these dataclasses, so a misspelled key or
+a value of the wrong type is rejected with Hydra's own message before any
+work starts. Method, task, judge and logger nodes are plugins: their keys are
+the constructor arguments of the `_target_` class, checked when instantiated.
+Values a type cannot express (allowed hook names, ranges) are checked in
+`validate`, also before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from bench.datasets import FORMATS
+from bench.hooks import HOOKS
+
+SOURCES = ("embedded", "hub", "local")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # TransformerLens name, or smollm2-135m for the embedded model
+    source: str = "hub"  # embedded | hub | local
+    path: str | None = None  # checkpoint directory when source=local
+    default_layer: int = 0  # the layer used when `layer` is not given
+    n_ctx: int | None = None  # context length override; null keeps the model's own
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "concepts"
+    path: str | None = None  # null = the shipped dataset
+    format: str = "auto"  # auto | jsonl | json | csv
+    test_fraction: float = 0.3  # 70/30 split
+    split_seed: int = 0  # independent of the run seed so every method sees one split
+    concepts: list[str] | None = None  # keep only these concepts; null = all
+    max_per_concept: int | None = None  # null = no cap
+    max_neutral: int | None = None  # null = no cap
+
+
+@dataclass
+class ActivationsConfig:
+    batch_tokens: int = 4096  # padded tokens per forward batch
+    max_length: int = 256  # tokens per sentence, BOS included
+    dtype: str = "float32"  # storage of cached activations
+
+
+@dataclass
+class PathsConfig:
+    results_dir: str = "results"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    method: Any = MISSING
+    task: dict[str, Any] = field(default_factory=dict)
+    judge: Any = None
+    logger: Any = None
+    layer: int = MISSING
+    hook: str = "mlp_post"
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "float32"
+    force: bool = False
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+ConfigStore.instance().store(name="featbench_schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks a type cannot express; each error names the value and what is allowed."""
+    choices = {
+        "hook": (cfg.hook, tuple(HOOKS)),
+        "device": (cfg.device, DEVICES),
+        "dtype": (cfg.dtype, MODEL_DTYPES),
+        "model.source": (cfg.model.source, SOURCES),
+        "dataset.format": (cfg.dataset.format, FORMATS),
+        "activations.dtype": (cfg.activations.dtype, MODEL_DTYPES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    if cfg.layer < 0:
+        raise ValueError(f"layer={cfg.layer}: layers are numbered from 0")
+    if cfg.model.source == "local" and not cfg.model.path:
+        raise ValueError("model.source=local needs model.path=<checkpoint directory>")
+    if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:
+        raise ValueError(
+            f"activations.batch_tokens={cfg.activations.batch_tokens} must be >= 1 and "
+            f"activations.max_length={cfg.activations.max_length} >= 2"
+        )
+    if not cfg.task:
+        raise ValueError("no task selected; choose at least one, e.g. task=[concept_detection]")
+    if cfg.method is None or "_target_" not in cfg.method:
+        raise ValueError("method has no _target_; choose method=<name> from conf/method/")

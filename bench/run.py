@@ -1,0 +1,178 @@
+"""The `featbench` command: one Hydra job = model x layer x hook x method x seed.
+
+    featbench                                  # the defaults (conf/config.yaml)
+    featbench experiment=smoke                 # a small end-to-end run
+    featbench -m method=diffmean layer=3,6     # a sweep (Hydra multirun)
+    featbench --cfg job                        # print the composed config
+
+Order of work: validate the config and build the method and task objects
+(cheap, so mistakes surface before anything slow), load the dataset, the
+model and the cached activations, fit the method on the train split, run each
+task, and write `metrics.parquet` (atomically) beside a redacted
+`config.yaml` and the fitted features.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from bench import activations, datasets
+from bench.config import validate
+from bench.models import ModelUnavailable, load_model
+from bench.results import METRICS_FILE, ResultsError, config_hash, finalize, redact, write_metrics
+from bench.storage import atomic_write_text
+from methods.base import ArtifactError, Method
+from tasks.base import Task, TaskData
+
+log = logging.getLogger(__name__)
+
+# Errors a user can fix from the command line: shown as one message, no traceback.
+USER_ERRORS = (
+    ValueError,
+    datasets.DatasetError,
+    ModelUnavailable,
+    ResultsError,
+    ArtifactError,
+    FileNotFoundError,
+    PermissionError,
+)
+
+
+def plugin_name(obj: object) -> str:
+    """A plugin's `name` class attribute, else its class name in lower case."""
+    return getattr(type(obj), "name", None) or type(obj).__name__.lower()
+
+
+def build(node: DictConfig, kind: str, base: type) -> Any:
+    """Instantiate a `_target_` node and check it implements the contract."""
+    try:
+        obj = hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        raise ValueError(f"{kind} {node.get('_target_')!r} could not be built: {err}") from None
+    if not isinstance(obj, base):
+        raise ValueError(
+            f"{kind} {node.get('_target_')!r} is not a {base.__module__}.{base.__name__} subclass"
+        )
+    return obj
+
+
+def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
+    """Run one job into `job_dir`; returns the tidy metrics table it wrote."""
+    started = time.perf_counter()
+    validate(cfg)
+    method: Method = build(cfg.method, "method", Method)
+    tasks: dict[str, Task] = {
+        key: build(node, f"task {key}", Task) for key, node in cfg.task.items()
+    }
+    container = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash(container)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        job_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(container)))
+    )
+    torch.manual_seed(cfg.seed)
+
+    dataset = datasets.load(**{k: v for k, v in container["dataset"].items() if k != "name"})
+    if method.requires_labels and len(dataset.concepts) < 2:
+        raise ValueError(
+            f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
+        )
+
+    loaded = load_model(
+        cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype, cfg.model.n_ctx
+    )
+    model = loaded.model
+    acts = activations.extract(
+        model,
+        dataset,
+        cfg.layer,
+        cfg.hook,
+        model_fingerprint=loaded.fingerprint,
+        batch_tokens=cfg.activations.batch_tokens,
+        max_length=cfg.activations.max_length,
+        dtype=cfg.activations.dtype,
+    )
+    train = acts.subset(dataset.indices("train"))
+    fit_start = time.perf_counter()
+    features = method.fit(train)
+    fit_seconds = time.perf_counter() - fit_start
+    features.info.setdefault("fit_seconds", fit_seconds)
+    features.save(job_dir / "features")
+    log.info(
+        "%s: %d features fitted on %d tokens in %.1f s",
+        plugin_name(method),
+        len(features),
+        len(train),
+        fit_seconds,
+    )
+
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir)
+    run = {
+        "run_id": f"{plugin_name(method)}-{chash[:10]}",
+        "model": cfg.model.name,
+        "layer": cfg.layer,
+        "hook": acts.hook,
+        "method": plugin_name(method),
+        "seed": cfg.seed,
+        "config_hash": chash,
+    }
+    tables = []
+    for task in tasks.values():
+        rows = task.evaluate(model, features, data, cfg)
+        tables.append(finalize(rows, {**run, "task": plugin_name(task)}))
+    frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
+    meta = {
+        "overrides": _overrides(),
+        "seconds": time.perf_counter() - started,
+        "model_load_seconds": loaded.load_seconds,
+    }
+    write_metrics(frame, job_dir / METRICS_FILE, meta)
+    log.info("wrote %s (%d rows) in %.1f s", job_dir / METRICS_FILE, len(frame), meta["seconds"])
+    return frame
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests calling run_job directly)
+        return []
+
+
+def headline(frame: pd.DataFrame) -> str:
+    """The summary rows (feature is null, no concept) as a small text table."""
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()]
+    if summary.empty:
+        return "(no summary rows)"
+    table = summary.pivot_table(index="method", columns="metric", values="value", aggfunc="first")
+    return table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://bench.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        frame = run_job(cfg, job_dir)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        sys.exit(2)
+    log.info("results in %s\n%s", job_dir, headline(frame))
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,88 @@
+"""On-disk plumbing shared by the model cache, the activation cache and results.
+
+Everything featbench writes goes through `atomic_write`: the bytes land in a
+temporary file in the destination folder and are renamed into place, so a job
+killed at any moment leaves either the old file or the new one, never half a
+file. `entry_lock` serialises concurrent writers of one cache entry (several
+jobs of a sweep extracting the same activations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of featbench's caches; `FEATBENCH_CACHE` overrides the default."""
+    root = os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache" / "featbench"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: object) -> str:
+    """Stable hash of a JSON-able object (sorted keys)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
+    """Call `writer(tmp_path)` and rename the result onto `path`.
+
+    The temporary file lives in the same folder (same filesystem), so the
+    rename is atomic. On any error the temporary file is removed and the
+    previous content of `path`, if any, is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        writer(tmp_path)
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `<path>.lock`, held for the block.
+
+    Used around "check the cache, build if missing" so two jobs never build
+    the same entry at once; the second one waits and then finds it built.
+    """
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

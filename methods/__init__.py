@@ -1,0 +1,1 @@
+"""Method plugins: one file per method; the contract is in `methods.base`."""

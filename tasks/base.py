@@ -1,0 +1,41 @@
+"""The task contract: `Task.evaluate(model, features, data, cfg) -> rows`.
+
+A task gets the model, the features of one method (it never knows which
+method), and the run's data; it returns tidy rows (dicts with `metric`,
+`value` and its own dimensions: `feature`, `concept`, `kl_target`, `sign`,
+extra columns such as `reason`). `bench.results.finalize` adds the run's
+columns. A missing value is `value=None` with a `reason`, never a 0.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bench.datasets import ConceptDataset
+from methods.base import ActivationSet, Features
+
+
+@dataclass
+class TaskData:
+    """What a task may use besides the model and the features."""
+
+    dataset: ConceptDataset  # sentences, labels and the train/test split
+    activations: ActivationSet  # every sentence's tokens at the features' hook
+    layer: int
+    hook: str  # the short hook name (`mlp_post`, ...); `activations.hook` is the full one
+    seed: int
+    output_dir: Path  # the job's directory, for artifacts and checkpoints
+
+
+class Task(ABC):
+    """An evaluation. Subclasses are dataclasses of their config."""
+
+    #: value of the results' `task` column
+    name: ClassVar[str] = "task"
+
+    @abstractmethod
+    def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
+        """Return tidy result rows."""
