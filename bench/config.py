@@ -30,6 +30,7 @@ class ModelConfig:
     source: str = "hub"  # embedded | hub | local
     path: str | None = None  # checkpoint directory when source=local
     default_layer: int = 0  # the layer used when `layer` is not given
+    n_layers: int | None = None  # known depth lets a bad layer fail before the model loads
     n_ctx: int | None = None  # context length override; null keeps the model's own
 
 
@@ -91,8 +92,10 @@ def validate(cfg: DictConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-    if cfg.layer < 0:
-        raise ValueError(f"layer={cfg.layer}: layers are numbered from 0")
+    n_layers = cfg.model.n_layers
+    if cfg.layer < 0 or (n_layers is not None and cfg.layer >= n_layers):
+        valid = f"0..{n_layers - 1}" if n_layers is not None else ">= 0"
+        raise ValueError(f"layer={cfg.layer} is outside {cfg.model.name}: valid layers are {valid}")
     if cfg.model.source == "local" and not cfg.model.path:
         raise ValueError("model.source=local needs model.path=<checkpoint directory>")
     if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:

@@ -30,7 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 from bench import activations, datasets
 from bench.config import validate
 from bench.models import ModelUnavailable, load_model
-from bench.results import METRICS_FILE, ResultsError, config_hash, finalize, redact, write_metrics
+from bench.results import (
+    METRICS_FILE,
+    REDACTED,
+    ResultsError,
+    config_hash,
+    finalize,
+    is_secret_name,
+    redact,
+    write_metrics,
+)
 from bench.storage import atomic_write_text
 from methods.base import ArtifactError, Method
 from tasks.base import Task, TaskData
@@ -143,10 +152,17 @@ def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
 
 
 def _overrides() -> list[str]:
+    """The command-line overrides, with the values of secret-named keys redacted."""
     try:
-        return list(HydraConfig.get().overrides.task)
+        overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not running under Hydra (tests calling run_job directly)
         return []
+    redacted = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        secret = sep and is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1])
+        redacted.append(f"{key}={REDACTED}" if secret else item)
+    return redacted
 
 
 def headline(frame: pd.DataFrame) -> str:

@@ -1,0 +1,1 @@
+"""featbench core: models, datasets, activations, the run entry point, results."""

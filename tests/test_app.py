@@ -1,0 +1,105 @@
+"""The `featbench` command end to end, as a user runs it (subprocess, another cwd)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench.results import SCHEMA, read_metrics
+from tests.conftest import REPO, featbench_cmd
+
+pytestmark = pytest.mark.integration
+
+FAKE_KEY = "sk-featbenchFAKEKEY0123456789abcdef"
+
+
+def _run(args, cwd, timeout=600):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        featbench_cmd() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
+    out = _run(
+        [
+            "experiment=smoke",
+            f"paths.results_dir={tmp_path / 'res'}",
+            f"+logger.api_key={FAKE_KEY}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
+    frame, meta = read_metrics(metrics)
+    assert list(frame.columns[: len(SCHEMA)]) == list(SCHEMA)
+    assert set(frame["method"]) == {"diffmean"} and set(frame["task"]) == {"concept_detection"}
+    assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 3).all()
+    assert (frame["hook"] == "blocks.3.mlp.hook_post").all()
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()].set_index("metric")["value"]
+    assert {"mean_feature_auroc", "concept_coverage", "frac_s_cd_positive", "dead_features"} <= set(
+        summary.index
+    )
+    assert 0.0 <= summary["mean_feature_auroc"] <= 1.0
+    assert frame["config_hash"].nunique() == 1 and frame["git_commit"].notna().all()
+    assert meta["versions"]["transformer-lens"] and meta["versions"]["torch"]
+    job = metrics.parent
+    assert (job / "config.yaml").is_file() and (job / "features" / "features.json").is_file()
+    # The secret never lands in any output file (config, parquet metadata, logs).
+    for file in job.rglob("*"):
+        if file.is_file():
+            assert FAKE_KEY.encode() not in file.read_bytes(), file
+    assert "***REDACTED***" in (job / "config.yaml").read_text()
+    assert "method" in out.stderr + out.stdout and "mean_feature_auroc" in out.stderr + out.stdout
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    out = _run(["model=nope"], cwd=tmp_path, timeout=120)
+    assert out.returncode != 0
+    assert "Could not find 'model/nope'" in out.stderr and "smollm2-135m" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_key_is_hydras_error(tmp_path):
+    out = _run(["not_a_key=1"], cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and "not_a_key" in out.stderr and "Traceback" not in out.stderr
+    out = _run(["dataset.not_a_field=1"], cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and "not_a_field" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_values_fail_before_the_model_loads(tmp_path):
+    for args, message in [
+        (["layer=99"], "layer=99 is outside smollm2-135m: valid layers are 0..29"),
+        (["hook=mlp_pre"], "hook='mlp_pre' is not allowed; choose one of"),
+        (["dataset.path=/nonexistent/file.jsonl"], "/nonexistent/file.jsonl: no such dataset file"),
+        (["method._target_=nowhere.Method"], "method 'nowhere.Method' could not be built"),
+    ]:
+        out = _run(args + [f"paths.results_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert message in out.stderr + out.stdout, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
+        assert "loaded on" not in out.stderr + out.stdout  # no model was loaded
+
+
+def test_non_editable_install_finds_config_from_any_directory(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-c", "import bench, sys; print(bench.__file__); sys.argv=['featbench','--cfg','job']; from bench.run import cli; cli()"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0].startswith(str(site))
+    assert (
+        "name: smollm2-135m" in out.stdout and "_target_: methods.diffmean.DiffMean" in out.stdout
+    )
+    assert (site / "bench" / "data" / "concepts.jsonl").is_file()
+    assert pd.read_json(site / "bench" / "data" / "concepts.jsonl", lines=True).shape[0] >= 660

@@ -1,0 +1,144 @@
+"""The shipped concept dataset, the loaders, the split and bad-data errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from bench import datasets
+from bench.datasets import NEUTRAL, DatasetError
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return datasets.load()
+
+
+def test_shipped_dataset_size_and_coverage(shipped):
+    counts = Counter(shipped.labels)
+    concepts = {c: n for c, n in counts.items() if c != NEUTRAL}
+    assert len(concepts) >= 30
+    assert min(concepts.values()) >= 20
+    assert counts[NEUTRAL] >= 60
+    for required in ("food", "sports", "law_enforcement", "music", "programming_code", "weather",
+                     "questions", "past_tense", "numbers_dates", "lists", "french", "spanish", "german"):  # fmt: skip
+        assert required in concepts, required
+
+
+def test_shipped_sentences_are_natural_length_and_distinct(shipped):
+    lengths = [len(s.split()) for s in shipped.sentences]
+    assert min(lengths) >= 10 and max(lengths) <= 35
+    # No template-filled near-duplicates: no two sentences share their first five words.
+    openings = Counter(" ".join(s.lower().split()[:5]) for s in shipped.sentences)
+    assert openings.most_common(1)[0][1] == 1, openings.most_common(3)
+
+
+def test_split_is_stratified_deterministic_and_70_30(shipped):
+    again = datasets.load()
+    assert again.splits == shipped.splits
+    other_seed = datasets.load(split_seed=1)
+    assert other_seed.splits != shipped.splits
+    for label in set(shipped.labels):
+        members = [s for s, lab in zip(shipped.splits, shipped.labels, strict=True) if lab == label]
+        share = members.count("test") / len(members)
+        assert abs(share - 0.3) <= 0.5 / len(members) + 1e-9, (label, share)
+
+
+def test_selection_caps_and_filters(shipped):
+    small = datasets.load(concepts=["food", "french"], max_per_concept=5, max_neutral=7)
+    counts = Counter(small.labels)
+    assert counts == {"food": 5, "french": 5, NEUTRAL: 7}
+    with pytest.raises(DatasetError, match="not_a_concept"):
+        datasets.load(concepts=["not_a_concept"])
+
+
+def _records(n_per=4, labels=("a", "b")):
+    return [{"prompt": f"sentence number {i} about {lab} things", "label": lab}
+            for lab in labels for i in range(n_per)]  # fmt: skip
+
+
+def test_formats_jsonl_json_csv_read_the_same(tmp_path):
+    rows = _records() + [{"prompt": "A plain, neutral sentence; with a comma.", "label": NEUTRAL}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))  # the SNMF paper's format
+    lines = ["prompt,label"] + [f'"{r["prompt"]}",{r["label"]}' for r in rows]
+    (tmp_path / "d.csv").write_text("\n".join(lines))
+    loaded = [datasets.load(str(tmp_path / f"d.{ext}")) for ext in ("jsonl", "json", "csv")]
+    assert loaded[0].sentences == loaded[1].sentences == loaded[2].sentences
+    assert loaded[0].labels == loaded[1].labels == loaded[2].labels
+    assert loaded[0].content_hash == loaded[2].content_hash
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "only a prompt here"}', r"line 1: missing field 'label'"),
+        ('{"label": "a"}', r"line 1: missing field 'prompt'"),
+        ('{"prompt": "   ", "label": "a"}', r"line 1: empty 'prompt'"),
+        ('{"prompt": "text", "label": ""}', r"line 1: empty 'label'"),
+        ("this is not json", r"line 1: not valid JSONL"),
+    ],
+)
+def test_bad_jsonl_rows_are_named(tmp_path, content, message):
+    file = tmp_path / "bad.jsonl"
+    good = "\n".join(json.dumps(r) for r in _records())
+    file.write_text(content + "\n" + good)
+    with pytest.raises(DatasetError, match=message) as err:
+        datasets.load(str(file))
+    assert str(file) in str(err.value)
+
+
+def test_too_few_sentences_for_a_concept(tmp_path):
+    file = tmp_path / "few.jsonl"
+    rows = _records() + [{"prompt": "only three of these", "label": "c"}, {"prompt": "second c", "label": "c"},
+                         {"prompt": "third c one", "label": "c"}]  # fmt: skip
+    file.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DatasetError, match=r"fewer than 4 sentences: \{'c': 3\}"):
+        datasets.load(str(file))
+
+
+def test_duplicate_sentences_name_both_rows(tmp_path):
+    file = tmp_path / "dup.jsonl"
+    rows = _records() + [{"prompt": "Sentence number 0 about a   things", "label": "b"}]
+    file.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DatasetError, match=r"line 9: duplicate sentence \(same as line 1\)"):
+        datasets.load(str(file))
+
+
+def test_not_utf8(tmp_path):
+    file = tmp_path / "latin1.jsonl"
+    file.write_bytes(
+        json.dumps({"prompt": "caf\u00e9 au lait", "label": "a"}, ensure_ascii=False).encode(
+            "latin-1"
+        )
+    )
+    with pytest.raises(DatasetError, match=r"latin1.jsonl, line 1: not UTF-8"):
+        datasets.load(str(file))
+
+
+def test_not_the_format_claimed(tmp_path):
+    jsonl_content = "\n".join(json.dumps(r) for r in _records())
+    (tmp_path / "claims.json").write_text(jsonl_content)
+    with pytest.raises(DatasetError, match=r"claims.json, line 2: not valid JSON"):
+        datasets.load(str(tmp_path / "claims.json"))
+    (tmp_path / "claims.csv").write_text(jsonl_content)
+    with pytest.raises(DatasetError, match=r"claims.csv, line 1: CSV header .* lacks"):
+        datasets.load(str(tmp_path / "claims.csv"))
+    (tmp_path / "obj.json").write_text('{"prompt": "x", "label": "y"}')
+    with pytest.raises(DatasetError, match="expected a JSON list"):
+        datasets.load(str(tmp_path / "obj.json"))
+    with pytest.raises(DatasetError, match="allowed formats"):
+        datasets.load(str(tmp_path / "claims.json"), format="yaml")
+    (tmp_path / "d.txt").write_text(jsonl_content)
+    with pytest.raises(DatasetError, match="cannot tell the format"):
+        datasets.load(str(tmp_path / "d.txt"))
+    assert len(datasets.load(str(tmp_path / "d.txt"), format="jsonl")) == 8
+
+
+def test_missing_file_and_bad_fraction(tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset file"):
+        datasets.load(str(tmp_path / "absent.jsonl"))
+    with pytest.raises(DatasetError, match="test_fraction=1.5"):
+        datasets.load(test_fraction=1.5)
