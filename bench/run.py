@@ -14,6 +14,7 @@ task, and write `metrics.parquet` (atomically) beside a redacted
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import activations, datasets
 from bench.config import validate
+from bench.contexts import top_contexts
 from bench.models import ModelUnavailable, load_model
 from bench.results import (
     METRICS_FILE,
@@ -118,6 +120,10 @@ def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
     fit_seconds = time.perf_counter() - fit_start
     features.info.setdefault("fit_seconds", fit_seconds)
     features.save(job_dir / "features")
+    contexts = top_contexts(features, train, model.tokenizer)
+    atomic_write_text(
+        job_dir / "features" / "contexts.json", json.dumps(contexts, indent=1, ensure_ascii=False)
+    )
     log.info(
         "%s: %d features fitted on %d tokens in %.1f s",
         plugin_name(method),

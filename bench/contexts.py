@@ -1,0 +1,71 @@
+"""Top-activating contexts: for each feature, the tokens where it fires most,
+with +-15 tokens of their sentence around them.
+
+These are the input of feature descriptions (the steering task's
+`input_centric` description) and of the per-feature pages of the report.
+One context per sentence, so a feature that fires on every token of one
+sentence still shows several sentences.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from methods.base import ActivationSet, Features
+
+log = logging.getLogger(__name__)
+
+
+def encode_all(features: Features, acts: ActivationSet, chunk: int = 8192) -> torch.Tensor:
+    """n x k codes of every row of `acts`, in chunks."""
+    out = [
+        features.encode(acts.acts[i : i + chunk].float()).float().cpu()
+        for i in range(0, len(acts), chunk)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, len(features))
+
+
+def top_contexts(
+    features: Features,
+    acts: ActivationSet,
+    tokenizer: Any,
+    top: int = 5,
+    window: int = 15,
+    codes: torch.Tensor | None = None,
+) -> list[list[dict]]:
+    """Per feature, up to `top` contexts (distinct sentences), strongest first."""
+    codes = encode_all(features, acts) if codes is None else codes
+    n_sentences = int(acts.sentence_ids.max()) + 1 if len(acts) else 0
+    # best row of every sentence for every feature: S x k
+    best = torch.full((n_sentences, codes.shape[1]), -torch.inf)
+    best.scatter_reduce_(0, acts.sentence_ids[:, None].expand_as(codes), codes, "amax")
+    rows_of = {}
+    for row, sentence in enumerate(acts.sentence_ids.tolist()):
+        rows_of.setdefault(sentence, []).append(row)
+    result = []
+    for f in range(codes.shape[1]):
+        column = best[:, f]
+        order = column.argsort(descending=True)[:top].tolist()
+        contexts = []
+        for sentence in order:
+            if not torch.isfinite(column[sentence]):
+                continue
+            rows = rows_of[sentence]
+            local = int(codes[rows, f].argmax())
+            lo, hi = max(0, local - window), min(len(rows), local + window + 1)
+            ids = acts.token_ids[rows].tolist()
+            contexts.append(
+                {
+                    "sentence": sentence,
+                    "position": int(acts.positions[rows[local]]),
+                    "score": float(column[sentence]),
+                    "token": tokenizer.decode([ids[local]]),
+                    "context": tokenizer.decode(ids[lo:local]) + "[[" + tokenizer.decode([ids[local]]) + "]]"
+                    + tokenizer.decode(ids[local + 1 : hi]),
+                }
+            )  # fmt: skip
+        result.append(contexts)
+    return result

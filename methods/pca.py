@@ -1,0 +1,53 @@
+"""Control: the top principal directions of the train activations.
+
+The `n_features` leading right singular vectors of the centered activation
+matrix, signs fixed so that each direction's largest-|.| coordinate is
+positive (deterministic output). Encoding is the projection of the centered
+activation; decoding adds the mean back. PCA explains the most variance
+with k directions, so it bounds what reconstruction alone can show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import ActivationSet, Features, Method
+
+
+class PCAFeatures(Features):
+    def encode(self, acts: ActivationSet | torch.Tensor) -> torch.Tensor:
+        x = acts.acts if isinstance(acts, ActivationSet) else acts
+        return (x.float() - self.extra["mean"]) @ self.directions.T
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float() @ self.directions + self.extra["mean"]
+
+
+@dataclass
+class PCA(Method):
+    name: ClassVar[str] = "pca"
+
+    n_features: int = 100  # same count as SNMF's default rank
+
+    def fit(self, acts: ActivationSet) -> Features:
+        if not 1 <= self.n_features <= min(len(acts), acts.d):
+            raise ValueError(
+                f"method.n_features={self.n_features}: must be in 1..{min(len(acts), acts.d)} "
+                "(at most the number of tokens and the hook's width)"
+            )
+        x = acts.acts.float()
+        mean = x.mean(dim=0)
+        covariance = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+        values, vectors = torch.linalg.eigh(covariance.double())
+        order = values.argsort(descending=True)[: self.n_features]
+        directions = vectors[:, order].T.float()
+        signs = directions.gather(1, directions.abs().argmax(1, keepdim=True)).sign()
+        directions = directions * signs
+        explained = (values[order] / values.clamp_min(0).sum()).tolist()
+        return PCAFeatures(
+            directions, method=self.name, hook=acts.hook,
+            info={"explained_variance_ratio": explained}, extra={"mean": mean},
+        )  # fmt: skip

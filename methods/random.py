@@ -1,0 +1,32 @@
+"""Control: random Gaussian directions.
+
+As many unit directions as the compared method has features (`n_features`),
+drawn from an isotropic Gaussian in the hook's space with a fixed seed. A
+score this control reaches is what chance buys; a method has to beat it.
+Encoding is the projection on each direction; there is no decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import ActivationSet, Features, Method
+
+
+@dataclass
+class RandomDirections(Method):
+    name: ClassVar[str] = "random"
+
+    n_features: int = 100  # same count as SNMF's default rank, so the comparison is like for like
+    seed: int = 42  # fixed: the control is the same draw in every run
+
+    def fit(self, acts: ActivationSet) -> Features:
+        if self.n_features < 1:
+            raise ValueError(f"method.n_features={self.n_features}: must be >= 1")
+        gen = torch.Generator().manual_seed(self.seed)
+        directions = torch.randn(self.n_features, acts.d, generator=gen)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        return Features(directions, method=self.name, hook=acts.hook, info={"seed": self.seed})

@@ -1,0 +1,230 @@
+"""Methods: SNMF correctness on planted features, hierarchical SNMF, controls,
+artifact round trips and the plugin path."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from methods.base import ActivationSet, Features
+from methods.diffmean import DiffMean
+from methods.neurons import Neurons
+from methods.pca import PCA
+from methods.random import RandomDirections
+from methods.snmf import SNMF, winner_take_all
+from methods.snmf_hier import HierarchicalSNMF
+from tests.conftest import featbench_cmd
+
+
+def planted(n=3000, d=200, k=10, p=0.05, active=0.2, seed=0, noise=0.0):
+    """SNMF's generative story: sparse signed neuron groups Z*, sparse Y* >= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    m = math.ceil(p * d)
+    z = torch.zeros(d, k)
+    for j in range(k):
+        idx = torch.randperm(d, generator=gen)[:m]
+        z[idx, j] = torch.randn(m, generator=gen).sign() * (0.5 + torch.rand(m, generator=gen))
+    y = torch.rand(k, n, generator=gen) * (torch.rand(k, n, generator=gen) < active)
+    x = (z @ y).T
+    return x + noise * x.std() * torch.randn(x.shape, generator=gen), z
+
+
+def as_acts(x, labels=None):
+    n = x.shape[0]
+    sentences = torch.arange(n) // 4
+    return ActivationSet(x, torch.zeros(n, dtype=torch.long), sentences, torch.arange(n) % 4 + 1,
+                         "blocks.0.mlp.hook_post", labels)  # fmt: skip
+
+
+def matched_cosine(learned, true):
+    cos = (
+        torch.nn.functional.normalize(learned, dim=0).T @ torch.nn.functional.normalize(true, dim=0)
+    ).numpy()
+    rows, cols = linear_sum_assignment(-cos)
+    return float(cos[rows, cols].mean())
+
+
+def test_snmf_recovers_planted_features_at_zero_noise():
+    x, z_true = planted()
+    out = SNMF(rank=10, sparsity=0.05, max_iter=300, patience=50).factorize(x, progress=False)
+    assert matched_cosine(out["Z"], z_true) >= 0.95
+    nonzeros = (out["Z"] != 0).sum(dim=0)
+    assert (nonzeros == math.ceil(0.05 * 200)).all(), nonzeros
+    losses, scale = out["report"]["loss_curve"], float(x.double().pow(2).sum())
+    assert max(b - a for a, b in pairwise(losses)) <= 1e-5 * scale  # never rises beyond float noise
+    assert (out["G"] >= 0).all()
+
+
+def test_snmf_same_seed_same_factors_and_other_inits():
+    x, z_true = planted(n=1500)
+    one = SNMF(rank=10, sparsity=0.05, max_iter=60).factorize(x, progress=False)
+    two = SNMF(rank=10, sparsity=0.05, max_iter=60).factorize(x, progress=False)
+    assert (
+        torch.equal(one["Z"], two["Z"])
+        and one["report"]["loss_curve"] == two["report"]["loss_curve"]
+    )
+    other = SNMF(rank=10, sparsity=0.05, max_iter=60, seed=7).factorize(x, progress=False)
+    assert not torch.equal(one["Z"], other["Z"])
+    for init in ("svd", "kmeans"):
+        out = SNMF(rank=10, sparsity=0.05, max_iter=60, init=init).factorize(x, progress=False)
+        assert out["report"]["relative_error"] < 1.0 and torch.isfinite(out["Z"]).all()
+
+
+def test_snmf_trace_loss_equals_explicit_reconstruction():
+    x, _ = planted(n=800, noise=0.1)
+    out = SNMF(rank=8, sparsity=0.1, max_iter=5, patience=100).factorize(x, progress=False)
+    explicit = float((x - out["G"] @ out["Z"].T).double().pow(2).sum())
+    # the last iterate's G with the last Z (best may be earlier, so refit the last explicitly)
+    last = out["report"]["loss_curve"][-1]
+    assert last == pytest.approx(explicit, rel=1e-3) or out["report"]["best_iteration"] != 4
+
+
+def test_snmf_half_precision_storage_matches_float32():
+    x, _ = planted(n=1000)
+    a = SNMF(rank=10, sparsity=0.05, max_iter=40).factorize(x.half().float(), progress=False)
+    b = SNMF(rank=10, sparsity=0.05, max_iter=40).factorize(x.half(), progress=False)
+    torch.testing.assert_close(a["Z"], b["Z"])
+
+
+def test_snmf_features_encode_and_decode():
+    x, _ = planted(n=1200)
+    feats = SNMF(rank=10, sparsity=0.05, max_iter=150).fit(as_acts(x))
+    assert feats.directions.shape == (10, 200)
+    torch.testing.assert_close(feats.directions.norm(dim=1), torch.ones(10))
+    codes = feats.encode(x)
+    assert (codes >= 0).all()
+    fvu = float((x - feats.decode(codes)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.05
+    feats.info["encode"] = "cosine"
+    cosine = feats.encode(x)
+    assert cosine.abs().max() <= 1.0 + 1e-5
+
+
+def test_snmf_bad_settings():
+    with pytest.raises(ValueError, match=r"method.sparsity=1.5: must be in \(0, 1\]"):
+        SNMF(sparsity=1.5)
+    with pytest.raises(ValueError, match=r"method.sparsity=0"):
+        SNMF(sparsity=0)
+    with pytest.raises(ValueError, match="method.init='pca'"):
+        SNMF(init="pca")
+    with pytest.raises(
+        ValueError, match=r"method.rank=300 exceeds min\(tokens, width\) = min\(3000, 200\)"
+    ):
+        SNMF(rank=300).factorize(planted()[0], progress=False)
+
+
+def test_winner_take_all_keeps_largest_magnitudes():
+    z = torch.tensor([[1.0, -5.0], [-3.0, 0.5], [2.0, 4.0], [0.1, -0.2]])
+    kept = winner_take_all(z, 0.5)
+    assert kept.tolist() == [[0.0, -5.0], [-3.0, 0.0], [2.0, 4.0], [0.0, 0.0]]
+
+
+def test_hierarchical_levels_edges_and_tree(tmp_path):
+    x, _ = planted(n=1500, k=12)
+    method = HierarchicalSNMF(ranks=[12, 6, 3], sparsity=0.05, max_iter=80)
+    feats = method.fit(as_acts(x))
+    assert len(feats) == 21 and [lv["rank"] for lv in feats.info["levels"]] == [12, 6, 3]
+    edges = feats.info["edges"]
+    assert edges and all(e["coefficient"] > 0 for e in edges)
+    for parent in {e["parent"] for e in edges}:
+        assert any(e["parent"] == parent for e in edges)
+    assert feats.encode(x).shape == (1500, 21)
+    feats.save(tmp_path)
+    tree = json.loads((tmp_path / "tree.json").read_text())
+    assert tree["edges"] == edges and (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
+    back = Features.load(tmp_path)
+    assert torch.equal(back.encode(x[:50]), feats.encode(x[:50]))
+    tuned = HierarchicalSNMF(ranks=[12, 6], sparsity=0.05, max_iter=40, finetune_iters=5).fit(
+        as_acts(x)
+    )
+    assert torch.isfinite(tuned.directions).all() and tuned.info["finetune_iters"] == 5
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        HierarchicalSNMF(ranks=[10, 20])
+
+
+def test_controls():
+    x = torch.randn(500, 40, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 2, 40)
+    rnd = RandomDirections(n_features=7).fit(as_acts(x))
+    assert rnd.directions.shape == (7, 40) and torch.equal(
+        rnd.directions, RandomDirections(n_features=7).fit(as_acts(x)).directions
+    )
+    neu = Neurons(n_features=5).fit(as_acts(x))
+    assert sorted(neu.info["neurons"]) == [35, 36, 37, 38, 39]
+    assert torch.equal(neu.encode(x), x[:, neu.info["neurons"]])
+    pca = PCA(n_features=40).fit(as_acts(x))
+    torch.testing.assert_close(pca.decode(pca.encode(x)), x, atol=1e-3, rtol=1e-3)
+    first = pca.directions[0]
+    assert first.abs().argmax() == 39  # the highest-variance coordinate
+    with pytest.raises(ValueError, match="must be in 1..40"):
+        Neurons(n_features=41).fit(as_acts(x))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        SNMF(rank=6, sparsity=0.1, max_iter=30),
+        RandomDirections(n_features=6),
+        Neurons(n_features=6),
+        PCA(n_features=6),
+        DiffMean(),
+    ],
+    ids=lambda m: m.name,
+)
+def test_every_method_round_trips(tmp_path, method):
+    x, _ = planted(n=400, d=60, k=6, p=0.1)
+    labels = [["a", "b", "neutral"][i % 3] for i in range(100)]
+    feats = method.fit(as_acts(x, labels))
+    feats.save(tmp_path)
+    back = Features.load(tmp_path)
+    assert type(back) is type(feats) and back.method == feats.method
+    assert torch.equal(back.directions, feats.directions)
+    assert torch.equal(back.encode(x), feats.encode(x))
+
+
+PLUGIN = textwrap.dedent(
+    '''
+    from dataclasses import dataclass
+    import torch
+    from methods.base import Features, Method
+
+    @dataclass
+    class FirstCoordinates(Method):
+        """Toy plugin: the first k basis directions."""
+        name = "first_coordinates"
+        k: int = 3
+
+        def fit(self, acts):
+            return Features(torch.eye(acts.d)[: self.k], method=self.name, hook=acts.hook)
+    '''
+)
+
+
+@pytest.mark.integration
+def test_a_plugin_outside_the_repo_runs_end_to_end(tmp_path, embedded):
+    plugin_dir = tmp_path / "plugins"
+    (plugin_dir / "my_methods").mkdir(parents=True)
+    (plugin_dir / "my_methods" / "__init__.py").write_text(PLUGIN)
+    env = {**__import__("os").environ, "PYTHONPATH": str(plugin_dir)}
+    args = ["experiment=smoke", "method._target_=my_methods.FirstCoordinates", "+method.k=4",
+            f"paths.results_dir={tmp_path / 'res'}"]  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
+    import pandas as pd
+
+    frame = pd.read_parquet(metrics)
+    assert set(frame["method"]) == {"first_coordinates"}
+    assert frame[frame["metric"] == "auroc"]["feature"].nunique() == 4
+    assert np.isfinite(frame[frame["metric"] == "mean_feature_auroc"]["value"]).all()
+    assert sys.executable  # the plugin ran under the same interpreter
