@@ -75,6 +75,7 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_model, _cache_dir):
     [entry] = (_cache_dir / "activations").glob("blocks.0.mlp.hook_post-*.safetensors")
     raw = bytearray(entry.read_bytes())
     raw[-8:] = b"\x00\x00\x80\x7f" * 2  # flip the last values to garbage
+    entry.unlink()  # a new file: `first` may be memory-mapped from the old one
     entry.write_bytes(bytes(raw))
     assert activations._read_entry(entry, list(data.labels)) is None
     rebuilt = extract(tiny_model, data, 0, "mlp_post", model_fingerprint="tiny-corrupt-test")
