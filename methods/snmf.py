@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from bench.models import resolve_device
 from methods.base import ActivationSet, Features, Method
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,6 @@ log = logging.getLogger(__name__)
 INITS = ("random", "svd", "kmeans")
 ENCODINGS = ("nnls", "cosine")
 EPS = 1e-12  # keeps 0/0 out of the multiplicative update (a token with no support)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def positive(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +148,7 @@ class SNMF(Method):
             raise ValueError(
                 f"method.rank={k} exceeds min(tokens, width) = min({n}, {d}); choose rank <= {min(n, d)}"
             )
-        device = resolve_device(self.device)
+        device = torch.device(resolve_device(self.device))
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         start = time.perf_counter()
         sq_norm = sum(float(c.double().pow(2).sum()) for _, c in self._chunks(x, device))

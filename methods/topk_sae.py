@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from bench.models import resolve_device
 from methods.base import ActivationSet, Features, Method
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: only fit and sae_features import it
@@ -44,12 +45,6 @@ ACTIVATIONS = ("topk", "relu", "jumprelu")
 #: sae-lens architecture name -> the activation function SAEFeatures replays
 ARCHITECTURES = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
 CHUNK = 8192  # tokens per encode/decode chunk: bounds memory at O(CHUNK * d_sae)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class SAEFeatures(Features):
@@ -228,7 +223,7 @@ class TopKSAE(Method):
         n, d = acts.acts.shape
         if n < 2:
             raise ValueError(f"topk_sae: {n} tokens at {acts.hook}; need at least 2 to train")
-        device = resolve_device(self.device)
+        device = torch.device(resolve_device(self.device))
         batch = min(self.batch_size, n)
         samples = self.training_tokens or math.ceil(self.epochs * n)
         steps = max(1, samples // batch)
