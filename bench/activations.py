@@ -120,7 +120,7 @@ def extract(
     return _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
 
 
-def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Sentence indices grouped by similar length, each batch <= batch_tokens padded tokens."""
     order = np.argsort(lengths, kind="stable")[::-1]
     batches, current, longest = [], [], 0
@@ -151,7 +151,7 @@ def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> Acti
 
     chunks, ids, sents, positions = [], [], [], []
     with tqdm(total=total, desc=f"extract {name}", unit="tok", leave=False) as bar:
-        for batch in _batches(lengths, batch_tokens):
+        for batch in length_batches(lengths, batch_tokens):
             width = max(lengths[i] for i in batch)
             tokens = torch.full((len(batch), width), pad, dtype=torch.long)
             for row, i in enumerate(batch):

@@ -124,6 +124,9 @@ class ConceptDetection(Task):
             },
             {"metric": "dead_features", "value": float(dead.sum())},
         ]
+        supervised = features.labels is not None  # fitted with the labels: an upper reference
+        for row in rows:
+            row["supervised"] = supervised
         log.info(
             "concept_detection: mean AUROC %.3f, coverage %.2f, %d dead of %d features",
             np.mean(feature_aucs), coverage, int(dead.sum()), len(features),
