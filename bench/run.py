@@ -172,12 +172,13 @@ def _overrides() -> list[str]:
 
 
 def headline(frame: pd.DataFrame) -> str:
-    """The summary rows (feature is null, no concept) as a small text table."""
+    """The job's summary rows (no feature, no concept) as text, one per metric."""
     summary = frame[frame["feature"].isna() & frame["concept"].isna()]
     if summary.empty:
         return "(no summary rows)"
-    table = summary.pivot_table(index="method", columns="metric", values="value", aggfunc="first")
-    return table.to_string(float_format=lambda v: f"{v:.3f}")
+    dims = [c for c in ("generator", "noise") if c in summary and summary[c].notna().any()]
+    table = summary.set_index(["task", "metric", *dims])["value"]
+    return table.to_string(float_format=lambda v: f"{v:.4f}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bench.conf", config_name="config")

@@ -176,7 +176,9 @@ class SNMF(Method):
                 best, stale = {"loss": loss, "Z": z.clone(), "iteration": it}, 0
             else:
                 stale += 1
-            bar.set_postfix(rel_err=f"{math.sqrt(max(loss, 0) / max(sq_norm, 1e-30)):.4f}")
+            bar.set_postfix(
+                rel_err=f"{math.sqrt(max(loss, 0) / max(sq_norm, 1e-30)):.4f}", refresh=False
+            )
             if stale >= self.patience:
                 break
         seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,11 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
     [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
     frame, meta = read_metrics(metrics)
     assert list(frame.columns[: len(SCHEMA)]) == list(SCHEMA)
-    assert set(frame["method"]) == {"diffmean"} and set(frame["task"]) == {"concept_detection"}
+    assert set(frame["method"]) == {"diffmean"}
+    assert set(frame["task"]) == {
+        "concept_detection",
+        "synthetic_recovery",
+    }  # no decoder: no reconstruction
     assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 3).all()
     assert (frame["hook"] == "blocks.3.mlp.hook_post").all()
     summary = frame[frame["feature"].isna() & frame["concept"].isna()].set_index("metric")["value"]
@@ -54,7 +59,8 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
         if file.is_file():
             assert FAKE_KEY.encode() not in file.read_bytes(), file
     assert "***REDACTED***" in (job / "config.yaml").read_text()
-    assert "method" in out.stderr + out.stdout and "mean_feature_auroc" in out.stderr + out.stdout
+    printed = out.stderr + out.stdout
+    assert "results in" in printed and re.search(r"concept_detection +mean_feature_auroc", printed)
 
 
 def test_unknown_group_option_lists_the_choices(tmp_path):
