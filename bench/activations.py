@@ -29,13 +29,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bench.datasets import ConceptDataset
+from bench.errors import ConfigError
 from bench.hooks import hook_name
 from bench.storage import atomic_write, cache_dir, entry_lock, sha256_json
 from methods.base import ActivationSet
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers every tensor
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -92,7 +93,7 @@ def extract(
     """Activations of every dataset sentence at `hook` of `layer` (cached)."""
     name = hook_name(layer, hook, model.cfg.n_layers)
     if dtype not in DTYPES:
-        raise ValueError(f"activation dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+        raise ConfigError(f"activation dtype={dtype!r}; allowed: {sorted(DTYPES)}")
     token_ids, settings = tokenize(model, list(dataset.sentences), max_length)
     key = sha256_json(
         {
@@ -192,23 +193,20 @@ def _check_finite(rows: torch.Tensor, name: str, sentence: int, skip: int) -> No
         )
 
 
-def _acts_digest(acts: torch.Tensor) -> str:
-    data = acts.contiguous().view(torch.uint8) if acts.dtype != torch.uint8 else acts
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+TENSORS = ("acts", "token_ids", "sentence_ids", "positions")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every stored tensor's bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for name in TENSORS:
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write_entry(path: Path, acts: ActivationSet) -> None:
-    tensors = {
-        "acts": acts.acts,
-        "token_ids": acts.token_ids,
-        "sentence_ids": acts.sentence_ids,
-        "positions": acts.positions,
-    }
-    metadata = {
-        "hook": acts.hook,
-        "format": str(FORMAT_VERSION),
-        "acts_sha256": _acts_digest(acts.acts),
-    }
+    tensors = {name: getattr(acts, name).contiguous() for name in TENSORS}
+    metadata = {"hook": acts.hook, "format": str(FORMAT_VERSION), "sha256": _digest(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     log.info("activations at %s cached: %s (%d tokens x %d)", acts.hook, path, len(acts), acts.d)
 
@@ -221,7 +219,7 @@ def _read_entry(path: Path, labels: list[str]) -> ActivationSet | None:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        if metadata.get("acts_sha256") != _acts_digest(tensors["acts"]):
+        if metadata.get("sha256") != _digest(tensors):
             raise ValueError("checksum mismatch")
         return ActivationSet(
             acts=tensors["acts"],

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from bench.datasets import FORMATS
+from bench.errors import ConfigError
 from bench.hooks import HOOKS
 
 SOURCES = ("embedded", "hub", "local")
@@ -71,7 +72,6 @@ class Config:
     seed: int = 42
     device: str = "auto"
     dtype: str = "float32"
-    force: bool = False
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -91,19 +91,21 @@ def validate(cfg: DictConfig) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
     n_layers = cfg.model.n_layers
     if cfg.layer < 0 or (n_layers is not None and cfg.layer >= n_layers):
         valid = f"0..{n_layers - 1}" if n_layers is not None else ">= 0"
-        raise ValueError(f"layer={cfg.layer} is outside {cfg.model.name}: valid layers are {valid}")
+        raise ConfigError(
+            f"layer={cfg.layer} is outside {cfg.model.name}: valid layers are {valid}"
+        )
     if cfg.model.source == "local" and not cfg.model.path:
-        raise ValueError("model.source=local needs model.path=<checkpoint directory>")
+        raise ConfigError("model.source=local needs model.path=<checkpoint directory>")
     if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:
-        raise ValueError(
+        raise ConfigError(
             f"activations.batch_tokens={cfg.activations.batch_tokens} must be >= 1 and "
             f"activations.max_length={cfg.activations.max_length} >= 2"
         )
     if not cfg.task:
-        raise ValueError("no task selected; choose at least one, e.g. task=[concept_detection]")
+        raise ConfigError("no task selected; choose at least one, e.g. task=[concept_detection]")
     if cfg.method is None or "_target_" not in cfg.method:
-        raise ValueError("method has no _target_; choose method=<name> from conf/method/")
+        raise ConfigError("method has no _target_; choose method=<name> from conf/method/")

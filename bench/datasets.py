@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.errors import FeatbenchError
 from bench.storage import sha256_json
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MIN_SENTENCES_PER_CONCEPT = 4  # fewer cannot fill both sides of a 70/30 split
 FORMATS = ("auto", "jsonl", "json", "csv")
 
 
-class DatasetError(ValueError):
+class DatasetError(FeatbenchError, ValueError):
     """A dataset file that cannot be used, with the place and the reason."""
 
 

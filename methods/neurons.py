@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from methods.base import ActivationSet, Features, Method
 
 
@@ -33,7 +34,7 @@ class Neurons(Method):
 
     def fit(self, acts: ActivationSet) -> Features:
         if not 1 <= self.n_features <= acts.d:
-            raise ValueError(
+            raise ConfigError(
                 f"method.n_features={self.n_features}: must be in 1..{acts.d} (the hook's width)"
             )
         x = acts.acts.float()

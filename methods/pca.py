@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from methods.base import ActivationSet, Features, Method
 
 
@@ -34,7 +35,7 @@ class PCA(Method):
 
     def fit(self, acts: ActivationSet) -> Features:
         if not 1 <= self.n_features <= min(len(acts), acts.d):
-            raise ValueError(
+            raise ConfigError(
                 f"method.n_features={self.n_features}: must be in 1..{min(len(acts), acts.d)} "
                 "(at most the number of tokens and the hook's width)"
             )

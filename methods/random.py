@@ -1,7 +1,8 @@
 """Control: random Gaussian directions.
 
 As many unit directions as the compared method has features (`n_features`),
-drawn from an isotropic Gaussian in the hook's space with a fixed seed. A
+drawn from an isotropic Gaussian in the hook's space, seeded by the run's
+seed (so a seed sweep draws new controls). A
 score this control reaches is what chance buys; a method has to beat it.
 Encoding is the projection on each direction; there is no decoder.
 """
@@ -13,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from methods.base import ActivationSet, Features, Method
 
 
@@ -21,11 +23,11 @@ class RandomDirections(Method):
     name: ClassVar[str] = "random"
 
     n_features: int = 100  # same count as SNMF's default rank, so the comparison is like for like
-    seed: int = 42  # fixed: the control is the same draw in every run
+    seed: int = 42  # the YAML passes the run's seed; same seed, same draw
 
     def fit(self, acts: ActivationSet) -> Features:
         if self.n_features < 1:
-            raise ValueError(f"method.n_features={self.n_features}: must be >= 1")
+            raise ConfigError(f"method.n_features={self.n_features}: must be >= 1")
         gen = torch.Generator().manual_seed(self.seed)
         directions = torch.randn(self.n_features, acts.d, generator=gen)
         directions = directions / directions.norm(dim=1, keepdim=True)

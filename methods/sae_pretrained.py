@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from bench.models import EMBEDDED_NAME, hub_reachable
 from methods.base import ActivationSet, Features, Method
 from methods.topk_sae import reconstruction_stats, sae_features
@@ -43,7 +44,7 @@ SAE_FILES = ("cfg.json", "sae_weights.safetensors")  # sae-lens's on-disk format
 GUARD_TOKENS = 256  # tokens whose encodings are checked against sae-lens's own encode
 
 
-class SAEUnavailable(ValueError):
+class SAEUnavailable(ConfigError):
     """The configured SAE cannot be loaded (offline, missing files, unknown id)."""
 
 
@@ -64,12 +65,12 @@ class SAEPretrained(Method):
         # Cheap checks here, so a bad config fails before the model and activations load.
         by_release = self.release is not None or self.sae_id is not None
         if by_release == (self.path is not None):
-            raise ValueError(
+            raise ConfigError(
                 "sae_pretrained: set either method.release and method.sae_id (hub) "
                 "or method.path (a folder saved by sae-lens), not both and not neither"
             )
         if by_release and not (self.release and self.sae_id):
-            raise ValueError("sae_pretrained: method.release and method.sae_id go together")
+            raise ConfigError("sae_pretrained: method.release and method.sae_id go together")
         if self.path is not None:
             folder = Path(self.path).expanduser()
             missing = [name for name in SAE_FILES if not (folder / name).is_file()]
@@ -132,7 +133,7 @@ class SAEPretrained(Method):
         if sae.cfg.metadata.hook_head_index is not None:
             problems.append(f"the SAE reads one head ({sae.cfg.metadata.hook_head_index})")
         if problems:
-            raise ValueError(
+            raise ConfigError(
                 f"sae_pretrained: SAE {source} does not fit the run's activations: "
                 + "; ".join(problems)
             )
@@ -156,7 +157,7 @@ class SAEPretrained(Method):
         got = features.encode(x.float()).cpu()
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             worst = (got - expected).abs().max().item()
-            raise ValueError(
+            raise ConfigError(
                 f"sae_pretrained: replaying {type(sae).__name__}.encode differs from sae-lens "
                 f"by up to {worst:.3g}; this SAE's configuration is not supported"
             )

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from bench.errors import ConfigError
 from bench.models import resolve_device
 from methods.base import ActivationSet, Features, Method
 
@@ -126,14 +127,14 @@ class SNMF(Method):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sparsity <= 1.0:
-            raise ValueError(f"method.sparsity={self.sparsity}: must be in (0, 1]")
+            raise ConfigError(f"method.sparsity={self.sparsity}: must be in (0, 1]")
         if self.init not in INITS:
-            raise ValueError(f"method.init={self.init!r}; allowed: {list(INITS)}")
+            raise ConfigError(f"method.init={self.init!r}; allowed: {list(INITS)}")
         if self.encode not in ENCODINGS:
-            raise ValueError(f"method.encode={self.encode!r}; allowed: {list(ENCODINGS)}")
+            raise ConfigError(f"method.encode={self.encode!r}; allowed: {list(ENCODINGS)}")
         for key in ("rank", "max_iter", "patience", "chunk_size", "encode_iters"):
             if getattr(self, key) < 1:
-                raise ValueError(f"method.{key}={getattr(self, key)}: must be >= 1")
+                raise ConfigError(f"method.{key}={getattr(self, key)}: must be >= 1")
 
     def fit(self, acts: ActivationSet) -> Features:
         fit = self.factorize(acts.acts)
@@ -141,11 +142,12 @@ class SNMF(Method):
         return make_features(fit["Z"], self.name, acts.hook, info)
 
     def factorize(self, x: torch.Tensor, progress: bool = True) -> dict[str, Any]:
-        """Factorize X (n x d, any float dtype) into Z (d x k) and G (n x k) >= 0."""
+        """Factorize X (n x d, any float dtype) into Z (d x k) and G (n x k) >= 0: the
+        best-loss iterate's pair."""
         n, d = x.shape
         k = self.rank
         if k > min(n, d):
-            raise ValueError(
+            raise ConfigError(
                 f"method.rank={k} exceeds min(tokens, width) = min({n}, {d}); choose rank <= {min(n, d)}"
             )
         device = torch.device(resolve_device(self.device))
@@ -155,7 +157,7 @@ class SNMF(Method):
         g, z0 = self._init(x, k, gen, device)
         m, s = self._statistics(x, g, device)  # X^T G (d x k), G^T G (k x k)
         eye = torch.eye(k, device=device) * self.reg
-        best = {"loss": math.inf, "Z": z0, "iteration": -1}
+        best = {"loss": math.inf, "Z": z0, "G": g.clone(), "iteration": -1}
         losses, stale = [], 0
         bar = tqdm(range(self.max_iter), desc=f"snmf k={k}", leave=False, disable=not progress)
         for it in bar:
@@ -173,7 +175,7 @@ class SNMF(Method):
             )
             losses.append(max(loss, 0.0))
             if loss < best["loss"] - self.tol:
-                best, stale = {"loss": loss, "Z": z.clone(), "iteration": it}, 0
+                best, stale = {"loss": loss, "Z": z.clone(), "G": g.clone(), "iteration": it}, 0
             else:
                 stale += 1
             bar.set_postfix(
@@ -203,7 +205,7 @@ class SNMF(Method):
             seconds,
             report["relative_error"],
         )
-        return {"Z": best["Z"].cpu(), "G": g.cpu(), "report": report}
+        return {"Z": best["Z"].cpu(), "G": best["G"].cpu(), "report": report}  # a matching pair
 
     def _chunks(self, x: torch.Tensor, device: torch.device):
         for start in range(0, x.shape[0], self.chunk_size):

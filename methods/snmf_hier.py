@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from bench.storage import atomic_write, atomic_write_text
 from methods.base import ActivationSet, Features, Method
 from methods.snmf import EPS, SNMF, SNMFFeatures, negative, nnls_codes, positive, winner_take_all
@@ -115,11 +116,11 @@ class HierarchicalSNMF(Method):
     def __post_init__(self) -> None:
         ranks = list(self.ranks)
         if not ranks or any(r < 1 for r in ranks) or any(b >= a for a, b in pairwise(ranks)):
-            raise ValueError(
+            raise ConfigError(
                 f"method.ranks={ranks}: must be positive and strictly decreasing (finest first)"
             )
         if self.finetune_iters < 0:
-            raise ValueError(f"method.finetune_iters={self.finetune_iters}: must be >= 0")
+            raise ConfigError(f"method.finetune_iters={self.finetune_iters}: must be >= 0")
         self._snmf(ranks[0])  # validates the shared SNMF settings
 
     def _snmf(self, rank: int) -> SNMF:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from bench.errors import ConfigError
 from bench.models import resolve_device
 from methods.base import ActivationSet, Features, Method
 
@@ -120,17 +121,17 @@ def sae_features(sae: SAE[Any], *, method: str, hook: str, info: dict[str, Any])
     cfg = sae.cfg
     architecture = cfg.architecture()
     if architecture not in ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"{method}: sae-lens architecture {architecture!r} is not supported; "
             f"supported: {sorted(ARCHITECTURES)}"
         )
     if cfg.normalize_activations != "none":
-        raise ValueError(
+        raise ConfigError(
             f"{method}: SAE has normalize_activations={cfg.normalize_activations!r}; only SAEs "
             "whose input scaling is folded into the weights ('none') are supported"
         )
     if cfg.reshape_activations != "none":
-        raise ValueError(f"{method}: reshape_activations={cfg.reshape_activations!r} unsupported")
+        raise ConfigError(f"{method}: reshape_activations={cfg.reshape_activations!r} unsupported")
     names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] * (architecture == "jumprelu"))
     extra = {name: getattr(sae, name).detach().float().cpu().clone() for name in names}
     spec = {
@@ -192,13 +193,13 @@ class TopKSAE(Method):
 
     def __post_init__(self) -> None:
         if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"topk_sae: need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+            raise ConfigError(f"topk_sae: need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.lr_decay_fraction < 1:
-            raise ValueError(
+            raise ConfigError(
                 "topk_sae: need batch_size >= 1, lr > 0 and 0 <= lr_decay_fraction < 1"
             )
         if self.training_tokens is None and self.epochs <= 0:
-            raise ValueError(f"topk_sae: epochs must be > 0, got {self.epochs}")
+            raise ConfigError(f"topk_sae: epochs must be > 0, got {self.epochs}")
 
     def fit(self, acts: ActivationSet) -> Features:
         sae, info = self.train_sae(acts)
@@ -222,7 +223,7 @@ class TopKSAE(Method):
 
         n, d = acts.acts.shape
         if n < 2:
-            raise ValueError(f"topk_sae: {n} tokens at {acts.hook}; need at least 2 to train")
+            raise ConfigError(f"topk_sae: {n} tokens at {acts.hook}; need at least 2 to train")
         device = torch.device(resolve_device(self.device))
         batch = min(self.batch_size, n)
         samples = self.training_tokens or math.ceil(self.epochs * n)

@@ -33,8 +33,8 @@ class TaskData:
 class Task(ABC):
     """An evaluation. Subclasses are dataclasses of their config."""
 
-    #: value of the results' `task` column
-    name: ClassVar[str] = "task"
+    #: value of the results' `task` column (None: the class name in lower case)
+    name: ClassVar[str | None] = None
 
     @abstractmethod
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:

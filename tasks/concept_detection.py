@@ -9,10 +9,13 @@ DiffMean's, keeps its own label); on the test split we report
   concept's sentences / mean score on neutral sentences), the SNMF paper's
   detection score (undefined when either mean is <= 0: a missing value with
   a reason);
-- per concept: `concept_best_auroc`, the best test AUROC over features;
+- per concept: `concept_best_auroc`, the test AUROC of the feature with the
+  best train AUROC for that concept (`selected_feature`);
 - summary: `mean_feature_auroc`, `concept_coverage` (share of concepts whose
-  best AUROC >= `coverage_threshold`, also a column), `frac_s_cd_positive`,
-  `dead_features` (constant scores on the train split; their AUROC is 0.5).
+  `concept_best_auroc` >= `coverage_threshold`, also a column),
+  `frac_s_cd_positive` (over all features: an undefined s_cd is not positive;
+  `n_defined` says how many were defined), `dead_features` (constant scores on
+  the train split; their AUROC is 0.5).
 
 Supervised features (with labels) were fitted on the same train split, so
 their numbers are an upper reference for the unsupervised methods.
@@ -30,6 +33,7 @@ import torch
 from scipy.stats import rankdata
 
 from bench.datasets import NEUTRAL
+from bench.errors import ConfigError
 from methods.base import Features
 from tasks.base import Task, TaskData
 
@@ -74,7 +78,7 @@ class ConceptDetection(Task):
         dataset = data.dataset
         concepts = dataset.concepts
         if len(concepts) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"concept_detection needs at least two concepts; the dataset has {concepts}"
             )
         labels = np.array(dataset.labels)
@@ -108,19 +112,23 @@ class ConceptDetection(Task):
                     "reason": reason,
                 }
             )
-        best = test_auc.max(axis=1)  # C
+        # Per concept, the feature chosen on the train split (not the test maximum,
+        # which would grow with the number of features), scored on the test split.
+        chosen = np.nan_to_num(train_auc, nan=0.5).argmax(axis=1)  # C
+        best = test_auc[np.arange(len(concepts)), chosen]
         for c, concept in enumerate(concepts):
             rows.append(
-                {"concept": concept, "metric": "concept_best_auroc", "value": float(best[c])}
-            )
+                {"concept": concept, "metric": "concept_best_auroc", "value": float(best[c]),
+                 "selected_feature": int(chosen[c])}
+            )  # fmt: skip
         coverage = float((best >= self.coverage_threshold).mean())
         rows += [
             {"metric": "mean_feature_auroc", "value": float(np.mean(feature_aucs))},
             {"metric": "concept_coverage", "value": coverage, "threshold": self.coverage_threshold},
-            {
+            {  # over all features: an undefined s_cd is not a positive one
                 "metric": "frac_s_cd_positive",
-                "value": float(np.mean([v > 0 for v in s_cd_values])) if s_cd_values else None,
-                "reason": None if s_cd_values else "s_cd undefined for every feature",
+                "value": float(sum(v > 0 for v in s_cd_values) / len(features)),
+                "n_defined": len(s_cd_values),
             },
             {"metric": "dead_features", "value": float(dead.sum())},
         ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from bench.activations import length_batches, tokenize
@@ -64,8 +65,10 @@ class Reconstruction(Task):
             log.info("reconstruction: %s features have no decoder; no rows", features.method)
             return []
         test = data.dataset.indices("test")
-        if self.max_sentences is not None:
-            test = test[: self.max_sentences]
+        if self.max_sentences is not None and self.max_sentences < len(test):
+            # a seeded random sample: the file is grouped by concept, its head is not
+            rng = np.random.default_rng(data.seed)
+            test = np.sort(rng.choice(test, size=self.max_sentences, replace=False))
         acts = data.activations.subset(test)
         x = acts.acts.float()
         x_hat = round_trip(features, x)
@@ -109,8 +112,8 @@ class Reconstruction(Task):
             kl = (clean.exp() * (clean - spliced)).sum(-1)  # batch x width
             kl_sum += float(kl[mask].sum())
             n_kl += int(mask.sum())
-            # next-token targets: position t predicts token t+1 when t+1 is a real token
-            has_next = real[:, 1:].to(mask.device)
+            # position t predicts token t+1; both real, so BOS (never spliced) is left out
+            has_next = (real[:, :-1] & real[:, 1:]).to(mask.device)
             target = tokens[:, 1:]
             ce_c = -clean[:, :-1].gather(-1, target[..., None]).squeeze(-1)
             ce_s = -spliced[:, :-1].gather(-1, target[..., None]).squeeze(-1)

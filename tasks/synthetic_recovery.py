@@ -33,6 +33,7 @@ for the dense `sae_lens` generator, all) of them. So by default
 (`match_capacity`) the method's config is adapted before instantiation:
 
 - `rank`, `d_sae` or `n_features` (whichever keys it has) <- k_true;
+  hierarchical SNMF's `ranks` <- [k_true, k_true // 2];
 - `sparsity` (SNMF's fraction of neurons kept per feature) <- the generator's
   true density: p for `snmf`, 1.0 for `sae_lens` (dense directions);
 - `k` next to `d_sae` (a TopK SAE's active latents per token) <-
@@ -58,7 +59,9 @@ Metrics (rows per `generator` x `noise`; `feature` and `concept` unset):
   equal to it when the method returns >= k_true directions); a sign-blind reference.
 
 A method that needs concept labels (`requires_labels`, e.g. DiffMean) cannot
-be fitted on unlabeled synthetic data: its rows have value None and a `reason`.
+be fitted on unlabeled synthetic data: its rows have value None and a `reason`;
+so do the rows of a method whose fit fails with a featbench error (a
+pretrained SAE of another width).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import linear_sum_assignment
 
+from bench.errors import ConfigError, FeatbenchError
 from methods.base import ActivationSet, Features, Method
 from tasks.base import Task, TaskData
 
@@ -106,7 +110,7 @@ class SyntheticRecovery(Task):
     def __post_init__(self) -> None:
         unknown = sorted(set(self.generators) - set(GENERATORS))
         if unknown or not self.generators:
-            raise ValueError(
+            raise ConfigError(
                 f"task.synthetic_recovery.generators={self.generators}: allowed {list(GENERATORS)}"
             )
         checks = {
@@ -118,7 +122,7 @@ class SyntheticRecovery(Task):
         }
         for key, ok in checks.items():
             if not ok:
-                raise ValueError(
+                raise ConfigError(
                     f"task.synthetic_recovery.{key}={getattr(self, key)} is out of range "
                     "(noise >= 0, 0 < sparsity <= 1, 0 < active_per_token <= k_true, "
                     "0 < threshold <= 1, 1 <= k_true <= min(d, n_tokens))"
@@ -143,14 +147,20 @@ class SyntheticRecovery(Task):
             clean, truth = self.generate(generator)
             for level in self.noise_levels:
                 method = build_method(method_cfg)  # a fresh instance per fit
-                learned = method.fit(self.activations(clean, level, generator)).directions
+                dims = {"generator": generator, "noise": float(level), "adapted": adapted}
+                try:
+                    learned = method.fit(self.activations(clean, level, generator)).directions
+                except FeatbenchError as err:  # e.g. a pretrained SAE of another width
+                    reason = f"the method cannot be fitted on synthetic data: {err}"
+                    log.warning("synthetic_recovery %s noise %g: %s", generator, level, reason)
+                    rows += self._rows([None] * 3, n_learned=None, reason=reason, **dims)
+                    continue
                 scores = matched_cosines(truth, learned)
                 values = [
                     float(scores.mean()),
                     float((scores >= self.threshold).mean()),
                     float(matched_cosines(truth, learned, absolute=True).mean()),
                 ]
-                dims = {"generator": generator, "noise": float(level), "adapted": adapted}
                 rows += self._rows(values, n_learned=int(learned.shape[0]), **dims)
                 log.info(
                     "synthetic_recovery %s noise %g: %d learned for %d true, mcc %.3f, "
@@ -247,6 +257,8 @@ class SyntheticRecovery(Task):
             for key in ("rank", "d_sae", "n_features"):
                 if key in resolved:
                     changes[key] = self.k_true
+            if "ranks" in resolved:  # hierarchical SNMF: the true capacity, then a coarser level
+                changes["ranks"] = [self.k_true, max(1, self.k_true // 2)]
             if "sparsity" in resolved:
                 changes["sparsity"] = self.sparsity if generator == "snmf" else 1.0
             if "k" in resolved and "d_sae" in resolved:
@@ -258,7 +270,7 @@ class SyntheticRecovery(Task):
 def build_method(method_cfg: dict[str, Any]) -> Method:
     method = hydra.utils.instantiate(method_cfg, _convert_="all")
     if not isinstance(method, Method):
-        raise ValueError(f"method {method_cfg.get('_target_')!r} is not a methods.base.Method")
+        raise ConfigError(f"method {method_cfg.get('_target_')!r} is not a methods.base.Method")
     return method
 
 

@@ -5,9 +5,9 @@ Tiers (pytest markers, `--strict-markers`):
 - `integration`: real paths on the embedded SmolLM2-135M with small inputs;
 - `slow`: long runs, excluded only where CI time demands it.
 
-The model and activation caches live in FEATBENCH_CACHE when it is set
-(CI sets it so the one-time GGUF conversion is shared by every test), else in
-a per-session temporary folder.
+The model and activation caches live in FEATBENCH_CACHE when it is set,
+else in a per-session temporary folder (so a test run converts the GGUF model
+once, about 25 s, and never touches the user's cache).
 """
 
 from __future__ import annotations

@@ -69,10 +69,11 @@ def test_second_extraction_is_a_cache_hit_without_forward(tiny_model, monkeypatc
     assert torch.equal(first.token_ids, second.token_ids)
 
 
-def test_corrupt_cache_entry_is_rebuilt(tiny_model, _cache_dir):
+def test_corrupt_cache_entry_is_rebuilt(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path))  # a cache of its own: one entry to corrupt
     data = _dataset(SENTENCES)
     first = extract(tiny_model, data, 0, "mlp_post", model_fingerprint="tiny-corrupt-test")
-    [entry] = (_cache_dir / "activations").glob("blocks.0.mlp.hook_post-*.safetensors")
+    [entry] = (tmp_path / "activations").glob("blocks.0.mlp.hook_post-*.safetensors")
     raw = bytearray(entry.read_bytes())
     raw[-8:] = b"\x00\x00\x80\x7f" * 2  # flip the last values to garbage
     entry.unlink()  # a new file: `first` may be memory-mapped from the old one

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 FAKE_KEY = "sk-featbenchFAKEKEY0123456789abcdef"
 
 
-def _run(args, cwd, timeout=600):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+def _run(args, cwd, timeout=600, extra_env=None):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
     return subprocess.run(
         featbench_cmd() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -30,9 +30,10 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
         [
             "experiment=smoke",
             f"paths.results_dir={tmp_path / 'res'}",
-            f"+logger.api_key={FAKE_KEY}",
+            "+logger.api_key=${oc.env:FEATBENCH_TEST_KEY}",
         ],
         cwd=tmp_path,
+        extra_env={"FEATBENCH_TEST_KEY": FAKE_KEY},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
@@ -61,6 +62,15 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
     assert "***REDACTED***" in (job / "config.yaml").read_text()
     printed = out.stderr + out.stdout
     assert "results in" in printed and re.search(r"concept_detection +mean_feature_auroc", printed)
+
+
+def test_literal_secrets_on_the_command_line_are_refused(tmp_path):
+    multirun = ["-m", "method=diffmean,random", "+logger.wandb_api_key=" + FAKE_KEY]
+    for args in (["+judge.api_key=" + FAKE_KEY], multirun):
+        out = _run(args + [f"paths.results_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+        assert out.returncode == 2 and "environment variable" in out.stderr
+        assert FAKE_KEY not in out.stderr + out.stdout
+    assert not any(tmp_path.rglob("*.yaml")) and not any(tmp_path.rglob("*.log"))
 
 
 def test_unknown_group_option_lists_the_choices(tmp_path):

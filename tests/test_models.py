@@ -138,3 +138,13 @@ def test_hub_model_offline_fails_fast_naming_the_default(monkeypatch, tmp_path):
 def test_unknown_hub_name():
     with pytest.raises(ModelUnavailable, match="'not-a-model' is not a TransformerLens model name"):
         load_model("not-a-model", "hub")
+
+
+def test_half_precision_model_loads_and_runs(embedded):
+    half = load_model("smollm2-135m", "embedded", dtype="bfloat16", n_ctx=2048)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half.fingerprint != embedded.fingerprint  # bf16 activations are cached apart
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        top = half.model(ids)[0, -1].float().argmax()
+    assert half.model.tokenizer.decode([int(top)]).strip() == "Paris"
