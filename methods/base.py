@@ -12,7 +12,7 @@ hook and returns `Features`:
 - `decode(codes) -> n x d` where the method has a decoder (default: none);
 - `labels`: an optional concept name per feature (supervised methods);
 - `save(dir)` / `load(dir)`: safetensors tensors + a JSON file naming the
-  method and the Features class. Never pickle.
+  method and the Features class: nothing that can execute code on load.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tests.conftest import REPO, featbench_cmd
 
 pytestmark = pytest.mark.integration
 
-FAKE_KEY = "sk-featbenchFAKEKEY0123456789abcdef"
+FAKE_KEY = "fake-featbench-secret-value-0123456789"  # planted, must never reach a file
 
 
 def _run(args, cwd, timeout=600, extra_env=None):
