@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def tokenize(
     """Token ids per sentence (BOS first when the model prepends one) and the
     settings that determine them (part of the cache key)."""
     tokenizer = model.tokenizer
-    prepend_bos = bool(model.cfg.default_prepend_bos) and tokenizer.bos_token_id is not None
+    prepend_bos = bool(bos_offset(model))
     limit = min(max_length or model.cfg.n_ctx, model.cfg.n_ctx)
     ids, truncated = [], 0
     for sentence in sentences:
@@ -137,12 +138,38 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def padded_batches(
+    model: Any, token_ids: list[list[int]], batch_tokens: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(sentence indices, right-padded tokens, real-token mask) per length batch.
+
+    The mask is False on pads and on the BOS position: the rows featbench
+    keeps as activations and splices into. Right padding under a causal
+    mask: real tokens never see the pads.
+    """
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else 0
+    skip = bos_offset(model)
+    lengths = [len(t) for t in token_ids]
+    for batch in length_batches(lengths, batch_tokens):
+        width = max(lengths[i] for i in batch)
+        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+        real = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            tokens[row, : lengths[i]] = torch.tensor(token_ids[i])
+            real[row, skip : lengths[i]] = True
+        yield batch, tokens, real
+
+
+def bos_offset(model: Any) -> int:
+    """1 when sentences start with a BOS token (see `tokenize`), else 0."""
+    return int(bool(model.cfg.default_prepend_bos) and model.tokenizer.bos_token_id is not None)
+
+
 @torch.inference_mode()
 def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> ActivationSet:
     device = model.cfg.device
-    pad = model.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    skip = 1 if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None else 0
+    skip = bos_offset(model)
     lengths = [len(t) for t in token_ids]
     total = sum(lengths) - skip * len(lengths)
     captured: dict[str, torch.Tensor] = {}
@@ -152,12 +179,7 @@ def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> Acti
 
     chunks, ids, sents, positions = [], [], [], []
     with tqdm(total=total, desc=f"extract {name}", unit="tok", leave=False) as bar:
-        for batch in length_batches(lengths, batch_tokens):
-            width = max(lengths[i] for i in batch)
-            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-            for row, i in enumerate(batch):
-                tokens[row, : lengths[i]] = torch.tensor(token_ids[i])
-            # Right padding under a causal mask: real tokens never see the pads.
+        for batch, tokens, _ in padded_batches(model, token_ids, batch_tokens):
             model.run_with_hooks(
                 tokens.to(device),
                 fwd_hooks=[(name, grab)],

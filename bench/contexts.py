@@ -28,6 +28,12 @@ def encode_all(features: Features, acts: ActivationSet, chunk: int = 8192) -> to
     return torch.cat(out) if out else torch.zeros(0, len(features))
 
 
+def sentence_max(codes: torch.Tensor, sentence_ids: torch.Tensor, n_sentences: int) -> torch.Tensor:
+    """S x k: each sentence's largest code per feature (-inf for a sentence with no rows)."""
+    best = torch.full((n_sentences, codes.shape[1]), -torch.inf)
+    return best.scatter_reduce_(0, sentence_ids[:, None].expand_as(codes), codes, "amax")
+
+
 def top_contexts(
     features: Features,
     acts: ActivationSet,
@@ -39,9 +45,7 @@ def top_contexts(
     """Per feature, up to `top` contexts (distinct sentences), strongest first."""
     codes = encode_all(features, acts) if codes is None else codes
     n_sentences = int(acts.sentence_ids.max()) + 1 if len(acts) else 0
-    # best row of every sentence for every feature: S x k
-    best = torch.full((n_sentences, codes.shape[1]), -torch.inf)
-    best.scatter_reduce_(0, acts.sentence_ids[:, None].expand_as(codes), codes, "amax")
+    best = sentence_max(codes, acts.sentence_ids, n_sentences)
     rows_of = {}
     for row, sentence in enumerate(acts.sentence_ids.tolist()):
         rows_of.setdefault(sentence, []).append(row)

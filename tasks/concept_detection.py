@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from scipy.stats import rankdata
 
+from bench.contexts import encode_all, sentence_max
 from bench.datasets import NEUTRAL
 from bench.errors import ConfigError
 from methods.base import Features
@@ -40,16 +40,10 @@ from tasks.base import Task, TaskData
 log = logging.getLogger(__name__)
 
 
-def sentence_scores(features: Features, data: TaskData, batch: int = 8192) -> np.ndarray:
+def sentence_scores(features: Features, data: TaskData) -> np.ndarray:
     """S x k matrix: max over each sentence's tokens of the encoded activation."""
     acts = data.activations
-    n_sentences = len(data.dataset)
-    scores = torch.full((n_sentences, len(features)), -torch.inf)
-    for start in range(0, len(acts), batch):
-        codes = features.encode(acts.acts[start : start + batch].float()).float().cpu()
-        ids = acts.sentence_ids[start : start + batch]
-        scores.scatter_reduce_(0, ids[:, None].expand_as(codes), codes, "amax")
-    return scores.numpy()
+    return sentence_max(encode_all(features, acts), acts.sentence_ids, len(data.dataset)).numpy()
 
 
 def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:

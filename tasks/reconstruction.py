@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bench.activations import length_batches, tokenize
+from bench.activations import padded_batches, tokenize
 from methods.base import Features
 from tasks.base import Task, TaskData
 
@@ -87,21 +87,10 @@ class Reconstruction(Task):
     @torch.inference_mode()
     def _splice(self, model, features, data, sentences, cfg) -> tuple[float, float, float]:
         max_length = cfg.activations.max_length if cfg is not None else None
-        token_ids, settings = tokenize(
-            model, [data.dataset.sentences[i] for i in sentences], max_length
-        )
-        skip = 1 if settings["prepend_bos"] else 0
-        pad = model.tokenizer.pad_token_id or 0
-        lengths = [len(t) for t in token_ids]
+        token_ids, _ = tokenize(model, [data.dataset.sentences[i] for i in sentences], max_length)
         kl_sum = ce_clean_sum = ce_spliced_sum = 0.0
         n_kl = n_ce = 0
-        for batch in length_batches(lengths, self.batch_tokens):
-            width = max(lengths[i] for i in batch)
-            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-            real = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, i in enumerate(batch):
-                tokens[row, : lengths[i]] = torch.tensor(token_ids[i])
-                real[row, skip : lengths[i]] = True
+        for _, tokens, real in padded_batches(model, token_ids, self.batch_tokens):
             tokens = tokens.to(model.cfg.device)
             mask = real.to(model.cfg.device)
 

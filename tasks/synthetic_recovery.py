@@ -192,16 +192,8 @@ class SyntheticRecovery(Task):
 
     def _snmf_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(self._seed(0))
-        d, k, n = self.d, self.k_true, self.n_tokens
-        m = math.ceil(self.sparsity * d)
-        z = torch.zeros(d, k)
-        for j in range(k):
-            idx = torch.randperm(d, generator=gen)[:m]
-            signs = torch.randint(0, 2, (m,), generator=gen).float() * 2 - 1
-            z[idx, j] = signs * (0.5 + torch.rand(m, generator=gen))
-        on = torch.rand(k, n, generator=gen) < self.active_per_token / k
-        y = torch.rand(k, n, generator=gen) * on
-        x = (z @ y).T
+        firing = self.active_per_token / self.k_true
+        x, z = planted_snmf(self.n_tokens, self.d, self.k_true, self.sparsity, firing, gen)
         return x, (z / z.norm(dim=0)).T
 
     def _sae_lens_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +257,23 @@ class SyntheticRecovery(Task):
                 changes["k"] = min(self.k_true, math.ceil(self.active_per_token))
         changes.update(self.method_overrides)
         return {**resolved, **changes}, changes
+
+
+def planted_snmf(
+    n: int, d: int, k: int, p: float, firing: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SNMF's generative story: X (n x d) = (Z* Y*)^T with Z* (d x k) of ceil(p d)
+    signed non-zeros per column (magnitudes in [0.5, 1.5)) and Y* >= 0, each
+    entry on with probability `firing` (value uniform in [0, 1))."""
+    m = math.ceil(p * d)
+    z = torch.zeros(d, k)
+    for j in range(k):
+        idx = torch.randperm(d, generator=gen)[:m]
+        signs = torch.randint(0, 2, (m,), generator=gen).float() * 2 - 1
+        z[idx, j] = signs * (0.5 + torch.rand(m, generator=gen))
+    on = torch.rand(k, n, generator=gen) < firing
+    y = torch.rand(k, n, generator=gen) * on
+    return (z @ y).T, z
 
 
 def build_method(method_cfg: dict[str, Any]) -> Method:

@@ -25,11 +25,15 @@ SENTENCES = [
 ]
 
 
-def test_rows_align_with_tokens_and_match_single_sentence_runs(tiny_model):
-    data = _dataset(SENTENCES)
-    acts = extract(
-        tiny_model, data, 1, "mlp_post", model_fingerprint="tiny", batch_tokens=64, use_cache=False
+def _uncached(model, layer, hook, **kwargs):
+    """Extract the test sentences without touching the cache."""
+    return extract(
+        model, _dataset(SENTENCES), layer, hook, model_fingerprint="tiny", use_cache=False, **kwargs
     )
+
+
+def test_rows_align_with_tokens_and_match_single_sentence_runs(tiny_model):
+    acts = _uncached(tiny_model, 1, "mlp_post", batch_tokens=64)
     token_ids, _ = tokenize(tiny_model, list(SENTENCES))
     assert acts.hook == "blocks.1.mlp.hook_post" and acts.d == tiny_model.cfg.d_mlp
     assert len(acts) == sum(len(t) - 1 for t in token_ids)  # BOS dropped, no pads
@@ -42,19 +46,8 @@ def test_rows_align_with_tokens_and_match_single_sentence_runs(tiny_model):
 
 
 def test_batching_does_not_change_values(tiny_model):
-    data = _dataset(SENTENCES)
-    one = extract(
-        tiny_model, data, 0, "resid_post", model_fingerprint="tiny", batch_tokens=1, use_cache=False
-    )
-    big = extract(
-        tiny_model,
-        data,
-        0,
-        "resid_post",
-        model_fingerprint="tiny",
-        batch_tokens=10_000,
-        use_cache=False,
-    )
+    one = _uncached(tiny_model, 0, "resid_post", batch_tokens=1)
+    big = _uncached(tiny_model, 0, "resid_post", batch_tokens=10_000)
     torch.testing.assert_close(one.acts, big.acts, atol=1e-5, rtol=1e-5)
     assert torch.equal(one.sentence_ids, big.sentence_ids)
 
@@ -86,14 +79,7 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_model, tmp_path, monkeypatch):
 
 def test_layer_out_of_range_names_valid_range(tiny_model):
     with pytest.raises(ValueError, match=r"layer=2 is outside the model: valid layers are 0\.\.1"):
-        extract(
-            tiny_model,
-            _dataset(SENTENCES),
-            2,
-            "mlp_post",
-            model_fingerprint="tiny",
-            use_cache=False,
-        )
+        _uncached(tiny_model, 2, "mlp_post")
 
 
 def test_long_sentences_are_truncated_and_counted(tiny_model, caplog):
@@ -110,14 +96,7 @@ def test_non_finite_activation_names_hook_and_token(tiny_model):
         FloatingPointError,
         match=r"NaN/Inf activation at blocks.0.mlp.hook_post, sentence \d+, token position 1",
     ):
-        extract(
-            tiny_model,
-            _dataset(SENTENCES),
-            0,
-            "mlp_post",
-            model_fingerprint="tiny",
-            use_cache=False,
-        )
+        _uncached(tiny_model, 0, "mlp_post")
 
 
 @pytest.mark.integration

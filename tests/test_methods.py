@@ -21,19 +21,14 @@ from methods.pca import PCA
 from methods.random import RandomDirections
 from methods.snmf import SNMF, winner_take_all
 from methods.snmf_hier import HierarchicalSNMF
+from tasks.synthetic_recovery import planted_snmf
 from tests.conftest import featbench_cmd
 
 
 def planted(n=3000, d=200, k=10, p=0.05, active=0.2, seed=0, noise=0.0):
-    """SNMF's generative story: sparse signed neuron groups Z*, sparse Y* >= 0."""
+    """SNMF's generative story (the synthetic_recovery task's generator), plus noise."""
     gen = torch.Generator().manual_seed(seed)
-    m = math.ceil(p * d)
-    z = torch.zeros(d, k)
-    for j in range(k):
-        idx = torch.randperm(d, generator=gen)[:m]
-        z[idx, j] = torch.randn(m, generator=gen).sign() * (0.5 + torch.rand(m, generator=gen))
-    y = torch.rand(k, n, generator=gen) * (torch.rand(k, n, generator=gen) < active)
-    x = (z @ y).T
+    x, z = planted_snmf(n, d, k, p, active, gen)
     return x + noise * x.std() * torch.randn(x.shape, generator=gen), z
 
 
