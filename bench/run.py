@@ -32,6 +32,7 @@ from bench import activations, datasets
 from bench.config import validate
 from bench.contexts import top_contexts
 from bench.errors import ConfigError, FeatbenchError
+from bench.judges.base import Judge
 from bench.models import load_model
 from bench.results import (
     METRICS_FILE,
@@ -78,6 +79,10 @@ def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
     tasks: dict[str, Task] = {
         key: build(node, f"task {key}", Task) for key, node in cfg.task.items()
     }
+    judge = build(cfg.judge, "judge", Judge) if cfg.judge and cfg.judge.get("_target_") else None
+    for key, task in tasks.items():
+        if getattr(task, "needs_judge", False) and judge is None:
+            raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
     container = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(container)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,7 @@ def run_job(cfg: DictConfig, job_dir: Path) -> pd.DataFrame:
         fit_seconds,
     )
 
-    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir)
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge)
     run = {
         "run_id": f"{plugin_name(method)}-{chash[:10]}",
         "model": cfg.model.name,
@@ -208,8 +213,8 @@ def cli() -> None:
     if leaked:
         sys.stderr.write(
             f"featbench: {', '.join(leaked)} set on the command line; Hydra would save the value in "
-            "its logs and sweep files. Put the secret in an environment variable and refer to it, "
-            "e.g. '+judge.api_key=${oc.env:OPENAI_API_KEY}'.\n"
+            "its logs and sweep files. Put the secret in an environment variable and name the "
+            "variable instead, e.g. 'judge.api_key_env=OPENAI_API_KEY' (the openai judge reads it).\n"
         )
         sys.exit(2)
     main()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bench.datasets import ConceptDataset
+from bench.judges.base import Judge
 from methods.base import ActivationSet, Features
 
 
@@ -28,6 +29,7 @@ class TaskData:
     hook: str  # the short hook name (`mlp_post`, ...); `activations.hook` is the full one
     seed: int
     output_dir: Path  # the job's directory, for artifacts and checkpoints
+    judge: Judge | None = None  # the configured judge (tasks that score text need one)
 
 
 class Task(ABC):

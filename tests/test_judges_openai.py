@@ -1,0 +1,350 @@
+"""The `openai` judge against scripted fault servers (fast) and a real
+OpenAI-compatible server (llama-cpp-python's, serving the embedded SmolLM2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.errors import ConfigError
+from bench.judges.openai import OpenAIJudge
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["The cat chased the mouse across the kitchen floor.", "Stocks fell sharply on Monday."]
+
+
+# --- a scripted OpenAI-compatible server -------------------------------------
+
+Reply = tuple[int, bytes]  # status, body
+
+
+def chat_reply(content: str, prompt_tokens: int = 100, completion_tokens: int = 10) -> Reply:
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+    return 200, json.dumps(body).encode()
+
+
+class FakeAPI(ThreadingHTTPServer):
+    """Answers request n (0-based) with `script(n, request)`; records every request."""
+
+    def __init__(self, script: Callable[[int, dict], Reply]):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.script, self.requests, self.lock = script, [], threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address) -> None:  # a client that timed out
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeAPI
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        record = {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
+        with self.server.lock:
+            n = len(self.server.requests)
+            self.server.requests.append(record)
+        status, payload = self.server.script(n, record)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def fake_api() -> Iterator[Callable[[Callable[[int, dict], Reply]], FakeAPI]]:
+    servers = []
+
+    def start(script: Callable[[int, dict], Reply]) -> FakeAPI:
+        server = FakeAPI(script)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def make_judge(url: str, tmp_path: Path, **kwargs) -> OpenAIJudge:
+    """Small timeouts and backoff, so every fault test takes well under a second."""
+    args = {"base_url": url, "model": "fake", "api_key_env": None, "timeout": 2.0,
+            "max_retries": 3, "backoff": 0.01, "concurrency": 2,
+            "cache_dir": str(tmp_path / "judge")}  # fmt: skip
+    return OpenAIJudge(**(args | kwargs))
+
+
+# --- fault paths ---------------------------------------------------------------
+
+
+def test_retries_5xx_and_429_then_succeeds(fake_api, tmp_path):
+    failures = [500, 429, 503]
+    server = fake_api(
+        lambda n, _: (failures[n], b"{}") if n < 3 else chat_reply("Ok. Rating: [[2]]")
+    )
+    judge = make_judge(server.url, tmp_path)
+
+    (judgement,) = judge.fluency(["A fluent sentence."], "Write something.")
+
+    assert judgement.score == 2.0
+    stats = judge.stats()
+    assert (stats["requests"], stats["retries"], stats["failures"]) == (4, 3, 0)
+    request = server.requests[-1]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["body"]["model"] == "fake"
+    assert request["body"]["temperature"] == 0
+    assert request["body"]["max_tokens"] == OpenAIJudge.max_answer_tokens
+    assert request["body"]["messages"][0]["role"] == "user"
+    assert "A fluent sentence." in request["body"]["messages"][0]["content"]
+    assert "Authorization" not in request["headers"]  # api_key_env=None sends no key
+
+
+def test_5xx_after_all_retries_is_missing_and_logged_once(fake_api, tmp_path, caplog):
+    server = fake_api(lambda n, _: (500, b'{"error": "overloaded"}'))
+    judge = make_judge(server.url, tmp_path, max_retries=2)
+
+    with caplog.at_level(logging.WARNING, logger="bench.judges.openai"):
+        judgements = judge.concept(TEXTS, "animals", baseline=[])
+
+    assert all(j.score is None and "HTTP 500" in j.reason for j in judgements)
+    assert "overloaded" in judgements[0].reason
+    stats = judge.stats()
+    assert (stats["requests"], stats["failures"]) == (6, 2)  # 2 texts x (1 + 2 retries)
+    assert len(server.requests) == 6
+    assert len([r for r in caplog.records if "HTTP 500" in r.getMessage()]) == 1
+    assert not list((tmp_path / "judge").rglob("*.json"))  # failures are never cached
+
+
+def test_400_is_not_retried(fake_api, tmp_path):
+    server = fake_api(lambda n, _: (400, b'{"error": "bad model"}'))
+    judge = make_judge(server.url, tmp_path)
+
+    (judgement,) = judge.fluency(["Some text."], "Prompt.")
+
+    assert judgement.score is None and "HTTP 400" in judgement.reason
+    assert len(server.requests) == 1
+    assert judge.stats()["failures"] == 1
+
+
+def test_garbage_body_is_missing_not_retried(fake_api, tmp_path):
+    server = fake_api(lambda n, _: (200, b"<html>definitely not json</html>"))
+    judge = make_judge(server.url, tmp_path)
+
+    (judgement,) = judge.fluency(["Some text."], "Prompt.")
+
+    assert judgement.score is None and "invalid response" in judgement.reason
+    assert len(server.requests) == 1
+
+
+def test_unparsable_answer_is_missing_and_counted(fake_api, tmp_path):
+    server = fake_api(lambda n, _: chat_reply("Rating: **[2]**"))  # what SmolLM2 tends to write
+    judge = make_judge(server.url, tmp_path)
+
+    judgements = judge.fluency(TEXTS, "Prompt.")
+
+    assert all(j.score is None and j.reason.startswith("unparsable") for j in judgements)
+    assert judge.stats()["unparsable"] == 2
+
+
+def test_timeout_is_missing_with_reason(fake_api, tmp_path):
+    def slow(n: int, _: dict) -> Reply:
+        time.sleep(1.0)
+        return chat_reply("Rating: [[2]]")
+
+    server = fake_api(slow)
+    judge = make_judge(server.url, tmp_path, timeout=0.2, max_retries=1)
+
+    start = time.perf_counter()
+    (judgement,) = judge.fluency(["Some text."], "Prompt.")
+
+    assert time.perf_counter() - start < 2.0
+    assert judgement.score is None and "timeout" in judgement.reason
+    assert (judge.stats()["requests"], judge.stats()["failures"]) == (2, 1)
+
+
+def test_connection_refused_is_missing_with_reason(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens
+    judge = make_judge(f"http://127.0.0.1:{port}/v1", tmp_path, max_retries=1)
+
+    (judgement,) = judge.fluency(["Some text."], "Prompt.")
+
+    assert judgement.score is None and "connection error" in judgement.reason
+
+
+def test_disk_cache_and_cost(fake_api, tmp_path):
+    server = fake_api(lambda n, _: chat_reply("Clear. Rating: [[1]]", 1_000_000, 500_000))
+    judge = make_judge(server.url, tmp_path)
+
+    first = judge.concept(TEXTS, "animals", baseline=[])
+    again = make_judge(server.url, tmp_path).concept(TEXTS, "animals", baseline=[])
+
+    assert [j.score for j in first] == [j.score for j in again] == [1.0, 1.0]
+    assert len(server.requests) == 2  # the second judge (a re-run) paid nothing
+    stats = judge.stats()
+    assert stats["prompt_tokens"] == 2_000_000 and stats["completion_tokens"] == 1_000_000
+    assert stats["cost_usd"] == pytest.approx(2 * 0.15 + 1 * 0.60)
+    assert len(list((tmp_path / "judge").rglob("*.json"))) == 2
+    other_model = make_judge(server.url, tmp_path, model="other")
+    other_model.concept(TEXTS[:1], "animals", baseline=[])
+    assert len(server.requests) == 3  # the model is part of the key
+
+
+def test_describe_returns_the_concept(fake_api, tmp_path):
+    server = fake_api(lambda n, _: chat_reply(' "Animals and pets." '))
+    judge = make_judge(server.url, tmp_path)
+
+    assert judge.describe(["the [[cat]] sat", "a [[dog]] barked"]) == "Animals and pets"
+    assert server.requests[0]["body"]["max_tokens"] == 24
+
+
+# --- the API key ----------------------------------------------------------------
+
+SECRET = "planted-test-secret-0123456789"  # not shaped like any real provider's key
+
+
+def test_missing_key_variable_fails_early_naming_it(monkeypatch):
+    monkeypatch.delenv("FEATBENCH_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$FEATBENCH_TEST_JUDGE_KEY"):
+        OpenAIJudge(api_key_env="FEATBENCH_TEST_JUDGE_KEY")
+
+
+def test_key_is_sent_but_never_stored_logged_or_reported(fake_api, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FEATBENCH_TEST_JUDGE_KEY", SECRET)
+
+    def echo(n: int, request: dict) -> Reply:  # a hostile server echoing what it got
+        status = (401, 500, 200)[n % 3]
+        return status, json.dumps({"error": request["headers"].get("Authorization")}).encode()
+
+    server = fake_api(echo)
+    judge = make_judge(server.url, tmp_path, api_key_env="FEATBENCH_TEST_JUDGE_KEY", max_retries=0)
+
+    with caplog.at_level(logging.DEBUG):
+        judgements = judge.fluency(["one", "two", "three"], "Prompt.")
+
+    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
+    assert all(j.score is None for j in judgements)
+    reasons = " ".join(j.reason for j in judgements)
+    assert "HTTP 401" in reasons and "HTTP 500" in reasons and "invalid response" in reasons
+    assert SECRET not in reasons
+    assert SECRET not in caplog.text
+    assert SECRET not in repr(judge) and SECRET not in str(vars(judge))
+    assert "FEATBENCH_TEST_JUDGE_KEY" in repr(judge)  # the name is fine to show
+
+
+# --- the config ------------------------------------------------------------------
+
+
+def test_yaml_names_every_argument_with_the_class_defaults(monkeypatch):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    conf = yaml.safe_load((REPO / "conf/judge/openai.yaml").read_text())
+    fields = {f.name: f.default for f in dataclasses.fields(OpenAIJudge) if f.init}
+
+    assert conf.pop("_target_") == "bench.judges.openai.OpenAIJudge"
+    assert conf == fields
+    judge = instantiate(OmegaConf.load(REPO / "conf/judge/openai.yaml"))
+    assert isinstance(judge, OpenAIJudge) and judge.name == "openai"
+
+
+# --- a real OpenAI-compatible server ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory) -> Iterator[str]:
+    """llama-cpp-python's server on loopback, serving the embedded SmolLM2 GGUF."""
+    pytest.importorskip("llama_cpp.server", reason="pip install 'llama-cpp-python[server]'")
+    from bench.models import embedded_gguf_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_file = tmp_path_factory.mktemp("llama-server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False",
+    ]  # fmt: skip
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited ({proc.returncode}):\n{log_file.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server not up after 60 s:\n{log_file.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+def test_real_server_scores_or_reports_missing_and_caches(llama_server, tmp_path):
+    judge = OpenAIJudge(
+        base_url=llama_server, model="smollm2", api_key_env=None, timeout=120.0,
+        max_retries=1, backoff=0.5, concurrency=2, cache_dir=str(tmp_path / "judge"),
+    )  # fmt: skip
+
+    concept = judge.concept(TEXTS, "animals", baseline=[])
+    fluency = judge.fluency(TEXTS, "Write one sentence.")
+
+    for judgement in concept + fluency:
+        assert judgement.score in (0.0, 1.0, 2.0) or (judgement.score is None and judgement.reason)
+    stats = judge.stats()
+    missing = [j for j in concept + fluency if j.score is None]
+    assert stats["unparsable"] == sum(j.reason.startswith("unparsable") for j in missing)
+    assert stats["requests"] == 4 and stats["failures"] == 0  # the server answered every one
+    assert stats["prompt_tokens"] > 4 * 50 and stats["completion_tokens"] > 0
+    assert stats["cost_usd"] > 0
+
+    again = judge.concept(TEXTS, "animals", baseline=[]) + judge.fluency(
+        TEXTS, "Write one sentence."
+    )
+    assert again == concept + fluency
+    assert judge.stats()["cache_hits"] == stats["cache_hits"] + 4
+    assert judge.stats()["requests"] == stats["requests"]
+
+    description = judge.describe(["the [[cat]] sat on the mat", "a [[dog]] barked at night"])
+    assert isinstance(description, str) and description
+    assert judge.stats()["requests"] == stats["requests"] + 1
