@@ -8,7 +8,7 @@
    the same samples one sequence at a time; per-sample seeds make the texts
    identical, which is checked.
 
-    python benchmarks/steering.py [--features 3] [--samples 32] [--layer 12]
+    python benchmarks/steering.py [--features 2] [--samples 32] [--layer 12]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
 """
@@ -49,7 +49,7 @@ def bisection(model, hook, direction, task, steps=20):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=int, default=3, help="DiffMean features to search")
+    parser.add_argument("--features", type=int, default=2, help="DiffMean features to search")
     parser.add_argument("--samples", type=int, default=32, help="sequences to generate")
     parser.add_argument("--layer", type=int, default=12)
     args = parser.parse_args()
