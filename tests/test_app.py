@@ -43,7 +43,10 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
     assert set(frame["task"]) == {
         "concept_detection",
         "synthetic_recovery",
+        "steering",
     }  # no decoder: no reconstruction
+    steering = frame[(frame["task"] == "steering") & frame["feature"].isna()]
+    assert {"steering_score", "heldout_steering_score", "judge_failures"} <= set(steering["metric"])
     assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 3).all()
     assert (frame["hook"] == "blocks.3.mlp.hook_post").all()
     summary = frame[frame["feature"].isna() & frame["concept"].isna()].set_index("metric")["value"]
