@@ -169,13 +169,24 @@ def _overrides() -> list[str]:
 
 
 def headline(frame: pd.DataFrame) -> str:
-    """The job's summary rows (no feature, no concept) as text, one per metric."""
+    """The job's summary rows (no feature, no concept) as text: one block per task,
+    one line per metric (and generator/noise where the task has them), with the
+    95% interval where the task gives one."""
     summary = frame[frame["feature"].isna() & frame["concept"].isna()]
     if summary.empty:
         return "(no summary rows)"
-    dims = [c for c in ("generator", "noise") if c in summary and summary[c].notna().any()]
-    table = summary.set_index(["task", "metric", *dims])["value"]
-    return table.to_string(float_format=lambda v: f"{v:.4f}")
+    blocks = []
+    for task, rows in summary.groupby("task", sort=False):
+        dims = [c for c in ("generator", "noise") if c in rows and rows[c].notna().any()]
+        lines = []
+        for _, row in rows.iterrows():
+            label = " ".join(str(row[c]) for c in ["metric", *dims])
+            value = "missing" if pd.isna(row["value"]) else f"{row['value']:.4f}"
+            if "ci_low" in row and pd.notna(row["ci_low"]):
+                value += f"  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            lines.append(f"  {label:<34} {value}")
+        blocks.append(f"{task}\n" + "\n".join(lines))
+    return "\n".join(blocks)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bench.conf", config_name="config")

@@ -64,7 +64,7 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
             assert FAKE_KEY.encode() not in file.read_bytes(), file
     assert "***REDACTED***" in (job / "config.yaml").read_text()
     printed = out.stderr + out.stdout
-    assert "results in" in printed and re.search(r"concept_detection +mean_feature_auroc", printed)
+    assert "results in" in printed and re.search(r"concept_detection\s+mean_feature_auroc", printed)
 
 
 def test_literal_secrets_on_the_command_line_are_refused(tmp_path):
