@@ -1,0 +1,388 @@
+"""The SNMF paper's settings as named experiments, and its reference numbers.
+
+Experiments (conf/experiment/paper_*.yaml; each header says what it reproduces):
+
+- `paper_steering_llama8b`, `paper_steering_gemma2b`, `paper_steering_gpt2`: steering
+  on the MLP activations (hook mlp_post) with the arms snmf, topk_sae, diffmean and
+  random. An arm is a config of the group `experiment/paper_method/k100` (k50 for
+  GPT-2, the authors' rank 50) that picks the method *and* its paper settings; the
+  sweep varies it, since `method=` alone cannot carry per-method fields in a sweep.
+- `paper_steering_llama8b_sae_mlp_out`, `paper_steering_gemma2b_sae_mlp_out`: the
+  paper's SAE on the MLP output (hook mlp_out), a public SAE through sae-lens.
+- `paper_concept_detection_llama8b`: S_CD of SNMF across six Llama layers.
+
+Layer override decision: the experiments keep the paper's layer numbers. A single
+job on the embedded model (`model=smollm2-135m`, 30 layers) keeps the experiment's
+layer (0, 18 or 23: all exist there); a sweep adds `layer=` with the layers at the
+paper's relative depth, round(L * 30 / n_layers), which each header lists and
+`SMOLLM_LAYERS` below checks. A paper layer SmolLM2 lacks (31) fails validation at
+once, naming 0..29.
+
+results/paper_reference.csv: one row per reported number. Columns: `model` (our
+model.name), `layer` (empty: no layer given), `hook` (the `hook=` value: mlp_post,
+mlp_out), `method` (our plugin name), `rank` (SNMF's k, an SAE's latents), `sparsity`
+(SNMF's p, the winner-take-all fraction), `init` (SNMF's init), `metric` (ours:
+`steering_score` is the job's summary row, the mean over features; `s_cd` is a
+per-feature metric, so `value` is its mean over features, to compare with the mean
+of our `s_cd` rows; `frac_s_cd_positive`), `value`, `std` (the paper's ±), `bound`
+(`lower` when the paper gives a bound), `source`, `confidence` (high: a number
+printed in the paper; medium: printed, with a setting inferred; low: read off a
+figure or mapped by inference), `note`.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+import bench.config  # noqa: F401  (registers the `featbench_schema` node the configs start from)
+from bench.config import validate
+from bench.errors import ConfigError
+from bench.hooks import HOOKS
+from bench.judges.base import Judge
+from bench.results import read_metrics
+from bench.run import build
+from methods.base import Method
+from tasks.base import Task
+from tests.conftest import REPO, featbench_cmd
+
+CONF = REPO / "conf"
+REFERENCE = REPO / "results" / "paper_reference.csv"
+SOURCE = "arXiv 2506.10920"
+
+STEERING = ["snmf", "topk_sae", "diffmean", "random"]
+# experiment -> (model.name, hook, paper layers, plugin names the sweep runs, task)
+EXPERIMENTS = {
+    "paper_steering_llama8b": ("meta-llama/Llama-3.1-8B", "mlp_post", [23, 31], STEERING, "steering"),
+    "paper_steering_llama8b_sae_mlp_out": ("meta-llama/Llama-3.1-8B", "mlp_out", [23, 31], ["sae_pretrained"], "steering"),
+    "paper_steering_gemma2b": ("gemma-2-2b", "mlp_post", [18], STEERING, "steering"),
+    "paper_steering_gemma2b_sae_mlp_out": ("gemma-2-2b", "mlp_out", [18], ["sae_pretrained"], "steering"),
+    "paper_steering_gpt2": ("gpt2-small", "mlp_post", [0], STEERING, "steering"),
+    "paper_concept_detection_llama8b": ("meta-llama/Llama-3.1-8B", "mlp_post", [0, 6, 12, 18, 25, 31], ["snmf"], "concept_detection"),
+}  # fmt: skip
+N_LAYERS = {"meta-llama/Llama-3.1-8B": 32, "gemma-2-2b": 26, "gpt2-small": 12}
+SMOLLM_N_LAYERS = 30
+# The paper's layers at SmolLM2's depth, as each experiment's header lists them.
+SMOLLM_LAYERS = {
+    "paper_steering_llama8b": [22, 29],
+    "paper_steering_llama8b_sae_mlp_out": [22, 29],
+    "paper_steering_gemma2b": [21],
+    "paper_steering_gemma2b_sae_mlp_out": [21],
+    "paper_steering_gpt2": [0],
+    "paper_concept_detection_llama8b": [0, 6, 11, 17, 23, 29],
+}
+# The paper's settings per arm, as the composed method node must hold them.
+SNMF_PAPER = {"rank": 100, "sparsity": 0.01, "init": "random"}
+ARM_FIELDS = {
+    "k100": {"snmf": SNMF_PAPER, "topk_sae": {"d_sae": 100}, "random": {"n_features": 100}},
+    "k50": {
+        "snmf": {"rank": 50, "sparsity": 0.01, "max_iter": 2000, "patience": 1500},
+        "topk_sae": {"d_sae": 50},
+        "random": {"n_features": 50},
+    },
+}
+METRIC_TASK = {
+    "steering_score": "steering",
+    "s_cd": "concept_detection",
+    "frac_s_cd_positive": "concept_detection",
+}
+FAKE_OPENAI_KEY = "sk-test-not-real"
+
+
+def _compose(overrides: list[str], hydra_node: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_node)
+
+
+def _plugin_name(cfg) -> str:
+    return hydra.utils.get_class(cfg.method._target_).name
+
+
+def _sweep_jobs(name: str, extra: list[str] = ()) -> list[list[str]]:
+    """The override lists of the jobs `featbench -m experiment=NAME *extra` launches,
+    expanded exactly as Hydra's basic sweeper does (command line after the config's
+    `hydra.sweeper.params`, so a command-line key replaces the experiment's)."""
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(list(extra)) if not o.is_sweep_override()]
+    cfg = _compose([f"experiment={name}", *fixed], hydra_node=True)  # as Hydra reads the params
+    swept = cfg.hydra.sweeper.params or {}  # none: a single job
+    params = [f"{key}={value}" for key, value in swept.items()]
+    parsed = parser.parse_overrides([*params, f"experiment={name}", *extra])
+    [batch] = BasicSweeper.split_arguments(parsed, None)
+    return batch
+
+
+def _header(name: str) -> str:
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("#"))
+
+
+# --- the experiments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_composes_with_the_papers_settings(name):
+    model, hook, layers, _, task = EXPERIMENTS[name]
+    header = _header(name)
+    assert header.startswith("# @package _global_"), name
+    assert f"# {name}:" in header and SOURCE in header, name
+    assert "model=smollm2-135m" in header, name
+    cfg = _compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.model.name == model and cfg.layer == layers[0] and cfg.hook == hook
+    assert cfg.seed == 42 and list(cfg.task) == [task]
+    if task == "steering":
+        steering = cfg.task.steering
+        assert cfg.judge._target_ == "bench.judges.openai.OpenAIJudge"
+        assert cfg.judge.model == "gpt-4o-mini"
+        assert list(steering.prompts) == ["I think that"]
+        assert list(steering.kl_targets) == [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
+        assert (steering.samples, steering.max_new_tokens) == (8, 50)
+        assert (steering.top_k, steering.top_p, steering.temperature) == (30, 0.3, 1.0)
+    else:  # concept detection: SNMF with the paper's detection score, no judge
+        assert cfg.judge._target_ is None
+        assert {k: cfg.method[k] for k in SNMF_PAPER} == SNMF_PAPER
+        assert cfg.method.encode == "cosine"
+
+
+def test_cli_prints_a_paper_experiments_config(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    out = subprocess.run(
+        featbench_cmd() + ["experiment=paper_steering_gpt2", "--cfg", "job"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["name"] == "gpt2-small" and printed["method"]["rank"] == 50
+    assert printed["task"]["steering"]["max_features"] == 50
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_sweep_runs_every_layer_and_arm_with_the_papers_settings(name):
+    model, hook, layers, methods, task = EXPERIMENTS[name]
+    seen = set()
+    for job in _sweep_jobs(name):
+        cfg = _compose(job)
+        validate(cfg)
+        assert (cfg.model.name, cfg.hook, list(cfg.task)) == (model, hook, [task])
+        method = _plugin_name(cfg)
+        seen.add((cfg.layer, method))
+        arm = next((a.split("=")[0].rsplit("/", 1)[1] for a in job if "paper_method" in a), None)
+        if arm is not None:
+            for key, value in ARM_FIELDS[arm].get(method, {}).items():
+                assert cfg.method[key] == value, (job, key)
+        if task == "steering":  # every feature steered, as many as SNMF has
+            assert cfg.task.steering.max_features == (50 if arm == "k50" else 100)
+    assert seen == {(layer, method) for layer in layers for method in methods}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_plugins_build_before_any_model_loads(name, monkeypatch):
+    """Method, tasks and judge build as `run_job` builds them, for every arm; with
+    judge=offline (the offline replacement) too, so no arm leaks judge fields."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
+    for job in _sweep_jobs(name, ["model=smollm2-135m"]):
+        if EXPERIMENTS[name][3] == ["sae_pretrained"]:
+            job = [*job, "method=topk_sae"]  # no public SAE for SmolLM2: train one here
+        for judge in ([], ["judge=offline"]) if EXPERIMENTS[name][4] == "steering" else ([],):
+            cfg = _compose([*job, *judge])
+            build(cfg.method, "method", Method)
+            for key, node in cfg.task.items():
+                build(node, f"task {key}", Task)
+            if cfg.judge._target_:
+                build(cfg.judge, "judge", Judge)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_embedded_model_override_runs_the_same_protocol(name):
+    """`model=smollm2-135m` validates as is (one job) and with the header's layers
+    (a sweep); the paper's layers map to SmolLM2's depth as the header says."""
+    model, hook, layers, _, _ = EXPERIMENTS[name]
+    mapped = [round(layer * SMOLLM_N_LAYERS / N_LAYERS[model]) for layer in layers]
+    assert mapped == SMOLLM_LAYERS[name]
+    if mapped != layers:
+        assert f"layer={','.join(map(str, mapped))}" in _header(name), name
+    single = _compose([f"experiment={name}", "model=smollm2-135m"])
+    validate(single)
+    assert single.model.name == "smollm2-135m" and single.layer == layers[0]
+    for layer in mapped:
+        cfg = _compose([f"experiment={name}", "model=smollm2-135m", f"layer={layer}"])
+        validate(cfg)
+        assert cfg.hook == hook
+    jobs = _sweep_jobs(name, ["model=smollm2-135m", f"layer={','.join(map(str, mapped))}"])
+    assert {_compose(job).layer for job in jobs} == set(mapped)
+    for layer in set(layers) - set(range(SMOLLM_N_LAYERS)):
+        with pytest.raises(ConfigError, match="valid layers are 0..29"):
+            validate(_compose([f"experiment={name}", "model=smollm2-135m", f"layer={layer}"]))
+
+
+@pytest.mark.parametrize(
+    "name", ["paper_steering_llama8b_sae_mlp_out", "paper_steering_gemma2b_sae_mlp_out"]
+)
+def test_public_sae_offline_fails_naming_the_embedded_model(name, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _compose([f"experiment={name}"])
+    assert cfg.method.sae_id.startswith(("l23m", "layer_18/"))  # ${layer} resolved
+    with pytest.raises(ConfigError, match="model=smollm2-135m"):
+        build(cfg.method, "method", Method)
+
+
+def test_offline_run_fails_at_once_naming_the_embedded_model(tmp_path):
+    """A paper experiment without the hub: exit code 2 in seconds, one line naming
+    model=smollm2-135m, nothing written but the job's config. HF_HUB_OFFLINE and an
+    empty HF_HOME make "offline" hold on any machine (and keep a cached 8B model
+    from loading); the fake key gets the openai judge past its build-time check."""
+    env = {
+        **os.environ,
+        "HYDRA_FULL_ERROR": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OPENAI_API_KEY": FAKE_OPENAI_KEY,
+    }
+    start = time.perf_counter()
+    out = subprocess.run(
+        featbench_cmd() + ["experiment=paper_steering_llama8b", f"paths.results_dir={tmp_path / 'res'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    printed = out.stderr + out.stdout
+    assert out.returncode == 2, printed[-3000:]
+    assert "model=smollm2-135m" in printed and "meta-llama/Llama-3.1-8B" in printed
+    assert "Traceback" not in printed
+    assert elapsed < 60, elapsed
+    assert not list((tmp_path / "res").rglob("metrics.parquet"))
+    assert FAKE_OPENAI_KEY not in printed
+
+
+# --- the reference numbers ------------------------------------------------------------
+
+KEY = ["model", "layer", "hook", "method", "metric", "rank", "sparsity", "init"]
+COLUMNS = [*KEY[:4], "rank", "sparsity", "init", "metric", "value", "std", "bound"]
+COLUMNS += ["source", "confidence", "note"]
+
+
+def _reference() -> pd.DataFrame:
+    return pd.read_csv(REFERENCE, keep_default_na=False, na_values=[""])
+
+
+def _plugin_names() -> set[str]:
+    names = set()
+    for file in (CONF / "method").glob("*.yaml"):
+        target = yaml.safe_load(file.read_text())["_target_"]
+        module, cls = target.rsplit(".", 1)
+        names.add(getattr(importlib.import_module(module), cls).name)
+    return names
+
+
+def test_reference_csv_is_tidy_and_sourced():
+    with REFERENCE.open(newline="", encoding="utf-8") as f:
+        raw = list(csv.reader(f))
+    assert raw[0] == COLUMNS and all(len(row) == len(COLUMNS) for row in raw), "ragged rows"
+    frame = _reference()
+    assert len(frame) == len(raw) - 1 >= 20
+    for column in ("value", "std", "layer", "rank", "sparsity"):
+        assert pd.api.types.is_numeric_dtype(frame[column]), column
+    assert frame["value"].notna().all()
+    assert not frame.duplicated(subset=KEY).any(), frame[frame.duplicated(subset=KEY, keep=False)]
+    assert frame["source"].str.startswith(f"{SOURCE} (later version)").all()
+    assert set(frame["confidence"]) <= {"high", "medium", "low"} and frame["note"].notna().all()
+    assert set(frame["bound"].dropna()) <= {"lower", "upper"}
+    assert set(frame["hook"]) <= set(HOOKS)
+    assert set(frame["method"]) <= _plugin_names()
+    assert set(frame["metric"]) <= set(METRIC_TASK)
+    assert set(frame["init"].dropna()) <= {"random", "svd", "kmeans"}
+    for model, layer in frame[["model", "layer"]].itertuples(index=False):
+        assert model in N_LAYERS and (pd.isna(layer) or 0 <= layer < N_LAYERS[model])
+    # metrics are spelled as the tasks write them
+    for metric, task in METRIC_TASK.items():
+        assert f'"{metric}"' in (REPO / "tasks" / f"{task}.py").read_text(), metric
+
+
+def test_reference_values_are_the_papers():
+    frame = _reference()
+    get = frame.set_index(KEY)["value"]
+    llama = "meta-llama/Llama-3.1-8B"
+    assert get[(llama, 23, "mlp_post", "snmf", "steering_score", 100, 0.01, "random")] == 0.45
+    assert get[(llama, 31, "mlp_post", "snmf", "steering_score", 100, 0.01, "random")] == 0.31
+    assert get[(llama, 23, "mlp_post", "snmf", "steering_score", 100, 0.1, "random")] == 0.34
+    assert get[(llama, 0, "mlp_post", "snmf", "s_cd", 100, 0.01, "kmeans")] == 2.55
+    by_layer = frame[(frame["metric"] == "s_cd") & (frame["init"] == "random")]
+    assert dict(zip(by_layer["layer"], by_layer["value"], strict=True)) == {
+        0: 2.99, 6: 1.67, 12: 0.81, 18: 2.35, 25: 1.89, 31: 0.48,
+    }  # fmt: skip
+    frac = frame[frame["metric"] == "frac_s_cd_positive"].iloc[0]
+    assert frac["value"] == 0.75 and frac["bound"] == "lower" and frac["confidence"] == "low"
+    # figure readings are low confidence, printed numbers are not
+    approx = frame["note"].str.contains("read off the figure")
+    assert (frame.loc[approx, "confidence"] == "low").all()
+
+
+def test_every_reference_row_has_an_experiment_that_measures_it():
+    """Each row's (model, layer, hook, method, task) is a job of some paper experiment's
+    sweep, so results and references join on those columns."""
+    jobs = set()
+    for name in EXPERIMENTS:
+        for job in _sweep_jobs(name):
+            cfg = _compose(job)
+            for task in cfg.task:
+                jobs.add((cfg.model.name, cfg.layer, cfg.hook, _plugin_name(cfg), task))
+    for row in _reference().itertuples(index=False):
+        task = METRIC_TASK[row.metric]
+        matches = {
+            job
+            for job in jobs
+            if job[0] == row.model and job[2:] == (row.hook, row.method, task)
+            and (pd.isna(row.layer) or job[1] == row.layer)
+        }  # fmt: skip
+        assert matches, row
+
+
+# --- one real run on the embedded model ------------------------------------------------
+
+
+@pytest.mark.integration
+def test_concept_detection_experiment_runs_on_the_embedded_model(tmp_path, embedded):
+    """The paper's detection protocol, shrunk: 3 concepts x 6 sentences + 6 neutral,
+    100 SNMF iterations, one of the sweep's SmolLM2 layers (about 25 s on 2 cores)."""
+    args = [
+        "experiment=paper_concept_detection_llama8b",
+        "model=smollm2-135m",
+        "layer=6",
+        "dataset.concepts=[food,sports,french]",
+        "dataset.max_per_concept=6",
+        "dataset.max_neutral=6",
+        "method.max_iter=100",
+        f"paths.results_dir={tmp_path / 'res'}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
+    frame, _ = read_metrics(metrics)
+    assert set(frame["method"]) == {"snmf"} and set(frame["task"]) == {"concept_detection"}
+    assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 6).all()
+    assert (frame["hook"] == "blocks.6.mlp.hook_post").all()
+    s_cd = frame[frame["metric"] == "s_cd"]
+    assert len(s_cd) == 100 and s_cd["feature"].notna().all()
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()].set_index("metric")
+    assert 0.0 <= summary.loc["frac_s_cd_positive", "value"] <= 1.0
+    saved = OmegaConf.load(Path(metrics).parent / "config.yaml")
+    assert saved.method.encode == "cosine" and saved.method.rank == 100

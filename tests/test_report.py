@@ -1,0 +1,263 @@
+"""`featbench-report`: merged table, markdown report, plots and per-feature pages.
+
+The unit tests build small synthetic sweeps with the real result writer
+(`finalize` + `write_metrics`) and real SNMF fits for the features' side files;
+the integration test reports on a real two-method multirun of the smoke experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import bench.report as report_module
+from bench.report import ReportError, cli, report
+from bench.results import finalize, read_metrics, write_metrics
+from methods.base import ActivationSet
+from methods.snmf import SNMF
+from methods.snmf_hier import HierarchicalSNMF
+from tests.conftest import REPO, featbench_cmd
+
+HOOK = "blocks.3.mlp.hook_post"
+PNG = b"\x89PNG\r\n\x1a\n"
+CONTEXT = "a slice of warm sour[[dough]] bread"
+SAMPLE = "pasta with garlic and basil tastes great"
+
+
+def _rows_concept(aurocs: list[float], supervised: bool, summary: float) -> list[dict]:
+    rows = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
+            for f, v in enumerate(aurocs)]  # fmt: skip
+    rows += [{"concept": "food", "metric": "concept_best_auroc", "value": max(aurocs)},
+             {"metric": "mean_feature_auroc", "value": summary},
+             {"metric": "concept_coverage", "value": 0.5, "threshold": 0.9}]  # fmt: skip
+    return [{**r, "supervised": supervised} for r in rows]
+
+
+def _rows_steering(score: float, low: float, high: float) -> list[dict]:
+    rows = []
+    for sample, (value, text) in enumerate([(2.0, SAMPLE), (0.0, "I think that it is fine")]):
+        common = {"feature": 0, "concept": "food", "kl_target": 0.1, "sign": 1, "sample": sample,
+                  "text": text, "description_text": "food", "judge": "offline"}  # fmt: skip
+        rows += [{**common, "metric": m, "value": v} for m, v in
+                 (("concept_score", value), ("fluency_score", 2.0), ("steering_score", value))]  # fmt: skip
+        rows.append({**common, "kl_target": 0.5, "metric": "steering_score", "value": 0.5})
+    rows += [{"feature": 0, "concept": "food", "metric": "best_steering_score", "value": 1.0,
+              "kl_target": 0.1, "sign": 1, "judge": "offline"},
+             {"metric": "steering_score", "value": score, "ci_low": low, "ci_high": high, "judge": "offline"},
+             {"metric": "heldout_steering_score", "value": None, "reason": "no defined score",
+              "judge": "offline"}]  # fmt: skip
+    return rows
+
+
+def _rows_synthetic(mcc: float) -> list[dict]:
+    return [{"metric": m, "value": v * (1 - noise), "generator": g, "noise": noise}
+            for g in ("snmf", "sae_lens") for noise in (0.0, 0.5)
+            for m, v in (("mcc", mcc), ("recovered_fraction", 0.25))]  # fmt: skip
+
+
+def _rows_reconstruction(fvu: float) -> list[dict]:
+    return [
+        {"metric": m, "value": v}
+        for m, v in (("fvu", fvu), ("kl_spliced", 0.02), ("ce_delta", 0.1))
+    ]
+
+
+def _write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], **extra) -> int:
+    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
+           "method": method, "seed": seed, "config_hash": f"hash{seed}"}  # fmt: skip
+    frames = [finalize(rows, {**run, "task": task}) for task, rows in tasks.items()]
+    frame = pd.concat(frames, ignore_index=True).assign(**extra)
+    write_metrics(frame, folder / "metrics.parquet")
+    return len(frame)
+
+
+def _fit_features(folder: Path, method) -> None:
+    """A real fit on random non-negative data, saved as a job saves its features."""
+    gen = torch.Generator().manual_seed(0)
+    n = 120
+    ids = torch.arange(n)
+    acts = ActivationSet(torch.rand(n, 24, generator=gen), ids % 7, ids // 6, ids % 6 + 1, HOOK)
+    method.fit(acts).save(folder / "features")
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> tuple[Path, int]:
+    """Four jobs: diffmean (supervised), two seeds of snmf (one nested deeper) and
+    snmf_hier; returns the folder and the number of rows written."""
+    root = tmp_path / "sweep"
+    n = _write_job(root / "0", "diffmean", 1, {
+        "concept_detection": _rows_concept([0.9, 0.8], True, 0.85),
+        "steering": _rows_steering(0.73, 0.42, 1.04),
+        "synthetic_recovery": [{**r, "value": None, "reason": "needs labels"} for r in _rows_synthetic(0)],
+    }, tag=True)  # fmt: skip
+    contexts = [[{"sentence": 0, "position": 5, "score": 2.1, "token": "dough", "context": CONTEXT}],
+                [{"sentence": 1, "position": 2, "score": 1.0, "token": " and", "context": "x[[ and]] y"}]]  # fmt: skip
+    (root / "0" / "features").mkdir(parents=True)
+    (root / "0" / "features" / "contexts.json").write_text(json.dumps(contexts))
+    for folder, seed, fvu in ((root / "1", 1, 0.2), (root / "more" / "2", 2, 0.4)):
+        n += _write_job(folder, "snmf", seed, {
+            "concept_detection": _rows_concept([0.6, 0.7, 0.5], False, 0.6),
+            "steering": _rows_steering(0.35, 0.1, 0.5),
+            "reconstruction": _rows_reconstruction(fvu),
+            "synthetic_recovery": _rows_synthetic(0.9),
+        }, tag="seed run")  # fmt: skip
+        _fit_features(folder, SNMF(rank=4, sparsity=0.5, max_iter=20, patience=5, device="cpu"))
+    n += _write_job(root / "3", "snmf_hier", 1, {"reconstruction": _rows_reconstruction(0.3)})
+    _fit_features(
+        root / "3", HierarchicalSNMF(ranks=[6, 3], sparsity=0.5, max_iter=20, device="cpu")
+    )
+    return root, n
+
+
+def test_report_merges_every_job_into_tables_per_method(sweep):
+    root, n_rows = sweep
+    path = report(root)
+    assert path == root / "report.md"
+    summary, _ = read_metrics(root / "summary.parquet")
+    assert len(summary) == n_rows
+    assert {"tag", "generator", "noise", "ci_low", "text", "supervised", "job_dir"} <= set(summary)
+    assert sorted(summary["job_dir"].unique()) == ["0", "1", "3", "more/2"]
+    text = path.read_text()
+    tables = text.count("| method |")
+    assert tables == 4  # concept detection, steering, reconstruction, synthetic recovery
+    for method in ("diffmean †", "snmf", "snmf_hier"):  # one row per method in every table
+        assert sum(line.startswith(f"| {method} |") for line in text.splitlines()) == tables
+    assert "| diffmean † | 0.73 [0.42, 1.04] | — | offline |" in text  # value [95% interval]
+    assert "| snmf | 0.35 (n=2) | — | offline |" in text  # two seeds: their mean and n
+    assert "| snmf | 0.30 (n=2) | 0.02 (n=2) | 0.10 (n=2) |" in text
+    assert "| diffmean † | — | — | — |" in text and "| snmf_hier | 0.30 | 0.02 | 0.10 |" in text
+    assert "mcc (snmf, noise 0)" in text and "| snmf | 0.90 (n=2) | 0.25 (n=2) |" in text
+    assert "upper reference" in text
+    assert "[features.md](features.md)" in text
+
+
+def test_plots_are_valid_pngs_linked_from_the_report(sweep):
+    root, _ = sweep
+    text = report(root).read_text()
+    for name in ("steering_vs_kl.png", "auroc_by_method.png", "snmf_loss.png"):
+        assert (root / name).read_bytes()[:8] == PNG
+        with Image.open(root / name) as image:
+            image.verify()
+        assert f"({name})" in text
+    assert "## Hierarchical SNMF trees" in text and "ranks [6, 3]" in text
+    assert "- feature 6" in text and "  - feature" in text  # a coarse root with a child
+
+
+def test_features_page_shows_contexts_descriptions_and_steered_samples(sweep):
+    root, _ = sweep
+    report(root, top=2)
+    page = (root / "features.md").read_text()
+    block = page.split("## diffmean · job `0`")[1].split("\n## ")[0]
+    assert "### feature 0 · best steering 1.00 (KL 0.1, sign +1) · AUROC 0.90 for `food`" in block
+    assert "Description: food" in block
+    assert f"- 2.10 `dough`: {CONTEXT}" in block
+    assert f"- KL 0.1, sign +1 · steering 2.00, concept 2.00, fluency 2.00: “{SAMPLE}”" in block
+    assert block.index(SAMPLE) < block.index("I think that it is fine")  # best first
+    assert "### feature 1 · AUROC 0.80" in block  # then by AUROC
+    assert "No per-feature rows" in page.split("## snmf_hier")[1]
+
+
+def test_absent_plot_data_is_skipped_with_one_log_line(tmp_path, caplog):
+    _write_job(tmp_path / "job", "pca", 0, {"reconstruction": _rows_reconstruction(0.1)})
+    with caplog.at_level("INFO", logger="bench.report"):
+        text = report(tmp_path).read_text()
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 4  # three plots and the tree
+    assert not list(tmp_path.glob("*.png")) and "## Plots" not in text
+    assert "| pca | 0.10 | 0.02 | 0.10 |" in text
+
+
+def test_cli_errors_name_the_directory(tmp_path, capsys):
+    for folder in (tmp_path / "absent", tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            cli([str(folder)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(folder) in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written into the empty folder
+
+
+def test_module_entry_point_exits_2_on_an_empty_folder(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2
+    assert (
+        out.stderr
+        == f"featbench-report: {tmp_path}: no metrics.parquet under it; run featbench into it first\n"
+    )
+
+
+def test_corrupt_parquet_is_named_and_earlier_outputs_survive(sweep):
+    root, _ = sweep
+    report(root)
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    (root / "more" / "2" / "metrics.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(ReportError, match=r"more/2/metrics\.parquet: unreadable"):
+        report(root)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+
+
+def test_compare_paper_puts_the_papers_values_beside_ours(sweep, tmp_path, monkeypatch):
+    root, _ = sweep
+    monkeypatch.setattr(report_module, "PAPER_REFERENCE", tmp_path / "absent.csv")
+    with pytest.raises(ReportError, match="absent.csv does not exist"):
+        report(root, compare="paper")
+    assert not (root / "report.md").exists()
+    reference = tmp_path / "paper_reference.csv"
+    reference.write_text(  # the columns every row has, plus optional setting columns and std
+        "model,layer,hook,method,rank,metric,value,std,source,confidence\n"
+        "gemma-2-2b,12,mlp_out,DiffMean,,steering_score,1.1,,Table 2,high\n"
+        "smollm2-135m,3,mlp_post,SNMF,100,mean_feature_auroc,0.7,0.1,Fig. 3,low\n"
+        "gemma-2-2b,12,mlp_post,SAE,,steering_score,0.9,,Table 2,high\n"
+    )
+    monkeypatch.setattr(report_module, "PAPER_REFERENCE", reference)
+    text = report(root, compare="paper").read_text()
+    section = text.split("## Comparison with the paper")[1]
+    ours = "| diffmean | steering_score | 0.73 [0.42, 1.04] | 1.10 |"
+    assert f"{ours} gemma-2-2b, layer 12, hook mlp_out | Table 2 | high |" in section
+    differs = "model: ours smollm2-135m, paper gemma-2-2b; layer: ours 3, paper 12; "
+    assert (
+        differs + "hook: ours mlp_post, paper mlp_out; judge: ours offline, paper gpt-4o-mini |"
+        in section
+    )
+    ours = "| snmf | mean_feature_auroc | 0.60 (n=2) | 0.70 ± 0.10 |"
+    assert (
+        f"{ours} smollm2-135m, layer 3, hook mlp_post, rank 100 | Fig. 3 | low | same setting |"
+        in section
+    )
+    assert "1 reference rows match no result here" in section
+
+
+@pytest.mark.integration
+def test_report_on_a_real_two_method_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    args = ["-m", "experiment=smoke", "method=diffmean,random", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "bench.report", str(sweep)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(sweep / "report.md")
+    jobs = sorted(sweep.rglob("metrics.parquet"))
+    assert len(jobs) == 2
+    summary, _ = read_metrics(sweep / "summary.parquet")
+    assert len(summary) == sum(len(read_metrics(p)[0]) for p in jobs)
+    text = (sweep / "report.md").read_text()
+    print(text)  # the excerpt a reviewer reads with -s
+    for method in ("diffmean †", "random"):
+        assert f"| {method} |" in text
+    assert "### Steering" in text and "### Concept detection" in text
+    for name in ("steering_vs_kl.png", "auroc_by_method.png"):
+        assert (sweep / name).read_bytes()[:8] == PNG
+    page = (sweep / "features.md").read_text()
+    assert "[[" in page and "Steered samples" in page
