@@ -146,30 +146,21 @@ class ChatJudge(Judge):
     max_answer_tokens: ClassVar[int] = 96
 
     def concept(self, texts: list[str], description: str, baseline: list[str]) -> list[Judgement]:
-        results: list[Judgement | None] = [None] * len(texts)
-        prompts, where = [], []
-        for i, text in enumerate(texts):
-            if not text.strip():
-                results[i] = Judgement(None, "empty text")
-            else:
-                prompts.append(CONCEPT_PROMPT.format(description=description, text=text))
-                where.append(i)
-        for i, judgement in zip(where, self._rate(prompts), strict=True):
-            results[i] = judgement
-        return results  # type: ignore[return-value]
+        return self._rate_texts(
+            texts, lambda text: CONCEPT_PROMPT.format(description=description, text=text)
+        )
 
     def fluency(self, texts: list[str], prompt: str) -> list[Judgement]:
-        results: list[Judgement | None] = [None] * len(texts)
-        prompts, where = [], []
-        for i, text in enumerate(texts):
-            if not text.strip():
-                results[i] = Judgement(None, "empty text")
-            else:
-                prompts.append(FLUENCY_PROMPT.format(prompt=prompt, text=text))
-                where.append(i)
-        for i, judgement in zip(where, self._rate(prompts), strict=True):
+        return self._rate_texts(texts, lambda text: FLUENCY_PROMPT.format(prompt=prompt, text=text))
+
+    def _rate_texts(self, texts: list[str], make_prompt: Any) -> list[Judgement]:
+        """Rate each non-empty text with its prompt; an empty text is missing, unasked."""
+        results: list[Judgement] = [Judgement(None, "empty text")] * len(texts)
+        where = [i for i, text in enumerate(texts) if text.strip()]
+        rated = self._rate([make_prompt(texts[i]) for i in where])
+        for i, judgement in zip(where, rated, strict=True):
             results[i] = judgement
-        return results  # type: ignore[return-value]
+        return results
 
     def describe(self, contexts: list[str]) -> str | None:
         if not contexts:
