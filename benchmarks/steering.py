@@ -11,6 +11,7 @@
     python benchmarks/steering.py [--features 2] [--samples 32] [--layer 12]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
+Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main() -> None:
     single = generate(model, feats.hook, specs, single_cfg)
     t_single = time.perf_counter() - t
     tokens = counted["tokens"]
-    print(f"batched ({task.batch_size}) : {tokens / t_batched:7.1f} tok/s ({t_batched:.1f} s)")
+    rows = min(task.batch_size, args.samples)
+    print(f"batched ({rows} rows) : {tokens / t_batched:7.1f} tok/s ({t_batched:.1f} s)")
     print(f"single-sequence  : {tokens / t_single:7.1f} tok/s ({t_single:.1f} s)")
     print(f"ratio            : {t_single / t_batched:.1f}x; identical texts: {batched == single}")
 
