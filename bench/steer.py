@@ -25,21 +25,38 @@ def _steer(vectors: torch.Tensor):
 
 
 @torch.no_grad()
-def next_token_kl(model, hook: str, prompts: list[str], vectors: torch.Tensor, batch: int):
-    """Mean over prompts of KL(P_base || P_steered) at the last prompt position, one
-    value per row of `vectors`; also the number of forward passes spent."""
-    total, passes = torch.zeros(len(vectors)), 0
+def unsteered(
+    model, hook: str, prompts: list[str]
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per prompt, one plain forward pass: its tokens, the next-token log-probabilities
+    after it, and the mean activation norm at the hook (BOS excluded)."""
+    out = []
     for prompt in prompts:
         tokens = model.to_tokens(prompt)
-        base = torch.log_softmax(model(tokens)[0, -1].float(), -1)
+        logits, cache = model.run_with_cache(tokens, names_filter=hook)
+        norm = cache[hook][0, 1:].float().norm(dim=-1).mean().item()
+        out.append((tokens, torch.log_softmax(logits[0, -1].float(), -1), norm))
+    return out
+
+
+@torch.no_grad()
+def next_token_kl(
+    model, hook: str, prompts: list[str], vectors: torch.Tensor, batch: int, base=None
+):
+    """Mean over prompts of KL(P_base || P_steered) at the last prompt position, one
+    value per row of `vectors`; also the number of steered forward passes spent.
+    `base` is `unsteered(model, hook, prompts)`, computed here when not given."""
+    base = unsteered(model, hook, prompts) if base is None else base
+    total, passes = torch.zeros(len(vectors)), 0
+    for tokens, base_logp, _ in base:
         for i in range(0, len(vectors), batch):
             chunk = vectors[i : i + batch].to(tokens.device)
             with model.hooks(fwd_hooks=[(hook, _steer(chunk))]):
                 logits = model(tokens.expand(len(chunk), -1))[:, -1].float()
             passes += 1
             steered = torch.log_softmax(logits, -1)
-            total[i : i + len(chunk)] += (base.exp() * (base - steered)).sum(-1).cpu()
-    return (total / len(prompts)).numpy(), passes
+            total[i : i + len(chunk)] += (base_logp.exp() * (base_logp - steered)).sum(-1).cpu()
+    return (total / len(base)).numpy(), passes
 
 
 def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
@@ -51,7 +68,8 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
     not yet within tolerance, again in one pass, so every round shrinks every
     bracket about tenfold. Returns the results and the forward passes spent.
     """
-    scale = _activation_scale(model, hook, task.prompts)
+    base = unsteered(model, hook, task.prompts)  # once per search, not once per round
+    scale = float(np.mean([norm for _, _, norm in base])) or 1.0
     targets = np.asarray(task.kl_targets, dtype=float)
     seen = {1: [(0.0, 0.0)], -1: [(0.0, 0.0)]}  # sign -> [(magnitude, kl)]
     passes = 0
@@ -59,7 +77,9 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
     def evaluate(cands: list[tuple[int, float]]) -> None:
         nonlocal passes
         vecs = torch.stack([sign * m * direction for sign, m in cands])
-        kls, n = next_token_kl(model, hook, task.prompts, vecs, max(task.batch_size, len(cands)))
+        kls, n = next_token_kl(
+            model, hook, task.prompts, vecs, max(task.batch_size, len(cands)), base
+        )
         passes += n
         for (sign, m), kl in zip(cands, kls.tolist(), strict=True):
             seen[sign].append((m, kl))
@@ -99,16 +119,6 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
                 found[(t, sign)] = (None, kl_best, f"KL target {target} not within tolerance "
                                     f"{task.tolerance} after {passes} passes (closest {kl_best:.4g})")  # fmt: skip
     return found, passes
-
-
-@torch.no_grad()
-def _activation_scale(model, hook: str, prompts: list[str]) -> float:
-    """Mean norm of the hook's activations over the prompts' tokens (BOS excluded)."""
-    norms = []
-    for prompt in prompts:
-        _, cache = model.run_with_cache(model.to_tokens(prompt), names_filter=hook)
-        norms.append(cache[hook][0, 1:].float().norm(dim=-1).mean().item())
-    return float(np.mean(norms)) or 1.0
 
 
 # --- generation ------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from bench.activations import extract
 from bench.datasets import load
 from bench.models import load_model
-from bench.steer import generate, next_token_kl, search_alpha
+from bench.steer import generate, next_token_kl, search_alpha, unsteered
 from methods.diffmean import DiffMean
 from tasks.steering import Steering
 
@@ -33,13 +33,16 @@ from tasks.steering import Steering
 def bisection(model, hook, direction, task, steps=20):
     """Sequential bisection per (target, sign): one forward pass per step."""
     passes, hits = 0, 0
+    base = unsteered(model, hook, task.prompts)  # the unsteered pass, once (not counted)
     hi0 = 100.0 * 20  # an upper bound on |alpha| far past every target here
     for sign in (1, -1):
         for target in task.kl_targets:
             lo, hi, best = 0.0, hi0, None
             for _ in range(steps):
                 mid = (lo + hi) / 2
-                kl, n = next_token_kl(model, hook, task.prompts, (sign * mid * direction)[None], 1)
+                kl, n = next_token_kl(
+                    model, hook, task.prompts, (sign * mid * direction)[None], 1, base
+                )
                 passes += n
                 if best is None or abs(kl[0] - target) < abs(best - target):
                     best = kl[0]

@@ -5,7 +5,7 @@ HTTP, no SDK) at temperature 0. Around that request:
 
 - the API key is read from the environment variable named by `api_key_env`
   when a batch of requests starts and lives only in local variables: it is
-  never an attribute, so it never reaches a repr, a pickle, a log or an error
+  never an attribute, so it never reaches a repr, a serialized object, a log or an error
   message. The variable is also checked when the judge is built, so a missing
   key fails with a `ConfigError` before any model is loaded, not hours into
   a sweep. `api_key_env: null` sends no key (a loopback server without auth);
