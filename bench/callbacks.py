@@ -1,0 +1,72 @@
+"""Hydra callbacks: a sweep that reports on itself.
+
+`ReportCallback` logs one line as each job starts and, when a multirun ends, builds
+`featbench-report` in the sweep folder and logs the headline comparison table. Enable it
+in a config with
+
+    hydra:
+      callbacks:
+        report:
+          _target_: bench.callbacks.ReportCallback
+
+It never fails the sweep: a report that cannot be built is logged as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bench.errors import FeatbenchError
+from bench.report import comparison_table, report
+from bench.report.common import one_line
+from bench.results import METRICS_FILE, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+class ReportCallback(Callback):
+    """Progress lines per job and the sweep's report when the multirun ends."""
+
+    def __init__(self, compare: str | None = None, top: int = 5) -> None:
+        """`compare`: `paper` or a reference CSV to put beside ours (default None: none);
+        `top`: features per job in features.md (default 5, as featbench-report)."""
+        self.compare = compare
+        self.top = max(int(top), 1)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log `job <num>: <overrides>` so a sweep's console shows its progress."""
+        num = OmegaConf.select(config, "hydra.job.num", default=None)
+        overrides = OmegaConf.select(config, "hydra.job.override_dirname", default=None)
+        log.info("job %s: %s", "?" if num is None else num, overrides or "defaults")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Build the report in `hydra.sweep.dir`; log the comparison table and report.md."""
+        sweep = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        if sweep is None:
+            log.error("featbench-report skipped: the config has no hydra.sweep.dir")
+            return
+        directory = Path(str(sweep))
+        if not directory.is_dir() or not any(directory.rglob(METRICS_FILE)):
+            log.error(
+                "featbench-report skipped: no job wrote %s under %s (did every job fail?)",
+                METRICS_FILE,
+                directory,
+            )
+            return
+        try:
+            path = report(directory, self.compare, self.top)
+            summary, _ = read_metrics(directory / "summary.parquet")
+            table = comparison_table(summary)
+        except FeatbenchError as err:
+            log.error("featbench-report on %s failed: %s", directory, one_line(err))
+            return
+        except Exception:  # a bug in the report must not turn a finished sweep into a failure
+            log.exception("featbench-report on %s failed unexpectedly", directory)
+            return
+        log.info("headline metrics of %s:\n%s", directory, table)
+        log.info("report: %s", path)

@@ -1,0 +1,172 @@
+"""The report's pictures: steering score vs KL target, per-feature AUROC by method and SNMF
+loss curves as PNGs (matplotlib's Agg canvas, no display needed), and hierarchical SNMF
+trees as indented markdown lists.
+
+`plot_section` draws them for a whole sweep into its folder; `plot_job` draws those that
+apply to one job's metrics table (for a logger to attach to that run).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.report.common import (
+    Job,
+    Labels,
+    contexts_of,
+    inline,
+    num,
+    series_labels,
+    settings,
+    supervised_methods,
+)
+from bench.storage import atomic_write
+
+log = logging.getLogger(__name__)
+
+TREE_LINES = 150  # longest indented tree written per job
+FIGSIZE = (7, 4.5)  # inches; with DPI, a 700 x 450 pixel PNG
+DPI = 100  # dots per inch of every PNG
+
+
+def plot_section(
+    summary: pd.DataFrame, jobs: list[Job], directory: Path, supervised: set[str]
+) -> str:
+    """Draw each plot whose data exists into `directory`; markdown linking them."""
+    several = settings(summary).nunique() > 1
+    labels = partial(series_labels, several=several, supervised=supervised)
+    links = []
+    for name, title, draw in _PLOTS:
+        skipped = _draw(directory / name, title, draw, summary, jobs, labels)
+        if skipped:
+            log.info("plot %s skipped: %s", name, skipped)
+        else:
+            links.append(f"![{title}]({name})")
+    return "## Plots\n\n" + "\n\n".join(links) if links else ""
+
+
+def plot_job(frame: pd.DataFrame, out_dir: Path, info: dict | None = None) -> list[Path]:
+    """Write the plots that apply to one job's metrics table into `out_dir` (created if
+    needed): steering score vs KL target, the AUROC distribution and, when `info` (the
+    method's fit report, features.json's "info"; None: no fit report) has a `loss_curve`,
+    the SNMF loss curve. Returns the paths written, [] when none applies."""
+    out_dir = Path(out_dir)
+    method = str(frame["method"].iloc[0]) if len(frame) else "job"
+    name = str(frame["run_id"].iloc[0]) if len(frame) and "run_id" in frame else out_dir.name
+    jobs = [Job(name, method, frame, info or {}, None)]
+    labels = partial(series_labels, several=False, supervised=supervised_methods(frame))
+    written = []
+    for file, title, draw in _PLOTS:
+        skipped = _draw(out_dir / file, title, draw, frame, jobs, labels)
+        if skipped:
+            log.debug("plot %s skipped for %s: %s", file, name, skipped)
+        else:
+            written.append(out_dir / file)
+    return written
+
+
+def _draw(
+    path: Path, title: str, draw: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels
+) -> str | None:
+    """One plot written atomically to `path`; or why it was skipped (nothing written)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    skipped = draw(ax, summary, jobs, labels)
+    if skipped:
+        return skipped
+    ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return None
+
+
+def _plot_steering(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
+    rows = summary[(summary["task"] == "steering") & (summary["metric"] == "steering_score")]
+    rows = rows[rows["feature"].notna() & rows["value"].notna() & rows["kl_target"].notna()]
+    rows = rows[rows["sample"].notna()] if "sample" in rows else rows.iloc[:0]
+    if rows.empty:
+        return "no per-sample steering_score rows"
+    for label, part in rows.groupby(labels(rows)):
+        means = part.groupby("kl_target")["value"].mean()  # features, signs and samples pooled
+        ax.plot(means.index.astype(float), means.astype(float), marker="o", label=label)
+    ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), both signs")
+    ax.legend(fontsize=8)
+    return None
+
+
+def _plot_auroc(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
+    rows = summary[(summary["task"] == "concept_detection") & (summary["metric"] == "auroc")]
+    rows = rows[rows["feature"].notna() & rows["value"].notna()]
+    if rows.empty:
+        return "no per-feature auroc rows"
+    groups = list(rows.groupby(labels(rows)))
+    ax.boxplot(
+        [part["value"].astype(float) for _, part in groups], tick_labels=[g for g, _ in groups]
+    )
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # chance
+    ax.set(ylabel="test AUROC for the feature's concept")
+    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    return None
+
+
+def _plot_loss(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
+    curves = []
+    for job in jobs:  # SNMF keeps its fit report in info; hierarchical SNMF one per level
+        fits = [job.info] if "loss_curve" in job.info else job.info.get("level_reports") or []
+        for level, fit in enumerate(fits):
+            if isinstance(fit, dict) and fit.get("loss_curve"):
+                suffix = f" level {level} (k={fit.get('rank')})" if len(fits) > 1 else ""
+                curves.append((f"{job.method} job {job.name}{suffix}", fit["loss_curve"]))
+    if not curves:
+        return "no SNMF fit report (loss_curve) in any job's features/features.json"
+    for label, losses in curves:
+        ax.plot(range(1, len(losses) + 1), [max(v, 1e-30) for v in losses], label=label)
+    ax.set(xlabel="iteration", ylabel="loss ||A - Z Y||^2", yscale="log")
+    ax.legend(fontsize=8)
+    return None
+
+
+_PLOTS = [  # file name, title, drawer (returns why it skipped, or None when it drew)
+    ("steering_vs_kl.png", "Steering score vs KL target", _plot_steering),
+    ("auroc_by_method.png", "Concept-detection AUROC per feature", _plot_auroc),
+    ("snmf_loss.png", "SNMF loss curves", _plot_loss),
+]
+
+
+def tree_section(jobs: list[Job]) -> str:
+    """Each hierarchical SNMF job's tree: coarsest features as roots, children indented."""
+    hier = [j for j in jobs if "levels" in j.info and "edges" in j.info]
+    if not hier:
+        log.info("SNMF tree skipped: no hierarchical SNMF job")
+        return ""
+    parts = ["## Hierarchical SNMF trees"]
+    for job in hier:
+        children: dict[int, list[tuple[float, int]]] = {}
+        for edge in job.info["edges"]:
+            pair = (float(edge["coefficient"]), int(edge["child"]))
+            children.setdefault(int(edge["parent"]), []).append(pair)
+        top = job.info["levels"][-1]
+        stack = [(None, root, 0) for root in reversed(range(int(top["start"]), int(top["stop"])))]
+        lines: list[str] = []
+        while stack and len(lines) <= TREE_LINES:
+            coefficient, node, depth = stack.pop()
+            weight = "" if coefficient is None else f" (coefficient {num(coefficient)})"
+            token = [str(c.get("token", "")).strip() for c in contexts_of(job, node)[:1]]
+            hint = f" `{inline(token[0])}`" if token and token[0] else ""
+            lines.append(f"{'  ' * depth}- feature {node}{hint}{weight}")
+            stack += [(c, child, depth + 1) for c, child in sorted(children.get(node, []))]
+        more = "\n- … (cut)" if len(lines) > TREE_LINES else ""
+        ranks = [level["rank"] for level in job.info["levels"]]
+        picture = f"{job.name}/features/tree.png"
+        parts.append(f"### {job.method} · job `{job.name}` · ranks {ranks} (finest first)\n\n"
+                     f"Drawn: [{picture}]({picture})\n\n" + "\n".join(lines[:TREE_LINES]) + more)  # fmt: skip
+    return "\n\n".join(parts)

@@ -1,0 +1,145 @@
+"""The console comparison table, per-job plots and the Hydra `ReportCallback`.
+
+Fixtures are small synthetic jobs written with the real result writer
+(`finalize` + `write_metrics`), as in tests/test_report.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from bench.callbacks import ReportCallback
+from bench.report import comparison_table, plot_job
+from bench.results import finalize, write_metrics
+
+HOOK = "blocks.3.mlp.hook_post"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
+    """One job's rows: per-feature AUROCs and steering samples plus their summary rows."""
+    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
+           "method": method, "seed": seed, "config_hash": f"hash{seed}"}  # fmt: skip
+    concept = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
+               for f, v in enumerate((0.9, 0.7))]  # fmt: skip
+    concept += [{"metric": "mean_feature_auroc", "value": 0.925, "ci_low": 0.9, "ci_high": 0.95},
+                {"metric": "concept_coverage", "value": 0.5}]  # fmt: skip
+    steering = [{"feature": 0, "concept": "food", "kl_target": kl, "sign": 1, "sample": s,
+                 "metric": "steering_score", "value": v, "judge": "offline"}
+                for kl in (0.1, 0.5) for s, v in enumerate((2.0, 1.0))]  # fmt: skip
+    steering.append({"metric": "steering_score", "value": 0.35, "judge": "offline"})
+    frames = [finalize(rows, {**run, "task": task}) for task, rows in
+              (("concept_detection", concept), ("steering", steering))]  # fmt: skip
+    return pd.concat(frames, ignore_index=True).assign(supervised=supervised)
+
+
+def _reconstruction_only(method: str) -> pd.DataFrame:
+    run = {"run_id": f"{method}-0", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
+           "method": method, "seed": 0, "config_hash": "hash0", "task": "reconstruction"}  # fmt: skip
+    return finalize([{"metric": "fvu", "value": 0.2}, {"metric": "kl_spliced", "value": None,
+                      "reason": "no model"}], run)  # fmt: skip
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    """Three jobs: diffmean (supervised), snmf and pca (reconstruction only)."""
+    root = tmp_path / "sweep"
+    write_metrics(_job("diffmean", supervised=True), root / "0" / "metrics.parquet")
+    write_metrics(_job("snmf"), root / "1" / "metrics.parquet")
+    write_metrics(_reconstruction_only("pca"), root / "2" / "metrics.parquet")
+    return root
+
+
+def test_comparison_table_shows_values_intervals_and_missing_cells():
+    summary = pd.concat([_job("diffmean", supervised=True), _reconstruction_only("pca")])
+    table = comparison_table(summary)
+    lines = table.splitlines()
+    assert lines[0] == f"smollm2-135m · layer 3 · {HOOK}"
+    header = lines[1].split()
+    assert header == ["method", "mean_feature_auroc", "concept_coverage", "steering_score",
+                      "fvu", "kl_spliced"]  # fmt: skip
+    assert set(lines[2]) == {"-", " "}
+    diffmean = next(line for line in lines if line.startswith("diffmean †"))
+    assert "0.93 [0.90, 0.95]" in diffmean and "0.50" in diffmean and "0.35" in diffmean
+    assert diffmean.split()[-2:] == ["—", "—"]  # no reconstruction for diffmean
+    pca = next(line for line in lines if line.startswith("pca"))
+    assert pca.split()[1:] == ["—", "—", "—", "0.20", "—"]  # kl_spliced: missing value
+    assert lines[-1].startswith("† supervised")
+    assert "|" not in table  # terminal text, not markdown
+    assert diffmean.index("0.50") == lines[1].index("concept_coverage")  # columns line up
+
+
+def test_comparison_table_has_one_block_per_setting():
+    other = _job("snmf").assign(layer=5, hook="blocks.5.mlp.hook_post")
+    table = comparison_table(pd.concat([_job("snmf"), other], ignore_index=True))
+    blocks = table.split("\n\n")
+    assert [b.splitlines()[0] for b in blocks] == [
+        f"smollm2-135m · layer 3 · {HOOK}",
+        "smollm2-135m · layer 5 · blocks.5.mlp.hook_post",
+    ]
+    assert all(sum(line.startswith("snmf") for line in b.splitlines()) == 1 for b in blocks)
+
+
+def test_plot_job_writes_the_plots_that_apply(tmp_path):
+    info = {"loss_curve": [4.0, 2.0, 1.0, 0.5]}
+    paths = plot_job(_job("snmf"), tmp_path / "plots", info=info)
+    names = ["steering_vs_kl.png", "auroc_by_method.png", "snmf_loss.png"]
+    assert paths == [tmp_path / "plots" / name for name in names]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG
+        with Image.open(path) as image:
+            image.verify()
+    assert plot_job(_job("snmf"), tmp_path / "two") == [
+        tmp_path / "two" / name for name in names[:2]
+    ]
+
+
+def test_plot_job_returns_nothing_without_plottable_rows(tmp_path):
+    assert plot_job(_reconstruction_only("pca"), tmp_path) == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_callback_reports_the_sweep_and_logs_the_table(sweep, caplog):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.callbacks"):
+        ReportCallback().on_multirun_end(config)
+    assert (sweep / "report.md").is_file() and (sweep / "summary.parquet").is_file()
+    messages = [r.getMessage() for r in caplog.records if r.name == "bench.callbacks"]
+    table = next(m for m in messages if m.startswith("headline metrics"))
+    assert "diffmean †" in table and "0.93 [0.90, 0.95]" in table and "pca" in table
+    assert f"report: {sweep / 'report.md'}" in messages
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("make", ["empty", "absent", "corrupt"])
+def test_callback_logs_an_error_and_never_raises(tmp_path, caplog, make):
+    sweep = tmp_path / "sweep"
+    if make != "absent":
+        sweep.mkdir()
+    if make == "corrupt":
+        (sweep / "0").mkdir()
+        (sweep / "0" / "metrics.parquet").write_bytes(b"not a parquet file")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.callbacks"):
+        ReportCallback().on_multirun_end(config)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(sweep) in errors[0]
+    expected = "unreadable metrics file" if make == "corrupt" else "no job wrote metrics.parquet"
+    assert expected in errors[0]
+    assert not (sweep / "report.md").exists()
+
+
+def test_job_start_logs_the_job_number_and_overrides(caplog):
+    callback = ReportCallback()
+    job = {"num": 3, "override_dirname": "method=snmf,seed=2"}
+    with caplog.at_level("INFO", logger="bench.callbacks"):
+        callback.on_job_start(OmegaConf.create({"hydra": {"job": job}}), task_function=None)
+        callback.on_job_start(OmegaConf.create({"hydra": {"job": {"override_dirname": ""}}}))
+        callback.on_job_start(OmegaConf.create({}))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["job 3: method=snmf,seed=2", "job ?: defaults", "job ?: defaults"]
