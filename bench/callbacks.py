@@ -9,12 +9,17 @@ in a config with
         report:
           _target_: bench.callbacks.ReportCallback
 
-It never fails the sweep: a report that cannot be built is logged as an error.
+A report that cannot be built is logged as an error. Jobs that failed (their folders
+hold `failed.json`, written by `bench.run.main`) are listed at the end, and the command
+then exits with their exit code (2 for a configuration or data error, 1 for a bug), so
+scripts and CI see a sweep with failures as a failure.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,8 @@ from bench.errors import FeatbenchError
 from bench.report import comparison_table, report
 from bench.report.common import one_line
 from bench.results import METRICS_FILE, read_metrics
+
+FAILED_FILE = "failed.json"  # bench.run.FAILED_FILE (not imported: bench.run imports Hydra's app)
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +48,35 @@ class ReportCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Log `job <num>: <overrides>` so a sweep's console shows its progress."""
         num = OmegaConf.select(config, "hydra.job.num", default=None)
+        if num is None:  # a single run (hydra.mode=RUN): nothing to count
+            return
         overrides = OmegaConf.select(config, "hydra.job.override_dirname", default=None)
-        log.info("job %s: %s", "?" if num is None else num, overrides or "defaults")
+        log.info("job %s: %s", num, overrides or "defaults")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Build the report in `hydra.sweep.dir`; log the comparison table and report.md."""
+        """Build the report in `hydra.sweep.dir`; log the comparison table and report.md;
+        then exit non-zero when any job of the sweep failed."""
         sweep = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         if sweep is None:
             log.error("featbench-report skipped: the config has no hydra.sweep.dir")
             return
         directory = Path(str(sweep))
+        self._report(directory)
+        failed = sorted(directory.glob(f"*/{FAILED_FILE}"))
+        if failed:
+            codes = []
+            for path in failed:
+                try:
+                    record = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    record = {"error": "(unreadable failed.json)", "exit_code": 1}
+                codes.append(int(record.get("exit_code", 1)))
+                log.error("failed job %s: %s", path.parent.name, record.get("error"))
+            log.error("%d job(s) of the sweep failed; re-running the sweep retries only them",
+                      len(failed))  # fmt: skip
+            sys.exit(max(codes))
+
+    def _report(self, directory: Path) -> None:
         if not directory.is_dir() or not any(directory.rglob(METRICS_FILE)):
             log.error(
                 "featbench-report skipped: no job wrote %s under %s (did every job fail?)",

@@ -30,6 +30,7 @@ class TaskData:
     seed: int
     output_dir: Path  # the job's directory, for artifacts and checkpoints
     judge: Judge | None = None  # the configured judge (tasks that score text need one)
+    config_hash: str = ""  # the job's config hash: keys task checkpoints in output_dir
 
 
 class Task(ABC):

@@ -21,6 +21,10 @@ Per feature: `best_steering_score` (best (target, sign) by mean score, the
 paper's selection) and `heldout_steering_score` (the (target, sign) chosen on
 even samples, reported on odd ones). Summary rows: means over features with
 95% bootstrap intervals, `judge_failures`, and the alpha-search cost.
+
+Each finished feature is checkpointed in the job's folder
+(`checkpoints/steering/feature_<i>.json`), so a job killed mid-task resumes at
+the next feature; run.py removes the checkpoints once `metrics.parquet` exists.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench.checkpoints import Checkpoints
 from bench.contexts import encode_all, sentence_max, top_contexts
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement
@@ -101,63 +106,84 @@ class Steering(Task):
         chosen = select_features(len(features), self.max_features, data.seed)
         unit = features.directions / features.directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         described = describe_features(self, model, features, data, judge, chosen, unit)
+        baseline = self._generate(model, features.hook, unit, [], data.seed)[1]
+        store = Checkpoints(data.output_dir / "checkpoints" / "steering", data.config_hash)
 
         rows: list[dict] = []
-        jobs = []  # (feature, target index, sign, alpha, kl)
-        passes = []
-        for f in tqdm(chosen, desc="steering: alpha search", unit="feature", leave=False):
-            found, n_passes = search_alpha(model, features.hook, unit[f], self)
-            passes.append(n_passes)
-            for (t, sign), (alpha, kl, reason) in found.items():
-                if alpha is None:
-                    rows.append(_row(f, described[f], "steering_score", None, self.kl_targets[t],
-                                     sign, reason=reason, kl_achieved=kl))  # fmt: skip
-                else:
-                    jobs.append((f, t, sign, alpha, kl))
-
-        texts, baseline = self._generate_all(model, features.hook, unit, jobs, data.seed)
-        failures = 0
-        for f in chosen:
-            for sign in (1, -1):
-                mine = [(j, job) for j, job in enumerate(jobs) if job[0] == f and job[2] == sign]
-                if not mine:
-                    continue
-                text_list = [s for j, _ in mine for s in texts[j]]
-                prompts = [p for _ in mine for p in self._sample_prompts()]
-                desc = described[f]["text"][sign]
-                concept = judge.concept(text_list, desc, baseline)
-                fluency = _fluency(judge, text_list, prompts)
-                failures += sum(j.score is None for j in concept + fluency)
-                for n, ((_, (_, t, _, alpha, kl)), sample) in enumerate(
-                    (m, s) for m in mine for s in range(self.samples)
-                ):
-                    rows += _sample_rows(
-                        f, described[f], sign, self.kl_targets[t], alpha, kl, sample,
-                        prompts[n], text_list[n], concept[n], fluency[n],
-                    )  # fmt: skip
+        passes, failures = [], 0
+        resumed_stats: dict[str, float] = {}
+        for f in tqdm(chosen, desc="steering", unit="feature", leave=False):
+            done = store.load(f, unit[f])
+            if done is None:
+                before = judge.stats()
+                done = self._steer_feature(model, features.hook, unit, f, described[f], baseline,
+                                           judge, data.seed)  # fmt: skip
+                after = judge.stats()
+                done["judge_stats"] = {k: v - before.get(k, 0.0) for k, v in after.items()}
+                store.save(f, unit[f], done)
+            else:
+                for k, v in done["judge_stats"].items():
+                    resumed_stats[k] = resumed_stats.get(k, 0.0) + v
+            rows += done["rows"]
+            passes.append(done["passes"])
+            failures += done["failures"]
+        stats = judge.stats()
+        stats.update({k: stats.get(k, 0.0) + v for k, v in resumed_stats.items()})
         rows += self._feature_rows(rows, chosen, described)
-        rows += self._summary_rows(rows, chosen, failures, passes, judge)
+        rows += self._summary_rows(rows, chosen, failures, passes, stats)
         for row in rows:
             row.setdefault("judge", type(judge).name or type(judge).__name__.lower())
             row.setdefault("description", described.get(row.get("feature"), {}).get("kind"))
         return rows
 
+    def _steer_feature(self, model, hook, unit, f, described, baseline, judge, seed) -> dict:
+        """Search, generate and judge one feature: its rows, search passes and judge failures."""
+        rows: list[dict] = []
+        jobs = []  # (feature, target index, sign, alpha, kl)
+        found, n_passes = search_alpha(model, hook, unit[f], self)
+        for (t, sign), (alpha, kl, reason) in found.items():
+            if alpha is None:
+                rows.append(_row(f, described, "steering_score", None, self.kl_targets[t], sign,
+                                 reason=reason, kl_achieved=kl))  # fmt: skip
+            else:
+                jobs.append((f, t, sign, alpha, kl))
+        texts = self._generate(model, hook, unit, jobs, seed)[0] if jobs else []
+        failures = 0
+        for sign in (1, -1):
+            mine = [(j, job) for j, job in enumerate(jobs) if job[2] == sign]
+            if not mine:
+                continue
+            text_list = [s for j, _ in mine for s in texts[j]]
+            prompts = [p for _ in mine for p in self._sample_prompts()]
+            concept = judge.concept(text_list, described["text"][sign], baseline)
+            fluency = _fluency(judge, text_list, prompts)
+            failures += sum(j.score is None for j in concept + fluency)
+            for n, ((_, (_, t, _, alpha, kl)), sample) in enumerate(
+                (m, s) for m in mine for s in range(self.samples)
+            ):
+                rows += _sample_rows(
+                    f, described, sign, self.kl_targets[t], float(alpha), float(kl), sample,
+                    prompts[n], text_list[n], concept[n], fluency[n],
+                )  # fmt: skip
+        return {"rows": rows, "passes": n_passes, "failures": failures}
+
     def _sample_prompts(self) -> list[str]:
         return [self.prompts[s % len(self.prompts)] for s in range(self.samples)]
 
-    def _generate_all(self, model, hook, unit, jobs, seed) -> tuple[list[list[str]], list[str]]:
-        """Texts of every job's samples, and the unsteered baseline texts."""
+    def _generate(self, model, hook, unit, jobs, seed) -> tuple[list[list[str]], list[str]]:
+        """Texts of every job's samples, and the unsteered baseline texts (those only
+        when `jobs` is empty)."""
         specs = []  # (prompt, steering vector, seed key)
-        zero = torch.zeros(unit.shape[1])
-        for s in range(self.baseline_samples):
-            specs.append((self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s)))
+        if not jobs:
+            zero = torch.zeros(unit.shape[1])
+            for s in range(self.baseline_samples):
+                specs.append((self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s)))
+            return [], generate(model, hook, specs, self)
         for f, t, sign, alpha, _ in jobs:
             for s, prompt in enumerate(self._sample_prompts()):
                 specs.append((prompt, alpha * unit[f], (seed, f + 1, t, sign + 1, s)))
         out = generate(model, hook, specs, self)
-        baseline = out[: self.baseline_samples]
-        rest = out[self.baseline_samples :]
-        return [rest[i * self.samples : (i + 1) * self.samples] for i in range(len(jobs))], baseline
+        return [out[i * self.samples : (i + 1) * self.samples] for i in range(len(jobs))], []
 
     def _feature_rows(self, rows: list[dict], chosen: list[int], described: dict) -> list[dict]:
         out = []
@@ -179,7 +205,7 @@ class Steering(Task):
                                 key[1] if key else None, reason=reason))  # fmt: skip
         return out
 
-    def _summary_rows(self, rows, chosen, failures, passes, judge: Judge) -> list[dict]:
+    def _summary_rows(self, rows, chosen, failures, passes, stats: dict) -> list[dict]:
         out = []
         rng = np.random.default_rng(0)
         for feature_metric, metric in (("best_steering_score", "steering_score"),
@@ -211,7 +237,7 @@ class Steering(Task):
                 "features_chosen": ",".join(map(str, chosen)),
             },  # fmt: skip
         ]
-        out += [{"metric": f"judge_{k}", "value": float(v)} for k, v in judge.stats().items()]
+        out += [{"metric": f"judge_{k}", "value": float(v)} for k, v in stats.items()]
         return out
 
 

@@ -64,7 +64,8 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
             assert FAKE_KEY.encode() not in file.read_bytes(), file
     assert "***REDACTED***" in (job / "config.yaml").read_text()
     printed = out.stderr + out.stdout
-    assert "results in" in printed and re.search(r"concept_detection\s+mean_feature_auroc", printed)
+    assert "done:" in printed and re.search(r"concept_detection\s+mean_feature_auroc", printed)
+    assert "report: " in printed and (metrics.parents[1] / "report.md").is_file()
 
 
 def test_literal_secrets_on_the_command_line_are_refused(tmp_path):

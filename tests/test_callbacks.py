@@ -6,6 +6,7 @@ Fixtures are small synthetic jobs written with the real result writer
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -139,7 +140,22 @@ def test_job_start_logs_the_job_number_and_overrides(caplog):
     job = {"num": 3, "override_dirname": "method=snmf,seed=2"}
     with caplog.at_level("INFO", logger="bench.callbacks"):
         callback.on_job_start(OmegaConf.create({"hydra": {"job": job}}), task_function=None)
-        callback.on_job_start(OmegaConf.create({"hydra": {"job": {"override_dirname": ""}}}))
-        callback.on_job_start(OmegaConf.create({}))
+        callback.on_job_start(OmegaConf.create({"hydra": {"job": {"num": 0}}}))
+        callback.on_job_start(OmegaConf.create({}))  # a single run: no job number, no line
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["job 3: method=snmf,seed=2", "job ?: defaults", "job ?: defaults"]
+    assert messages == ["job 3: method=snmf,seed=2", "job 0: defaults"]
+
+
+def test_failed_jobs_are_listed_and_set_the_exit_code(tmp_path, caplog):
+    sweep = tmp_path / "sweep"
+    for name, code in (("method=snmf", 2), ("method=random", 1)):
+        (sweep / name).mkdir(parents=True)
+        record = {"error": f"ConfigError: bad {name}", "exit_code": code}
+        (sweep / name / "failed.json").write_text(json.dumps(record))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.callbacks"), pytest.raises(SystemExit) as exit:
+        ReportCallback().on_multirun_end(config)
+    assert exit.value.code == 2
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "bad method=snmf" in errors and "bad method=random" in errors
+    assert "2 job(s) of the sweep failed" in errors

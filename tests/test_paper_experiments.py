@@ -257,7 +257,7 @@ def test_offline_run_fails_at_once_naming_the_embedded_model(tmp_path):
     }
     start = time.perf_counter()
     out = subprocess.run(
-        featbench_cmd() + ["experiment=paper_steering_llama8b", f"paths.results_dir={tmp_path / 'res'}"],
+        featbench_cmd() + ["experiment=paper_steering_llama8b", "hydra.mode=RUN", f"paths.results_dir={tmp_path / 'res'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     elapsed = time.perf_counter() - start

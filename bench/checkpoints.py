@@ -1,0 +1,55 @@
+"""Checkpoints of partial task results inside a job's folder.
+
+A task that works item by item (steering, one feature at a time) saves each
+finished item, so a job that is killed resumes at the next one instead of
+starting over. `bench.run` deletes a job's checkpoints once its
+`metrics.parquet` is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from bench.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """One JSON file per finished feature, so an interrupted job resumes where it
+    stopped. A file counts only when it was written for the same job configuration
+    (config hash) and the same direction, so a changed fit never reuses old texts.
+    Writes are atomic: a job killed mid-write leaves the previous state."""
+
+    def __init__(self, folder: Path, config_hash: str) -> None:
+        self.folder, self.config_hash = folder, config_hash
+
+    def _key(self, direction: torch.Tensor) -> str:
+        data = direction.detach().cpu().float().contiguous().numpy().tobytes()
+        return f"{self.config_hash}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+    def load(self, feature: int, direction: torch.Tensor) -> dict | None:
+        """The saved result of `feature`, if saved by this configuration for this direction."""
+        path = self.folder / f"feature_{feature}.json"
+        if not self.config_hash or not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("ignoring unreadable checkpoint %s: %s", path, err)
+            return None
+        if saved.get("key") != self._key(direction):
+            return None
+        log.info("feature %d resumed from %s", feature, path)
+        return saved["result"]
+
+    def save(self, feature: int, direction: torch.Tensor, result: dict) -> None:
+        if not self.config_hash:
+            return
+        record = {"key": self._key(direction), "result": result}
+        atomic_write_text(self.folder / f"feature_{feature}.json", json.dumps(record))
