@@ -110,16 +110,16 @@ def extract(
     labels = list(dataset.labels)
     if use_cache:
         with entry_lock(path):
-            cached = _read_entry(path, labels)
-            if cached is not None:
-                log.info(
-                    "activations at %s: cache hit (%s, %d tokens)", name, path.name, len(cached)
-                )
-                return cached
-            acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
-            _write_entry(path, acts)
-            return acts
-    return _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+            acts = _read_entry(path, labels)
+            if acts is not None:
+                log.info("activations at %s: cache hit (%s, %d tokens)", name, path.name, len(acts))
+            else:
+                acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+                _write_entry(path, acts)
+    else:
+        acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+    acts.meta["truncated_sentences"] = settings["truncated"]  # counted, as the warning says
+    return acts
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

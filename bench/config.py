@@ -70,6 +70,7 @@ class Config:
     layer: int = MISSING
     hook: str = "mlp_post"
     seed: int = 42
+    force: bool = False  # true: run a job again even when its results already exist
     device: str = "auto"
     dtype: str = "float32"
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
@@ -98,6 +99,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"layer={cfg.layer} is outside {cfg.model.name}: valid layers are {valid}"
         )
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} is not allowed; a seed must be >= 0")
+    if cfg.model.n_ctx is not None and cfg.model.n_ctx < 2:
+        raise ConfigError(f"model.n_ctx={cfg.model.n_ctx}: must be >= 2 or null (the model's own)")
     if cfg.model.source == "local" and not cfg.model.path:
         raise ConfigError("model.source=local needs model.path=<checkpoint directory>")
     if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:

@@ -185,6 +185,8 @@ class Features:
         required = ("format_version", "class", "method", "hook", "k", "d", "extra")
         if not isinstance(meta, dict) or any(key not in meta for key in required):
             raise ArtifactError(f"{meta_path}: expected keys {list(required)}")
+        if not isinstance(meta["extra"], list) or not isinstance(meta["class"], str):
+            raise ArtifactError(f"{meta_path}: 'extra' must be a list and 'class' a string")
         if meta["format_version"] != FORMAT_VERSION:
             raise ArtifactError(
                 f"{meta_path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}"
@@ -207,14 +209,17 @@ class Features:
             )
         if not torch.isfinite(directions).all():
             raise ArtifactError(f"{tensor_path}: directions contain NaN or Inf")
-        return feature_cls(
-            directions,
-            method=meta["method"],
-            hook=meta["hook"],
-            labels=meta.get("labels"),
-            info=meta.get("info") or {},
-            extra=extra,
-        )
+        try:
+            return feature_cls(
+                directions,
+                method=meta["method"],
+                hook=meta["hook"],
+                labels=meta.get("labels"),
+                info=meta.get("info") or {},
+                extra=extra,
+            )
+        except (ValueError, TypeError, KeyError) as err:  # a field the class rejects
+            raise ArtifactError(f"{meta_path}: inconsistent with {meta['class']} ({err})") from None
 
 
 def _features_class(path: str, meta_path: Path) -> type[Features]:

@@ -9,6 +9,7 @@ with k directions, so it bounds what reconstruction alone can show.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +17,8 @@ import torch
 
 from bench.errors import ConfigError
 from methods.base import ActivationSet, Features, Method
+
+log = logging.getLogger(__name__)
 
 
 class PCAFeatures(Features):
@@ -47,7 +50,12 @@ class PCA(Method):
         directions = vectors[:, order].T.float()
         signs = directions.gather(1, directions.abs().argmax(1, keepdim=True)).sign()
         directions = directions * signs
-        explained = (values[order] / values.clamp_min(0).sum()).tolist()
+        total = float(values.clamp_min(0).sum())
+        if total > 0:
+            explained = (values[order].clamp_min(0) / total).tolist()
+        else:  # constant activations: no variance to explain, and no NaN ratio either
+            log.warning("pca: activations at %s have no variance; ratios are 0", acts.hook)
+            explained = [0.0] * self.n_features
         return PCAFeatures(
             directions, method=self.name, hook=acts.hook,
             info={"explained_variance_ratio": explained}, extra={"mean": mean},

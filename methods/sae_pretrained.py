@@ -22,6 +22,7 @@ first tokens are compared with sae-lens's `SAE.encode`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from bench.errors import ConfigError
 from bench.models import EMBEDDED_NAME, hub_reachable
@@ -46,6 +48,28 @@ GUARD_TOKENS = 256  # tokens whose encodings are checked against sae-lens's own 
 
 class SAEUnavailable(ConfigError):
     """The configured SAE cannot be loaded (offline, missing files, unknown id)."""
+
+
+def check_sae_folder(folder: Path) -> None:
+    """Cheap integrity checks of a saved SAE, before any model loads: cfg.json is a JSON
+    object and the weights file has a readable safetensors header. A file that fails
+    is named in the error."""
+    cfg_path, weights_path = folder / SAE_FILES[0], folder / SAE_FILES[1]
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEUnavailable(f"sae_pretrained: {cfg_path} is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise SAEUnavailable(f"sae_pretrained: {cfg_path} must hold a JSON object")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            names = list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise SAEUnavailable(
+            f"sae_pretrained: {weights_path} is not a readable safetensors file ({err})"
+        ) from None
+    if not names:
+        raise SAEUnavailable(f"sae_pretrained: {weights_path} holds no tensors")
 
 
 def _env_offline() -> bool:
@@ -79,6 +103,7 @@ class SAEPretrained(Method):
                     f"sae_pretrained: {folder} lacks {missing}; method.path must be a folder "
                     "written by sae-lens (SAE.save_model: cfg.json + sae_weights.safetensors)"
                 )
+            check_sae_folder(folder)
         elif not self._hub_usable():
             raise SAEUnavailable(self._offline_message())
 
@@ -107,7 +132,14 @@ class SAEPretrained(Method):
         from sae_lens import SAE
 
         if self.path is not None:
-            return SAE.load_from_disk(Path(self.path).expanduser(), device="cpu", dtype="float32")
+            folder = Path(self.path).expanduser()
+            try:
+                return SAE.load_from_disk(folder, device="cpu", dtype="float32")
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise SAEUnavailable(
+                    f"sae_pretrained: the SAE in {folder} cannot be loaded ({err}); "
+                    "method.path must be a folder written by sae-lens's SAE.save_model"
+                ) from None
         try:
             return SAE.from_pretrained(self.release, self.sae_id, device="cpu", dtype="float32")
         except OSError as err:  # LocalEntryNotFoundError, HfHubHTTPError, missing files

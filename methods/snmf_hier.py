@@ -129,6 +129,12 @@ class HierarchicalSNMF(Method):
 
     def fit(self, acts: ActivationSet) -> Features:
         x = acts.acts
+        limit = min(x.shape)
+        if self.ranks[0] > limit:
+            raise ConfigError(
+                f"method.ranks={list(self.ranks)}: the finest rank {self.ranks[0]} exceeds "
+                f"min(tokens, width) = min({x.shape[0]}, {x.shape[1]}); choose ranks <= {limit}"
+            )
         zs, ys, reports = [], [], []
         for level, rank in enumerate(self.ranks):
             data = x if level == 0 else zs[-1].T  # level l+1 factorizes level l's features
@@ -154,6 +160,11 @@ class HierarchicalSNMF(Method):
                               "coefficient": float(y[p, c])})  # fmt: skip
         norms = z_all.norm(dim=0)
         empty = (norms == 0).nonzero().flatten().tolist()
+        if empty:
+            log.warning(
+                "snmf_hier: %d of %d features are empty (all-zero); their direction is zero",
+                len(empty), len(norms),
+            )  # fmt: skip
         info = {"levels": levels, "edges": edges, "level_reports": reports, "finetune_iters": self.finetune_iters,
                 "empty_features": empty, "encode": self.encode, "encode_iters": self.encode_iters}  # fmt: skip
         log.info("snmf_hier: levels %s, %d edges", list(self.ranks), len(edges))

@@ -224,6 +224,11 @@ class TopKSAE(Method):
         n, d = acts.acts.shape
         if n < 2:
             raise ConfigError(f"topk_sae: {n} tokens at {acts.hook}; need at least 2 to train")
+        if not bool(acts.acts.any()):  # sae-lens's norm scaling would divide by zero
+            raise ConfigError(
+                f"topk_sae: every activation at {acts.hook} is zero ({n} tokens); "
+                "there is nothing to train on: check the layer and hook"
+            )
         device = torch.device(resolve_device(self.device))
         batch = min(self.batch_size, n)
         samples = self.training_tokens or math.ceil(self.epochs * n)

@@ -65,15 +65,25 @@ def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
 @dataclass
 class ConceptDetection(Task):
     name: ClassVar[str] = "concept_detection"
+    #: one-vs-rest AUROC and per-concept matching need at least this many concepts
+    min_concepts: ClassVar[int] = 2
 
     coverage_threshold: float = 0.9  # a concept counts as covered at AUROC >= 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.coverage_threshold <= 1.0:
+            raise ConfigError(
+                f"task.concept_detection.coverage_threshold={self.coverage_threshold}: "
+                "must be in [0, 1] (an AUROC)"
+            )
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
         dataset = data.dataset
         concepts = dataset.concepts
-        if len(concepts) < 2:
+        if len(concepts) < self.min_concepts:
             raise ConfigError(
-                f"concept_detection needs at least two concepts; the dataset has {concepts}"
+                f"concept_detection needs at least {self.min_concepts} concepts besides "
+                f"neutral; the dataset has {concepts}"
             )
         labels = np.array(dataset.labels)
         positives = labels[:, None] == np.array(concepts)[None, :]  # S x C

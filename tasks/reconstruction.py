@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.activations import padded_batches, tokenize
+from bench.errors import ConfigError
 from methods.base import Features
 from tasks.base import Task, TaskData
 
@@ -59,6 +60,14 @@ class Reconstruction(Task):
         None  # test sentences spliced (null = all); the split is ~250 sentences
     )
     batch_tokens: int = 4096  # padded tokens per forward batch, as activation extraction
+
+    def __post_init__(self) -> None:
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ConfigError(
+                f"task.reconstruction.max_sentences={self.max_sentences}: must be >= 1 or null"
+            )
+        if self.batch_tokens < 1:
+            raise ConfigError(f"task.reconstruction.batch_tokens={self.batch_tokens}: must be >= 1")
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
         if not features.has_decoder:
