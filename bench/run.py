@@ -235,6 +235,13 @@ def _run(cfg, job_dir: Path, chash: str, method: Method, tasks, judge, started) 
         raise ConfigError(
             f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
         )
+    for task in tasks.values():
+        need = getattr(task, "min_concepts", 0)
+        if len(dataset.concepts) < need:
+            raise ConfigError(
+                f"task {plugin_name(task)} needs at least {need} concepts besides neutral; "
+                f"dataset has {dataset.concepts}"
+            )
     with stage("load_model"):
         loaded = _load_model_once(
             cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype, cfg.model.n_ctx

@@ -190,8 +190,15 @@ class TopKSAE(Method):
     lr_decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps (Gao et al.)
     seed: int = 42  # initial weights and batch order; bitwise reproducible on CPU
     device: str = "auto"  # auto = cuda when present, else cpu
+    # Another name for d_sae, as SNMF calls its feature count: one grid sweeps both methods'
+    # capacity (`-m method=snmf,topk_sae method.rank=50,100`). null = use d_sae.
+    rank: int | None = None
 
     def __post_init__(self) -> None:
+        if self.rank is not None:
+            if self.rank < 1:
+                raise ConfigError(f"topk_sae: rank={self.rank} must be >= 1 (it sets d_sae)")
+            self.d_sae = self.rank
         if not 0 < self.k <= self.d_sae:
             raise ConfigError(f"topk_sae: need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.lr_decay_fraction < 1:

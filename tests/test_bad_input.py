@@ -180,17 +180,13 @@ def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expens
     assert not list(tmp_path.rglob("metrics.parquet"))
 
 
-@pytest.mark.xfail(
-    reason="bench/run.py checks min_concepts only for label-needing methods; a task's "
-    "min_concepts (ConceptDetection.min_concepts) is checked after the model loads",
-    raises=AssertionError,
-    strict=False,
-)
 def test_one_concept_with_an_unsupervised_method_fails_before_the_model_loads(
     no_expensive_work, tmp_path
 ):
     cfg = _compose(_with_base(["method=random", "dataset.concepts=[food]"]))
-    with pytest.raises(ConfigError, match=r"needs at least 2 concepts.*\['food'\]"):
+    with pytest.raises(
+        ConfigError, match=r"task concept_detection needs at least 2 concepts.*\['food'\]"
+    ):
         bench.run.run_job(cfg, tmp_path / "job")
 
 
