@@ -2,6 +2,7 @@
 
     python benchmarks/snmf.py                 # n=20,000 x d=1,536 x k=100, 20 iterations
     python benchmarks/snmf.py --scale         # also n=1,000,000 x d=2,048 x k=100, 10 iterations
+    python benchmarks/snmf.py --no-compare --scale --scale-iters 3 --json out.json
 
 Prints, for the same data, seed and iteration count:
 - featbench's SNMF (`methods.snmf.SNMF.factorize`): seconds per iteration and
@@ -20,9 +21,11 @@ tokens stored as float16.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,7 +70,7 @@ def naive_snmf(a: torch.Tensor, k: int, p: float, iters: int, seed: int, reg: fl
     return best_z, losses
 
 
-def compare(n: int, d: int, k: int, p: float, iters: int) -> None:
+def compare(n: int, d: int, k: int, p: float, iters: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     # Sparse non-negative mixtures of sparse signed features plus noise: MLP-like, and
     # a factorization problem whose iterates are stable enough to compare.
@@ -109,9 +112,26 @@ def compare(n: int, d: int, k: int, p: float, iters: int) -> None:
     print(
         f"same iterates: max |Z_fast - Z_direct| / max|Z| = {diff:.2e}; relative error {rel_fast:.5f} vs {rel_naive:.5f}"
     )
+    return {
+        "tokens": n,
+        "width": d,
+        "rank": k,
+        "sparsity": p,
+        "iters": iters,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peaks,
+        "fast_seconds_per_iter": fast_s,
+        "fast_gflops": flops / fast_s / 1e9,
+        "fraction_of_peak": flops / fast_s / 1e9 / peak,
+        "naive_seconds_per_iter": naive_s,
+        "speedup_vs_naive": naive_s / fast_s,
+        "max_relative_z_difference": diff,
+        "relative_error_fast": rel_fast,
+        "relative_error_naive": rel_naive,
+    }
 
 
-def scale(n: int, d: int, k: int, p: float, iters: int) -> None:
+def scale(n: int, d: int, k: int, p: float, iters: int) -> dict:
     print(
         f"\n== scale: n={n:,} x d={d:,} (float16 storage, {n * d * 2 / 2**30:.1f} GiB) x k={k}, {iters} iterations"
     )
@@ -120,13 +140,26 @@ def scale(n: int, d: int, k: int, p: float, iters: int) -> None:
     for start in range(0, n, 65536):
         stop = min(n, start + 65536)
         x[start:stop] = torch.randn(stop - start, d, generator=gen).relu_().half()
-    print(f"activations ready; peak RSS so far {peak_rss_gib():.1f} GiB")
+    data_rss = peak_rss_gib()
+    print(f"activations ready; peak RSS so far {data_rss:.1f} GiB")
     method = SNMF(rank=k, sparsity=p, max_iter=iters, patience=iters + 1, device="auto")
     start = time.perf_counter()
     out = method.factorize(x)
     seconds = time.perf_counter() - start
     print(f"{iters} iterations in {seconds:.1f} s ({seconds / iters:.1f} s/iteration, setup included); "
           f"relative error {out['report']['relative_error']:.4f}; peak RSS {peak_rss_gib():.1f} GiB")  # fmt: skip
+    return {
+        "tokens": n,
+        "width": d,
+        "rank": k,
+        "iters": iters,
+        "data_gib": n * d * 2 / 2**30,
+        "seconds": seconds,
+        "seconds_per_iter": seconds / iters,
+        "relative_error": out["report"]["relative_error"],
+        "peak_rss_gib_after_data": data_rss,
+        "peak_rss_gib": peak_rss_gib(),
+    }
 
 
 def main() -> None:
@@ -139,10 +172,21 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.01)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--scale", action="store_true", help="also run n=1,000,000 x d=2,048")
+    parser.add_argument("--scale-tokens", type=int, default=1_000_000, help="tokens for --scale")
+    parser.add_argument("--scale-width", type=int, default=2048, help="width for --scale")
+    parser.add_argument("--scale-iters", type=int, default=10, help="iterations for --scale")
+    parser.add_argument("--no-compare", action="store_true", help="skip the speed comparison")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
-    compare(args.tokens, args.width, args.rank, args.sparsity, args.iters)
+    result = {}
+    if not args.no_compare:
+        result["compare"] = compare(args.tokens, args.width, args.rank, args.sparsity, args.iters)
     if args.scale:
-        scale(1_000_000, 2048, args.rank, args.sparsity, 10)
+        result["scale"] = scale(
+            args.scale_tokens, args.scale_width, args.rank, args.sparsity, args.scale_iters
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

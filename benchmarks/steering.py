@@ -8,7 +8,7 @@
    the same samples one sequence at a time; per-sample seeds make the texts
    identical, which is checked.
 
-    python benchmarks/steering.py [--features 2] [--samples 32] [--layer 12]
+    python benchmarks/steering.py [--features 2] [--samples 32] [--layer 12] [--json out.json]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
 Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
@@ -17,7 +17,9 @@ Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=2, help="DiffMean features to search")
     parser.add_argument("--samples", type=int, default=32, help="sequences to generate")
     parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: the task's 50")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -64,7 +68,7 @@ def main() -> None:
     acts = extract(model, ds, args.layer, "mlp_post", model_fingerprint=lm.fingerprint)
     feats = DiffMean().fit(acts.subset(ds.indices("train")))
     unit = feats.directions / feats.directions.norm(dim=1, keepdim=True)
-    task = Steering()
+    task = Steering() if args.new_tokens is None else Steering(max_new_tokens=args.new_tokens)
     n_pairs = 2 * len(task.kl_targets)
 
     print(f"# alpha search, {args.features} DiffMean features, layer {args.layer}, "
@@ -99,7 +103,7 @@ def main() -> None:
     counted: dict = {}
     batched = generate(model, feats.hook, specs, task, counted)
     t_batched = time.perf_counter() - t
-    single_cfg = Steering(batch_size=1)
+    single_cfg = Steering(batch_size=1, max_new_tokens=task.max_new_tokens)
     t = time.perf_counter()
     single = generate(model, feats.hook, specs, single_cfg)
     t_single = time.perf_counter() - t
@@ -108,6 +112,32 @@ def main() -> None:
     print(f"batched ({rows} rows) : {tokens / t_batched:7.1f} tok/s ({t_batched:.1f} s)")
     print(f"single-sequence  : {tokens / t_single:7.1f} tok/s ({t_single:.1f} s)")
     print(f"ratio            : {t_single / t_batched:.1f}x; identical texts: {batched == single}")
+
+    if args.json:
+        result = {
+            "features": args.features,
+            "layer": args.layer,
+            "kl_targets": list(task.kl_targets),
+            "tolerance": task.tolerance,
+            "search_passes_per_feature": float(np.mean(ours)),
+            "bisection_passes_per_feature": float(np.mean(theirs)),
+            "passes_ratio": float(np.mean(theirs) / np.mean(ours)),
+            "search_seconds_per_feature": t_ours / args.features,
+            "bisection_seconds_per_feature": t_theirs / args.features,
+            "wall_ratio": t_theirs / t_ours,
+            "search_within_tolerance": int(hit_ours),
+            "bisection_within_tolerance": int(hit_theirs),
+            "pairs": total,
+            "samples": args.samples,
+            "new_tokens": task.max_new_tokens,
+            "generated_tokens": tokens,
+            "batch_rows": rows,
+            "batched_tokens_per_second": tokens / t_batched,
+            "single_tokens_per_second": tokens / t_single,
+            "generation_ratio": t_single / t_batched,
+            "identical_texts": batched == single,
+        }
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
