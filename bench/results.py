@@ -93,9 +93,7 @@ def redact(obj: object) -> object:
 def config_hash(config: Mapping) -> str:
     """Hash of what determines a job's results (secrets, output paths, the logger
     and `force`, which only says whether to run again, excluded)."""
-    relevant = {
-        k: v for k, v in redact(config).items() if k not in ("paths", "logger", "force")
-    }
+    relevant = {k: v for k, v in redact(config).items() if k not in ("paths", "logger", "force")}
     return sha256_json(relevant)[:16]
 
 

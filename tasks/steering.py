@@ -61,13 +61,13 @@ class Steering(Task):
         default_factory=lambda: [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
     )
     tolerance: float = 0.01  # |KL - target| accepted by the alpha search
-    max_features: int = 4  # ~45 s per feature on a 2-core CPU: keeps the default job short
+    max_features: int = 3  # ~40 s per feature on a 2-core CPU: the 4-method default < 15 min
     samples: int = 8  # continuations per (feature, target, sign), as the paper
     max_new_tokens: int = 50  # as the paper
     top_k: int = 30  # the paper's sampling settings
     top_p: float = 0.3
     temperature: float = 1.0
-    batch_size: int = 64  # sequences per generation batch; 64 x ~55 tokens fits any CPU
+    batch_size: int = 128  # sequences per generation batch: one feature's 112 rows at once
     baseline_samples: int = 16  # unsteered continuations the concept judge compares against
     description: str = "input_centric"  # input_centric | output_centric
     match_auroc: float = 0.8  # train AUROC at which a feature counts as matched to a concept

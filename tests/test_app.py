@@ -16,6 +16,7 @@ from tests.conftest import REPO, featbench_cmd
 pytestmark = pytest.mark.integration
 
 FAKE_KEY = "fake-featbench-secret-value-0123456789"  # planted, must never reach a file
+SECRET_VARIABLES = ("FEATBENCH_TEST_KEY", "OPENAI_API_KEY", "WANDB_API_KEY", "HF_TOKEN")
 
 
 def _run(args, cwd, timeout=600, extra_env=None):
@@ -33,7 +34,9 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
             "+logger.api_key=${oc.env:FEATBENCH_TEST_KEY}",
         ],
         cwd=tmp_path,
-        extra_env={"FEATBENCH_TEST_KEY": FAKE_KEY},
+        # The key also sits in every variable a user's secrets live in; the default
+        # logger (W&B, offline) runs too, so its files are searched as well.
+        extra_env={name: FAKE_KEY for name in SECRET_VARIABLES},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
@@ -58,8 +61,9 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
     assert meta["versions"]["transformer-lens"] and meta["versions"]["torch"]
     job = metrics.parent
     assert (job / "config.yaml").is_file() and (job / "features" / "features.json").is_file()
-    # The secret never lands in any output file (config, parquet metadata, logs).
-    for file in job.rglob("*"):
+    # The secret never lands in any output file (config, parquet metadata, logs, W&B).
+    assert list(job.glob("wandb/offline-run-*")), "the default W&B logger wrote no run"
+    for file in (tmp_path / "res").rglob("*"):
         if file.is_file():
             assert FAKE_KEY.encode() not in file.read_bytes(), file
     assert "***REDACTED***" in (job / "config.yaml").read_text()

@@ -1,0 +1,161 @@
+"""Faults a long sweep meets, caused for real: a full or read-only disk, two jobs
+building one activation-cache entry at once, and SIGKILL while activations are
+being cached or an SAE is training. Each ends in a clear error or in the same
+results as an undisturbed run, and never in a corrupt file.
+
+(Judge endpoints that time out, answer 500 or garbage: tests/test_judges_openai.py.
+A sweep killed mid-steering: tests/test_sweeps.py.)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from bench.results import ResultsError, finalize, read_metrics, write_metrics
+from tests.conftest import featbench_cmd
+
+RUN = {"run_id": "r", "model": "m", "layer": 0, "hook": "h", "method": "x", "task": "t",
+       "seed": 0, "config_hash": "c"}  # fmt: skip
+SMOKE = ["experiment=smoke", "task=[concept_detection]", "logger=none"]
+
+
+# --- a full or read-only disk ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")],
+)
+def test_full_or_read_only_disk_is_a_clear_error_and_keeps_old_results(
+    tmp_path, monkeypatch, code, words
+):
+    target = tmp_path / "metrics.parquet"
+    old = finalize([{"metric": "old", "value": 1.0}], RUN)
+    write_metrics(old, target)
+    before = target.read_bytes()
+
+    def fail_half_way(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a file")  # the disk fills up mid-write
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(pq, "write_table", fail_half_way)
+    with pytest.raises(ResultsError, match=f"cannot write results to .*{words}"):
+        write_metrics(finalize([{"metric": "new", "value": 2.0}], RUN), target)
+    assert target.read_bytes() == before  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.parquet"]  # no temporary left
+
+
+# --- jobs on real processes -----------------------------------------------------------
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", "FEATBENCH_CACHE": str(cache)}
+
+
+@pytest.fixture()
+def fresh_activations(tmp_path, embedded) -> Path:
+    """A cache with the converted model (copied) but no activations."""
+    source = Path(os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache" / "featbench")
+    cache = tmp_path / "cache"
+    shutil.copytree(source / "models", cache / "models")
+    return cache
+
+
+def _table(results: Path) -> pd.DataFrame:
+    frames = [read_metrics(p)[0] for p in sorted(results.rglob("metrics.parquet"))]
+    table = pd.concat(frames, ignore_index=True).drop(columns=["created_at", "git_commit"])
+    keys = ["method", "task", "metric", "feature", "concept"]
+    return table.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
+
+
+def _run(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run(featbench_cmd() + args, cwd=cwd, env=_env(cache), capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+def _kill_when(args: list[str], cwd: Path, cache: Path, ready, timeout: float = 600) -> None:
+    """Start featbench, SIGKILL its process group as soon as `ready()` is true."""
+    with open(cwd / "killed.log", "w") as log:
+        proc = subprocess.Popen(featbench_cmd() + args, cwd=cwd, env=_env(cache), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, f"finished (rc={proc.returncode}) before the kill"
+                assert time.monotonic() < deadline, "the kill point never came"
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted((cache / "activations").glob("*.safetensors"))
+
+
+@pytest.mark.integration
+def test_concurrent_jobs_build_one_cache_entry_once(tmp_path, fresh_activations):
+    """joblib with 2 workers: both jobs need the same activations; one builds the
+    entry under the lock, the other waits and reads it."""
+    results = tmp_path / "results"
+    args = ["-m", *SMOKE, "method=diffmean,random", "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", f"paths.results_dir={results}"]  # fmt: skip
+    _run(args, tmp_path, fresh_activations)
+    assert len(_entries(fresh_activations)) == 1
+    logs = "".join(p.read_text() for p in results.rglob("featbench.log"))
+    assert logs.count("activations at blocks.3.mlp.hook_post cached") == 1
+    assert logs.count("cache hit") == 1
+    assert len(list(results.rglob("metrics.parquet"))) == 2
+
+
+@pytest.mark.integration
+def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
+    tmp_path, fresh_activations
+):
+    reference = tmp_path / "reference"
+    _run([*SMOKE, "hydra.mode=RUN", f"hydra.run.dir={reference}"], tmp_path, fresh_activations)
+    shutil.rmtree(fresh_activations / "activations")
+
+    job = tmp_path / "job"
+    args = [*SMOKE, "hydra.mode=RUN", f"hydra.run.dir={job}"]
+    lock = fresh_activations / "activations"
+    _kill_when(args, tmp_path, fresh_activations,
+               lambda: lock.is_dir() and any(lock.glob("*.lock")))  # fmt: skip
+    assert not _entries(fresh_activations)  # nothing half-written under the entry's name
+    assert not (job / "metrics.parquet").exists()
+    _run(args, tmp_path, fresh_activations)
+    assert len(_entries(fresh_activations)) == 1
+    pd.testing.assert_frame_equal(_table(job), _table(reference))
+
+
+@pytest.mark.integration
+def test_kill_during_sae_training_then_the_sweep_rerun_matches(tmp_path, fresh_activations):
+    sae = ["method=topk_sae", "method.epochs=300"]  # long enough to be killed mid-training
+    reference = tmp_path / "reference"
+    _run(["-m", *SMOKE, *sae, f"paths.results_dir={reference}"], tmp_path, fresh_activations)
+
+    results = tmp_path / "results"
+    args = ["-m", *SMOKE, *sae, f"paths.results_dir={results}"]
+
+    def training() -> bool:
+        logs = list(results.rglob("featbench.log"))
+        return bool(logs) and "activations at" in logs[0].read_text()
+
+    _kill_when(args, tmp_path, fresh_activations, training)
+    job_logs = list(results.rglob("featbench.log"))
+    assert "features fitted" not in job_logs[0].read_text()  # killed before the fit ended
+    assert not list(results.rglob("metrics.parquet"))
+    _run(args, tmp_path, fresh_activations)
+    pd.testing.assert_frame_equal(_table(results), _table(reference))
