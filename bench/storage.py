@@ -22,6 +22,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are created by mkstemp (mode 0600) and renamed into place; they get the
+# mode an ordinary open() would give (0666 minus the umask), so results on a
+# shared cluster are as readable as the user's other files.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def cache_dir() -> Path:
     """Root of featbench's caches; `FEATBENCH_CACHE` overrides the default."""
     root = os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache" / "featbench"
@@ -60,6 +72,7 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
         writer(tmp_path)
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

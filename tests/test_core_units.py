@@ -25,7 +25,7 @@ from bench.results import (
     redact,
     write_metrics,
 )  # fmt: skip
-from bench.storage import atomic_write
+from bench.storage import atomic_write, atomic_write_text
 from methods.base import ActivationSet, ArtifactError, Features
 from methods.diffmean import DiffMean
 from tasks.concept_detection import auroc_matrix
@@ -225,3 +225,10 @@ def test_auroc_matrix_matches_pairwise_definition():
         assert auc[c, f] == pytest.approx(_brute_auroc(scores[:, f], positives[:, c]))
     constant = auroc_matrix(np.ones((30, 1)), positives)
     assert np.allclose(constant, 0.5)
+
+
+def test_atomic_writes_get_the_mode_an_ordinary_open_gives(tmp_path):
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_text("x")
+    written = atomic_write_text(tmp_path / "atomic", "x")
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(ordinary.stat().st_mode)
