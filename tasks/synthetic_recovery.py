@@ -247,7 +247,7 @@ class SyntheticRecovery(Task):
         changes: dict[str, Any] = {}
         if self.match_capacity:
             for key in ("rank", "d_sae", "n_features"):
-                if key in resolved:
+                if resolved.get(key) is not None:  # topk_sae's rank: null is an unset alias
                     changes[key] = self.k_true
             if "ranks" in resolved:  # hierarchical SNMF: the true capacity, then a coarser level
                 changes["ranks"] = [self.k_true, max(1, self.k_true // 2)]
