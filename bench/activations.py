@@ -179,22 +179,22 @@ def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> Acti
 
     chunks, ids, sents, positions = [], [], [], []
     with tqdm(total=total, desc=f"extract {name}", unit="tok", leave=False) as bar:
-        for batch, tokens, _ in padded_batches(model, token_ids, batch_tokens):
+        for batch, tokens, real in padded_batches(model, token_ids, batch_tokens):
             model.run_with_hooks(
                 tokens.to(device),
                 fwd_hooks=[(name, grab)],
                 stop_at_layer=layer + 1,
                 return_type=None,
             )
-            out = captured.pop("x")
-            for row, i in enumerate(batch):
-                rows = out[row, skip : lengths[i]]
-                _check_finite(rows, name, i, skip)
-                chunks.append(rows.to("cpu", dtype))
-                ids.append(tokens[row, skip : lengths[i]])
-                sents.append(torch.full((lengths[i] - skip,), i, dtype=torch.long))
-                positions.append(torch.arange(skip, lengths[i]))
-            bar.update(sum(lengths[i] - skip for i in batch))
+            # One gather per batch (row by row, positions ascending), not one per sentence.
+            rows = captured.pop("x")[real.to(device)]
+            where = real.nonzero()
+            _check_finite(rows, name, [batch[r] for r in where[:, 0].tolist()], where[:, 1])
+            chunks.append(rows.to("cpu", dtype))
+            ids.append(tokens[real])
+            sents.append(torch.tensor(batch, dtype=torch.long)[where[:, 0]])
+            positions.append(where[:, 1])
+            bar.update(len(rows))
     order = torch.argsort(torch.cat(sents), stable=True)  # rows in dataset order
     return ActivationSet(
         acts=torch.cat(chunks)[order].contiguous(),
@@ -206,12 +206,16 @@ def _forward(model, token_ids, name, layer, batch_tokens, dtype, labels) -> Acti
     )
 
 
-def _check_finite(rows: torch.Tensor, name: str, sentence: int, skip: int) -> None:
+def _check_finite(
+    rows: torch.Tensor, name: str, sentences: list[int], positions: torch.Tensor
+) -> None:
+    """Raise naming the hook, sentence and token position of the first NaN/Inf row."""
     bad = (~torch.isfinite(rows)).any(dim=-1).nonzero()
     if len(bad):
-        position = int(bad[0]) + skip
+        first = int(bad[0])
         raise FloatingPointError(
-            f"NaN/Inf activation at {name}, sentence {sentence}, token position {position}"
+            f"NaN/Inf activation at {name}, sentence {sentences[first]}, "
+            f"token position {int(positions[first])}"
         )
 
 
