@@ -29,9 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.errors import FeatbenchError
 from bench.report import comparison_table, report
 from bench.report.common import one_line
-from bench.results import METRICS_FILE, read_metrics
-
-FAILED_FILE = "failed.json"  # bench.run.FAILED_FILE (not imported: bench.run imports Hydra's app)
+from bench.results import FAILED_FILE, METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,7 @@ RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "con
 PACKAGES = ("featbench", "torch", "transformer-lens", "sae-lens", "transformers", "numpy",
             "pandas", "pyarrow", "hydra-core", "wandb")  # fmt: skip
 METRICS_FILE = "metrics.parquet"
+FAILED_FILE = "failed.json"  # marks a sweep job that failed; the end-of-sweep callback counts them
 
 # A name is secret when its last word is one of these (api_key, hf_token, client_secret,
 # password, apikey); bos_token_id, max_new_tokens or token_position are not.

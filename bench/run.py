@@ -42,6 +42,7 @@ from bench.errors import ConfigError, FeatbenchError
 from bench.judges.base import Judge
 from bench.models import load_model
 from bench.results import (
+    FAILED_FILE,
     METRICS_FILE,
     REDACTED,
     config_hash,
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 # Errors a user can fix: shown as one line, no traceback (anything else is a bug).
 USER_ERRORS = (FeatbenchError, FloatingPointError)
 CHECKPOINTS = "checkpoints"  # per-job folder of partial task results (steering, per feature)
-FAILED_FILE = "failed.json"  # marks a sweep job that failed; the end-of-sweep report counts them
 # Overrides that do not change what a job computes: they neither name the sweep's
 # folder nor the job's (a re-run with force=true or another logger finds the same jobs).
 NOT_IN_NAMES = ("force", "logger", "paths")
@@ -298,8 +298,7 @@ def _run(cfg, job_dir: Path, chash: str, method: Method, tasks, judge, started) 
         "model_load_seconds": loaded.load_seconds,
         "stages": stage.records,
     }
-    with stage("write"):
-        write_metrics(frame, job_dir / METRICS_FILE, meta)
+    write_metrics(frame, job_dir / METRICS_FILE, meta)  # after `meta`: no stage of its own
     shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)  # the results hold it all now
     log.info("wrote %s (%d rows) in %.1f s", job_dir / METRICS_FILE, len(frame), meta["seconds"])
     return frame, features.info
