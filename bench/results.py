@@ -3,13 +3,29 @@
 A task returns rows as dicts holding its own dimensions (`feature`, `concept`,
 `metric`, `value`, `kl_target`, `sign`, plus any extra columns such as
 `reason` or `threshold`). `finalize` adds the run's columns (model, layer,
-hook, method, task, seed, config hash, git commit, time) and `write_metrics`
-stores the table atomically as `metrics.parquet`, with package versions in
-the file's metadata.
+hook, method, task, seed and the provenance: config hash, setting hash, code
+version, dataset hash, time) and `write_metrics` stores the table atomically
+as `metrics.parquet`, with package versions in the file's metadata.
+
+A summary row may carry the bootstrap `replicates` of its statistic (see
+`bench.stats.Estimate`). They are not tidy columns: `pop_replicates` takes
+them off the rows, each row keeps a `replicates_id`, and `write_replicates`
+stores them beside the metrics as `replicates.parquet`, where the report
+finds them to compute paired differences between methods.
+
+Provenance:
+- `config_hash`: the whole resolved config (device resolved) minus secrets,
+  output paths, the logger and `force`;
+- `setting_hash`: the same with the seed replaced by a placeholder, so jobs
+  that differ only by seed share it (a report cell averages over seeds only);
+- `code_version`: featbench's version, plus the git commit and a hash of the
+  uncommitted changes when run from a checkout;
+- `dataset_hash`: the dataset's sentences and labels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -20,7 +36,9 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,14 +64,22 @@ SCHEMA = {
     "sign": "Int64",
     "seed": "Int64",
     "config_hash": "string",
-    "git_commit": "string",
+    "setting_hash": "string",
+    "code_version": "string",
+    "dataset_hash": "string",
     "created_at": "datetime64[ns, UTC]",
 }
 ROW_FIELDS = ("feature", "concept", "metric", "value", "kl_target", "sign")
-RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "config_hash")
+RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "config_hash",
+              "setting_hash", "code_version", "dataset_hash")  # fmt: skip
 PACKAGES = ("featbench", "torch", "transformer-lens", "sae-lens", "transformers", "numpy",
             "pandas", "pyarrow", "hydra-core", "wandb")  # fmt: skip
 METRICS_FILE = "metrics.parquet"
+REPLICATES_FILE = "replicates.parquet"  # bootstrap replicates of the summary rows, by replicates_id
+# Config keys that never change what a job computes (output places, the tracker, whether
+# to rerun), and the seed, which only a setting leaves out.
+NOT_COMPUTED = ("paths", "logger", "force", "hydra")
+SEED_PLACEHOLDER = "<seed>"
 FAILED_FILE = "failed.json"  # marks a sweep job that failed; the end-of-sweep callback counts them
 
 # A name is secret when its last word is one of these (api_key, hf_token, client_secret,
@@ -93,37 +119,71 @@ def redact(obj: object) -> object:
 
 def config_hash(config: Mapping) -> str:
     """Hash of what determines a job's results (secrets, output paths, the logger
-    and `force`, which only says whether to run again, excluded)."""
-    relevant = {k: v for k, v in redact(config).items() if k not in ("paths", "logger", "force")}
+    and `force`, which only says whether to run again, excluded). The caller
+    resolves `device=auto` first, so a CPU result is never reused for a GPU run."""
+    relevant = {k: v for k, v in redact(config).items() if k not in NOT_COMPUTED}
     return sha256_json(relevant)[:16]
 
 
-@cache
-def git_commit() -> str:
-    """The commit of featbench's source tree ("+dirty" when it has changes), or "unknown"."""
-    here = Path(__file__).resolve().parent
+def setting_of(config: Mapping) -> dict[str, Any]:
+    """A job's setting: its config as flat dotted keys, secrets redacted, without the
+    seed and what `config_hash` leaves out. Two jobs that differ only by seed have
+    the same setting; the report names cells by the keys that vary between settings.
+
+    `config` must be resolved with its seed set to SEED_PLACEHOLDER (see `bench.run`),
+    so that values interpolated from the seed (`method.seed: ${seed}`) drop out too."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = list(node) if isinstance(node, tuple) else node
+
+    walk("", {k: v for k, v in redact(config).items() if k not in (*NOT_COMPUTED, "seed")})
+    return dict(sorted(flat.items()))
+
+
+def setting_hash(config: Mapping) -> str:
+    """Hash of `setting_of(config)`: the report's cell key (seeds are averaged within it)."""
+    return sha256_json(setting_of(config))[:16]
+
+
+def _git(*args: str, cwd: Path) -> str | None:
     try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != here.parent:
-            return "unknown"  # an installed copy inside some other repository
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=here, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+@cache
+def code_version() -> str:
+    """featbench's version, e.g. `featbench 0.1.0+g7ec37fb` from a clean checkout,
+    `featbench 0.1.0+g7ec37fb.dirty-1a2b3c4d` with uncommitted changes (the suffix
+    hashes the diff and the untracked files' names, so two different edits of one
+    commit are two versions), and `featbench 0.1.0` for an installed copy.
+
+    Computed once per process: a job's rows all name the code that started it."""
+    try:
+        version = importlib.metadata.version("featbench")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    here = Path(__file__).resolve().parent
+    top = _git("rev-parse", "--show-toplevel", cwd=here)
+    if top is None or Path(top.strip()).resolve() != here.parent:
+        return f"featbench {version}"  # an installed copy, or inside some other repository
+    commit = _git("rev-parse", "HEAD", cwd=here)
+    if not commit:
+        return f"featbench {version}"
+    text = f"featbench {version}+g{commit.strip()[:12]}"
+    diff = _git("diff", "HEAD", "--binary", cwd=here) or ""
+    untracked = _git("ls-files", "--others", "--exclude-standard", cwd=here) or ""
+    if diff or untracked:
+        digest = hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest()[:8]
+        text += f".dirty-{digest}"
+    return text
 
 
 @cache
@@ -156,13 +216,53 @@ def finalize(rows: Iterable[Mapping], run: Mapping) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
         frame = pd.DataFrame(columns=list(SCHEMA))
-    frame["git_commit"] = git_commit()
     frame["created_at"] = pd.Timestamp(datetime.now(timezone.utc))
     if "reason" not in frame:
         frame["reason"] = None
     extras = [c for c in frame.columns if c not in SCHEMA]
     frame = frame[list(SCHEMA) + extras]
     return frame.astype({**SCHEMA, "reason": "string"})
+
+
+def pop_replicates(rows: list[dict], prefix: str) -> dict[str, np.ndarray]:
+    """Take the `replicates` array off every row that has one; such a row gets
+    `replicates_id` = `<prefix>:<i>`. Returns {replicates_id: array}."""
+    found: dict[str, np.ndarray] = {}
+    for row in rows:
+        values = row.pop("replicates", None)
+        if values is None:
+            continue
+        key = f"{prefix}:{len(found)}"
+        found[key] = np.asarray(values, dtype=float)
+        row["replicates_id"] = key
+    return found
+
+
+def write_replicates(path: Path, replicates: Mapping[str, np.ndarray]) -> Path | None:
+    """Store {replicates_id: array} atomically as a long table (replicates_id,
+    replicate, value); None (and nothing written) when there are none."""
+    if not replicates:
+        return None
+    ids = [key for key, values in replicates.items() for _ in range(len(values))]
+    index = np.concatenate([np.arange(len(v)) for v in replicates.values()])
+    values = np.concatenate([np.asarray(v, dtype=float) for v in replicates.values()])
+    table = pa.table({"replicates_id": ids, "replicate": index, "value": values})
+    try:
+        return atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
+    except OSError as err:
+        raise ResultsError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def read_replicates(job_dir: Path) -> dict[str, np.ndarray]:
+    """A job's {replicates_id: array}; {} when it has no replicates file."""
+    path = Path(job_dir) / REPLICATES_FILE
+    if not path.is_file():
+        return {}
+    frame = pq.read_table(path).to_pandas()
+    return {
+        str(key): group.sort_values("replicate")["value"].to_numpy(dtype=float)
+        for key, group in frame.groupby("replicates_id", sort=False)
+    }
 
 
 def write_metrics(frame: pd.DataFrame, path: Path, metadata: Mapping | None = None) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import resource
 import shutil
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import pandas as pd
@@ -33,24 +32,32 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import activations, datasets
+from bench import naming as _naming  # noqa: F401  (registers the folder-name resolvers)
 from bench.config import validate
 from bench.contexts import top_contexts
 from bench.errors import ConfigError, FeatbenchError
 from bench.judges.base import Judge
-from bench.models import load_model
+from bench.models import load_model, resolve_device
 from bench.results import (
     FAILED_FILE,
     METRICS_FILE,
     REDACTED,
+    REPLICATES_FILE,
+    SEED_PLACEHOLDER,
+    code_version,
     config_hash,
     finalize,
     is_secret_name,
+    pop_replicates,
     read_metrics,
     redact,
+    setting_hash,
+    setting_of,
     write_metrics,
+    write_replicates,
 )
 from bench.storage import atomic_write_text, sha256_json
 from methods.base import Method
@@ -61,47 +68,6 @@ log = logging.getLogger(__name__)
 # Errors a user can fix: shown as one line, no traceback (anything else is a bug).
 USER_ERRORS = (FeatbenchError, FloatingPointError)
 CHECKPOINTS = "checkpoints"  # per-job folder of partial task results (steering, per feature)
-# Overrides that do not change what a job computes: they neither name the sweep's
-# folder nor the job's (a re-run with force=true or another logger finds the same jobs).
-NOT_IN_NAMES = ("force", "logger", "paths")
-
-
-def _keep(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
-    return not any(
-        key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_IN_NAMES
-    )
-
-
-def _slug(text: str, limit: int = 100) -> str:
-    """A folder name from override text: path separators and odd characters
-    become '-', and a long name keeps its start plus a hash of the whole."""
-    slug = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "-", text)
-    return slug if len(slug) <= limit else f"{slug[: limit - 17]}-{sha256_json(text)[:16]}"
-
-
-def sweep_name() -> str:
-    """The sweep's folder under results/multirun/: its command-line overrides,
-    sorted, so running the same sweep again finds its finished jobs.
-
-    Read from the command line when the sweep's own config is first resolved,
-    and cached: Hydra copies the resolver cache into every job's config (as it
-    does for `${now:...}`), so all jobs of a sweep, in any launcher's worker
-    processes, share the folder.
-    """
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    kept = sorted(o for o in overrides if _keep(o) and not o.lstrip("+~").startswith("hydra"))
-    return _slug("__".join(kept)) if kept else "default"
-
-
-def job_name(overrides: Any) -> str:
-    """A job's folder inside its sweep: the overrides that make it this job, sorted."""
-    kept = sorted(str(o) for o in (overrides or []) if _keep(str(o)))
-    return _slug(",".join(kept)) if kept else "defaults"
-
-
-OmegaConf.register_new_resolver("fb_sweep_name", sweep_name, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("fb_job_name", job_name, replace=True)
 
 
 def plugin_name(obj: object) -> str:
@@ -146,8 +112,9 @@ def _load_model_once(*args: Any) -> Any:
     return load_model(*args)
 
 
-def completed(job_dir: Path, chash: str) -> pd.DataFrame | None:
-    """The job's table when `metrics.parquet` exists with this config hash, else None."""
+def completed(job_dir: Path, chash: str, version: str) -> pd.DataFrame | None:
+    """The job's table when `metrics.parquet` holds results of this config hash made
+    by this code version, else None (with a log line saying why it runs again)."""
     path = job_dir / METRICS_FILE
     if not path.exists():
         return None
@@ -159,7 +126,37 @@ def completed(job_dir: Path, chash: str) -> pd.DataFrame | None:
     if frame.empty or set(frame["config_hash"].dropna().unique()) != {chash}:
         log.info("%s holds another configuration's results; running the job again", path)
         return None
+    found = sorted(frame["code_version"].dropna().unique()) if "code_version" in frame else []
+    if found != [version]:
+        log.info(
+            "%s: results from %s, code is now %s; running the job again",
+            path, ", ".join(found) or "code that recorded no version", version,
+        )  # fmt: skip
+        return None
     return frame
+
+
+class Identity(NamedTuple):
+    """What a job is: its resolved config, its setting (the config without the seed,
+    as flat keys) and their hashes."""
+
+    config: dict
+    setting: dict
+    config_hash: str
+    setting_hash: str
+
+
+def job_identity(cfg: DictConfig) -> Identity:
+    """The job's identity, with `device=auto` resolved to the device actually used
+    (so a CPU result is never taken for a GPU run's). The setting resolves the config
+    with the seed replaced by a placeholder, so values interpolated from it drop out."""
+    with open_dict(cfg):
+        cfg.device = resolve_device(cfg.device)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    seedless = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # untyped copy
+    seedless.seed = SEED_PLACEHOLDER
+    setting = OmegaConf.to_container(seedless, resolve=True)
+    return Identity(container, setting_of(setting), config_hash(container), setting_hash(setting))
 
 
 def run_job(
@@ -187,11 +184,11 @@ def run_job(
         if getattr(task, "needs_judge", False) and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
     tracker = _build_tracker(cfg)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    chash = config_hash(container)
+    identity = job_identity(cfg)
+    container, chash = identity.config, identity.config_hash
     if cfg.force:
         shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
-    elif (done := completed(job_dir, chash)) is not None:
+    elif (done := completed(job_dir, chash, code_version())) is not None:
         log.info("skipped: %s already holds these results (force=true runs it again)", job_dir)
         return done
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +198,7 @@ def run_job(
     if tracker is not None:
         tracker.start(redact(container), job_dir, group, name or job_dir.name)
     try:
-        frame, info = _run(cfg, job_dir, chash, method, tasks, judge, started)
+        frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
     except BaseException:
         if tracker is not None:
             tracker.finish(failed=True)
@@ -224,8 +221,9 @@ def _build_tracker(cfg: DictConfig) -> Any:
     return build(cfg.logger, "logger", Tracker)
 
 
-def _run(cfg, job_dir: Path, chash: str, method: Method, tasks, judge, started) -> tuple:
+def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, started) -> tuple:
     """The job's work, stage by stage: its table, and the method's fit report."""
+    chash = identity.config_hash
     stage = Stages()
     torch.manual_seed(cfg.seed)
     dataset = datasets.load(
@@ -276,7 +274,10 @@ def _run(cfg, job_dir: Path, chash: str, method: Method, tasks, judge, started) 
         fit_seconds,
     )
 
-    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, chash)
+    # Task checkpoints are keyed by the config and the code: a resumed job never takes
+    # another code version's partial results.
+    checkpoint_key = sha256_json([chash, code_version()])[:16]
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key)
     run = {
         "run_id": f"{plugin_name(method)}-{chash[:10]}",
         "model": cfg.model.name,
@@ -285,19 +286,26 @@ def _run(cfg, job_dir: Path, chash: str, method: Method, tasks, judge, started) 
         "method": plugin_name(method),
         "seed": cfg.seed,
         "config_hash": chash,
+        "setting_hash": identity.setting_hash,
+        "code_version": code_version(),
+        "dataset_hash": dataset.content_hash[:16],
     }
-    tables = []
+    tables, replicates = [], {}
     for task in tasks.values():
         with stage(f"task:{plugin_name(task)}"):
             rows = task.evaluate(model, features, data, cfg)
+        replicates.update(pop_replicates(rows, plugin_name(task)))
         tables.append(finalize(rows, {**run, "task": plugin_name(task)}))
     frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
     meta = {
+        "setting": identity.setting,
         "overrides": _overrides(),
         "seconds": time.perf_counter() - started,
         "model_load_seconds": loaded.load_seconds,
         "stages": stage.records,
     }
+    (job_dir / REPLICATES_FILE).unlink(missing_ok=True)  # never beside another run's metrics
+    write_replicates(job_dir / REPLICATES_FILE, replicates)  # before the metrics that point at it
     write_metrics(frame, job_dir / METRICS_FILE, meta)  # after `meta`: no stage of its own
     shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)  # the results hold it all now
     log.info("wrote %s (%d rows) in %.1f s", job_dir / METRICS_FILE, len(frame), meta["seconds"])

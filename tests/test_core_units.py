@@ -31,7 +31,8 @@ from methods.diffmean import DiffMean
 from tasks.concept_detection import auroc_matrix
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
-       "task": "t", "seed": 42, "config_hash": "abc"}  # fmt: skip
+       "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
+       "code_version": "featbench 0.1.0+gtest", "dataset_hash": "d0"}  # fmt: skip
 
 
 def test_hook_names_are_canonical_and_checked():
@@ -59,7 +60,7 @@ def test_finalize_gives_the_design_schema_with_extras():
     assert {"reason", "threshold"} <= set(frame.columns)
     assert frame["feature"].isna().tolist() == [False, False, True]
     assert pd.isna(frame.loc[1, "value"]) and frame.loc[1, "reason"] == "undefined"
-    assert (frame["layer"] == 3).all() and frame["git_commit"].notna().all()
+    assert (frame["layer"] == 3).all() and (frame["code_version"] == RUN["code_version"]).all()
     with pytest.raises(ValueError, match="run-level columns"):
         finalize([{"metric": "a", "value": 1.0, "model": "other"}], RUN)
 

@@ -73,7 +73,7 @@ def fresh_activations(tmp_path, embedded) -> Path:
 
 def _table(results: Path) -> pd.DataFrame:
     frames = [read_metrics(p)[0] for p in sorted(results.rglob("metrics.parquet"))]
-    table = pd.concat(frames, ignore_index=True).drop(columns=["created_at", "git_commit"])
+    table = pd.concat(frames, ignore_index=True).drop(columns=["created_at", "code_version"])
     keys = ["method", "task", "metric", "feature", "concept"]
     return table.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 SWEEP = ["-m", "experiment=smoke", "method=diffmean,random", "logger=none"]
 # Columns that may differ between two runs: the time, and the commit when the tree
 # changes between them (a developer committing while the test runs).
-VOLATILE = ["created_at", "git_commit"]
+VOLATILE = ["created_at", "code_version"]
 
 
 def _env() -> dict:

@@ -1,0 +1,99 @@
+"""Provenance: settings, code versions and the bootstrap replicates beside the metrics.
+
+Fast unit tests: the composed config is real (Hydra), no model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from bench import results
+from bench.results import (
+    code_version,
+    finalize,
+    pop_replicates,
+    read_replicates,
+    write_metrics,
+    write_replicates,
+)
+from bench.run import completed, job_identity
+
+RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
+       "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
+       "code_version": "featbench 0.1.0+gold", "dataset_hash": "d0"}  # fmt: skip
+
+
+def _cfg(*overrides: str):
+    with initialize_config_module(config_module="bench.conf", version_base="1.3"):
+        return compose("config", overrides=["hydra.mode=RUN", *overrides])
+
+
+def test_seeds_share_a_setting_and_other_values_do_not():
+    a = job_identity(_cfg("method=snmf", "seed=1"))
+    b = job_identity(_cfg("method=snmf", "seed=2"))
+    c = job_identity(_cfg("method=snmf", "seed=1", "method.rank=50"))
+    assert a.config_hash != b.config_hash  # the seed is part of what a job computes
+    assert a.setting_hash == b.setting_hash  # ... but not of its setting
+    assert a.setting_hash != c.setting_hash
+    # The seed interpolated into the method (method.seed: ${seed}) drops out as well.
+    assert a.setting["method.seed"] == results.SEED_PLACEHOLDER
+    assert "seed" not in a.setting and a.setting["method.rank"] == 100
+    assert c.setting["method.rank"] == 50
+    assert not any(k.split(".")[0] in ("paths", "logger", "force") for k in a.setting)
+
+
+def test_device_auto_is_resolved_before_hashing():
+    auto = job_identity(_cfg("method=snmf", "device=auto"))
+    cpu = job_identity(_cfg("method=snmf", "device=cpu"))
+    assert auto.config["device"] == "cpu" and auto.config["method"]["device"] == "cpu"
+    assert auto.config_hash == cpu.config_hash  # the same device used: the same results
+
+
+def test_code_version_names_the_package_and_commit():
+    version = code_version()
+    assert version.startswith("featbench ")
+    if "+g" in version:  # run from a checkout: the commit, and a digest when it is dirty
+        commit = version.split("+g", 1)[1]
+        assert len(commit.split(".", 1)[0]) == 12
+
+
+def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, caplog):
+    job = tmp_path / "job"
+    frame = finalize([{"metric": "a", "value": 1.0}], RUN)
+    write_metrics(frame, job / "metrics.parquet")
+    assert completed(job, "abc", "featbench 0.1.0+gold") is not None  # same code: skipped
+    with caplog.at_level(logging.INFO, logger="bench.run"):
+        assert completed(job, "abc", "featbench 0.1.0+gnew") is None
+    assert "results from featbench 0.1.0+gold, code is now featbench 0.1.0+gnew" in caplog.text
+    assert completed(job, "other", "featbench 0.1.0+gold") is None  # another config
+
+
+def test_replicates_leave_the_rows_and_come_back_by_id(tmp_path):
+    rows = [
+        {"metric": "m1", "value": 0.5, "replicates": np.array([0.4, 0.5, 0.6])},
+        {"metric": "m2", "value": 1.0, "replicates": None},
+        {"metric": "m3", "value": 2.0},
+        {"metric": "m4", "value": 0.1, "replicates": [0.0, 0.2]},
+    ]
+    found = pop_replicates(rows, "task")
+    assert sorted(found) == ["task:0", "task:1"]
+    assert [r.get("replicates_id") for r in rows] == ["task:0", None, None, "task:1"]
+    assert all("replicates" not in r for r in rows)
+    frame = finalize(rows, RUN)
+    assert frame["replicates_id"].tolist()[0] == "task:0"
+    write_replicates(tmp_path / results.REPLICATES_FILE, found)
+    back = read_replicates(tmp_path)
+    np.testing.assert_array_equal(back["task:0"], [0.4, 0.5, 0.6])
+    np.testing.assert_array_equal(back["task:1"], [0.0, 0.2])
+    assert write_replicates(tmp_path / "none.parquet", {}) is None
+    assert read_replicates(tmp_path / "absent") == {}
+
+
+@pytest.mark.parametrize("bad", [{"metric": "a", "value": 1.0, "code_version": "x"}])
+def test_rows_cannot_claim_run_provenance(bad):
+    with pytest.raises(ValueError, match="run-level columns"):
+        finalize([bad], RUN)
