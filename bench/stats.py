@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import norm
 
+from bench.storage import sha256_json
+
 log = logging.getLogger(__name__)
 
 RESAMPLES = 1000  # default bootstrap resamples: percentile endpoints stable to ~0.05 se
@@ -37,6 +39,12 @@ def resample_indices(n_units: int, n_resamples: int = RESAMPLES, seed: int = 0) 
         return np.empty((n_resamples, 0), dtype=np.int64)
     rng = np.random.default_rng(seed)
     return rng.integers(0, n_units, size=(n_resamples, n_units), dtype=np.int64)
+
+
+def units_hash(*parts: object) -> str:
+    """An id for a list of units (e.g. the dataset hash and the test sentence ids): two
+    estimates with the same id were computed over the same units in the same order."""
+    return sha256_json(list(parts))[:16]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ x_hat = decode(encode(x)):
 - `ce_delta`: the mean increase of next-token cross-entropy on the sentence's
   own next tokens (`ce_clean`, the clean model's, is reported beside it).
 
+Each metric is a ratio of sums over the test sentences; its 95% interval is
+bootstrapped over test sentences (`bench.stats`), paired across methods
+scored on the same split.
+
 Methods without a decoder (DiffMean, the random control) get no rows, and
 one log line says why.
 """
@@ -26,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from bench import stats
 from bench.activations import padded_batches, tokenize
 from bench.errors import ConfigError
 from methods.base import Features
@@ -60,6 +65,7 @@ class Reconstruction(Task):
         None  # test sentences spliced (null = all); the split is ~250 sentences
     )
     batch_tokens: int = 4096  # padded tokens per forward batch, as activation extraction
+    bootstrap: int = stats.RESAMPLES  # resamples of the test sentences for the 95% intervals
 
     def __post_init__(self) -> None:
         if self.max_sentences is not None and self.max_sentences < 1:
@@ -80,26 +86,46 @@ class Reconstruction(Task):
             test = np.sort(rng.choice(test, size=self.max_sentences, replace=False))
         acts = data.activations.subset(test)
         x = acts.acts.float()
-        x_hat = round_trip(features, x)
-        fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
-        kl, ce_clean, ce_spliced = self._splice(model, features, data, test, cfg)
+        err = (x - round_trip(features, x)).pow(2).sum(1)  # per token
+        dev = (x - x.mean(0)).pow(2).sum(1)
+        local = torch.as_tensor(np.searchsorted(test, acts.sentence_ids.numpy()))
+        sums = {
+            "err": _per_sentence(err, local, len(test)),
+            "dev": _per_sentence(dev, local, len(test)),
+        }
+        sums.update(self._splice(model, features, data, test, cfg))
+        ratios = {  # metric: (numerator, denominator), each summed over sentences
+            "fvu": (sums["err"], sums["dev"]),
+            "kl_spliced": (sums["kl"], sums["n_kl"]),
+            "ce_delta": (sums["ce_spliced"] - sums["ce_clean"], sums["n_ce"]),
+            "ce_clean": (sums["ce_clean"], sums["n_ce"]),
+        }
+        units = stats.units_hash(data.dataset.content_hash, test.tolist())
+        rows = []
+        for metric, (top, bottom) in ratios.items():
+            estimate = stats.statistic_estimate(
+                len(test), partial(_ratio, top, bottom), paired_over="test sentence",
+                units_hash=units, n_resamples=self.bootstrap, seed=data.seed,
+            )  # fmt: skip
+            rows.append({"metric": metric, **estimate.row()})
+        values = {r["metric"]: r["value"] for r in rows}
         log.info(
-            "reconstruction: FVU %.4f, KL %.4f nats, CE %.3f -> %.3f", fvu, kl, ce_clean, ce_spliced
-        )
-        return [
-            {"metric": "fvu", "value": fvu},
-            {"metric": "kl_spliced", "value": kl},
-            {"metric": "ce_delta", "value": ce_spliced - ce_clean},
-            {"metric": "ce_clean", "value": ce_clean},
-        ]
+            "reconstruction: FVU %.4f, KL %.4f nats, CE delta %.3f (clean %.3f)",
+            values["fvu"], values["kl_spliced"], values["ce_delta"], values["ce_clean"],
+        )  # fmt: skip
+        return rows
 
     @torch.inference_mode()
-    def _splice(self, model, features, data, sentences, cfg) -> tuple[float, float, float]:
+    def _splice(self, model, features, data, sentences, cfg) -> dict[str, np.ndarray]:
+        """Per test sentence: summed KL(P_clean || P_spliced) over its real tokens, clean and
+        spliced next-token cross-entropy over positions whose next token is real, and the
+        counts of each."""
         max_length = cfg.activations.max_length if cfg is not None else None
         token_ids, _ = tokenize(model, [data.dataset.sentences[i] for i in sentences], max_length)
-        kl_sum = ce_clean_sum = ce_spliced_sum = 0.0
-        n_kl = n_ce = 0
-        for _, tokens, real in padded_batches(model, token_ids, self.batch_tokens):
+        out = {
+            k: np.zeros(len(sentences)) for k in ("kl", "n_kl", "ce_clean", "ce_spliced", "n_ce")
+        }
+        for batch, tokens, real in padded_batches(model, token_ids, self.batch_tokens):
             tokens = tokens.to(model.cfg.device)
             mask = real.to(model.cfg.device)
 
@@ -107,15 +133,24 @@ class Reconstruction(Task):
             clean = model(tokens).log_softmax(-1).float()
             spliced = model.run_with_hooks(tokens, fwd_hooks=[(features.hook, hook_fn)])
             spliced = spliced.log_softmax(-1).float()
-            kl = (clean.exp() * (clean - spliced)).sum(-1)  # batch x width
-            kl_sum += float(kl[mask].sum())
-            n_kl += int(mask.sum())
+            kl = (clean.exp() * (clean - spliced)).sum(-1) * mask  # batch x width
             # position t predicts token t+1; both real, so BOS (never spliced) is left out
             has_next = (real[:, :-1] & real[:, 1:]).to(mask.device)
             target = tokens[:, 1:]
-            ce_c = -clean[:, :-1].gather(-1, target[..., None]).squeeze(-1)
-            ce_s = -spliced[:, :-1].gather(-1, target[..., None]).squeeze(-1)
-            ce_clean_sum += float(ce_c[has_next].sum())
-            ce_spliced_sum += float(ce_s[has_next].sum())
-            n_ce += int(has_next.sum())
-        return kl_sum / max(n_kl, 1), ce_clean_sum / max(n_ce, 1), ce_spliced_sum / max(n_ce, 1)
+            ce_c = -clean[:, :-1].gather(-1, target[..., None]).squeeze(-1) * has_next
+            ce_s = -spliced[:, :-1].gather(-1, target[..., None]).squeeze(-1) * has_next
+            for key, value in (("kl", kl), ("n_kl", mask), ("ce_clean", ce_c),
+                               ("ce_spliced", ce_s), ("n_ce", has_next)):  # fmt: skip
+                out[key][batch] = value.double().sum(1).cpu().numpy()
+        return out
+
+
+def _per_sentence(values: torch.Tensor, sentence: torch.Tensor, n: int) -> np.ndarray:
+    """Sum of per-token values per sentence (sentence[i] = row i's index among n)."""
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, sentence, values.double()).numpy()
+
+
+def _ratio(top: np.ndarray, bottom: np.ndarray, idx: np.ndarray) -> float:
+    """sum(top[idx]) / sum(bottom[idx]): a ratio of sums over (resampled) sentences."""
+    denominator = bottom[idx].sum()
+    return float(top[idx].sum() / denominator) if denominator > 0 else float("nan")

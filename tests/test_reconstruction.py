@@ -62,3 +62,31 @@ def test_no_decoder_no_rows(setup, caplog):
     feats = DiffMean().fit(acts.subset(data.indices("train")))
     assert Reconstruction().evaluate(model, feats, task_data, None) == []
     assert "have no decoder" in caplog.text
+
+
+def test_metrics_are_ratios_over_test_sentences_with_paired_intervals(setup):
+    model, data, acts, task_data = setup
+    train = acts.subset(data.indices("train"))
+    rows = {
+        name: {
+            r["metric"]: r
+            for r in Reconstruction(bootstrap=200).evaluate(model, m, task_data, None)
+        }
+        for name, m in (
+            ("pca4", PCA(n_features=4).fit(train)),
+            ("pca8", PCA(n_features=8).fit(train)),
+        )
+    }
+    test = acts.subset(data.indices("test"))
+    x = test.acts.float()
+    pca = PCA(n_features=4).fit(train)
+    x_hat = pca.decode(pca.encode(x))
+    direct = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert rows["pca4"]["fvu"]["value"] == pytest.approx(direct, rel=1e-5)
+    for metric in ("fvu", "kl_spliced", "ce_delta"):
+        row = rows["pca4"][metric]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["ci_low"] < row["ci_high"]
+        assert row["n"] == len(data.indices("test")) and row["paired_over"] == "test sentence"
+        assert len(row["replicates"]) == 200
+        # Two methods on the same split are scored on the same units: pairable.
+        assert row["units_hash"] == rows["pca8"][metric]["units_hash"]
