@@ -235,6 +235,23 @@ def _features_class(path: str, meta_path: Path) -> type[Features]:
     return feature_cls
 
 
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """What a task may tell `Method.at_capacity` about planted data beyond the capacity.
+
+    A task passes either nothing (capacity only) or this whole object, the same to every
+    method, so that no family of methods is told more than another.
+    """
+
+    neuron_density: float  # fraction of coordinates a true feature uses: ceil(p d) of d; 1 = dense
+    active_per_token: float  # expected number of true features active on one token
+
+
+class NotResizable(FeatbenchError):
+    """A method whose number of features is not its config's to set (pretrained weights,
+    one direction per concept); `at_capacity` raises it with the reason."""
+
+
 class Method(ABC):
     """A feature-discovery method. Subclasses are dataclasses of their config."""
 
@@ -246,3 +263,23 @@ class Method(ABC):
     @abstractmethod
     def fit(self, acts: ActivationSet) -> Features:
         """Find features in `acts` (the train split's tokens)."""
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> Method:
+        """This method resized to learn `k` features: a new instance (`dataclasses.replace`),
+        `self` unchanged. Tasks that plant a known number of features (synthetic recovery)
+        call it instead of editing config keys, and record what changed.
+
+        `generator` is what the task chose to reveal beyond the capacity: None means capacity
+        only, and the method keeps its own sparsity settings, or derives them from `k` alone
+        by a rule its docstring states; a `GeneratorInfo` lets it set them from the planted
+        data's neuron density and active features per token. Everything not about capacity
+        or sparsity (seed, iterations, device) stays as configured.
+
+        Raise `NotResizable` with the reason when the method's feature count is not its
+        config's to choose. The default does, so a plugin without this hook is reported, not
+        silently fitted at the wrong size.
+        """
+        raise NotResizable(
+            f"{type(self).__name__} does not say how it is resized to a capacity "
+            "(implement Method.at_capacity)"
+        )

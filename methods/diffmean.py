@@ -17,7 +17,7 @@ import torch
 
 from bench.datasets import NEUTRAL
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 class DiffMean(Method):
     name: ClassVar[str] = "diffmean"
     requires_labels: ClassVar[bool] = True
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> DiffMean:
+        """Not resizable: DiffMean has one direction per concept of the labels, no setting."""
+        raise NotResizable(
+            "diffmean learns one direction per labeled concept; its feature count is the data's"
+        )
 
     def fit(self, acts: ActivationSet) -> Features:
         labels = acts.token_labels()

@@ -9,13 +9,13 @@ the kept neurons back (every other coordinate at its train mean).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 
 class NeuronFeatures(Features):
@@ -31,6 +31,11 @@ class Neurons(Method):
     name: ClassVar[str] = "neurons"
 
     n_features: int = 100  # same count as SNMF's default rank
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> Neurons:
+        """`n_features` <- k. The generator's sparsity, when given, is not used: this method
+        has no sparsity setting."""
+        return replace(self, n_features=k)
 
     def fit(self, acts: ActivationSet) -> Features:
         if not 1 <= self.n_features <= acts.d:

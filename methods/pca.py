@@ -10,13 +10,13 @@ with k directions, so it bounds what reconstruction alone can show.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ class PCA(Method):
     name: ClassVar[str] = "pca"
 
     n_features: int = 100  # same count as SNMF's default rank
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> PCA:
+        """`n_features` <- k. The generator's sparsity, when given, is not used: this method
+        has no sparsity setting."""
+        return replace(self, n_features=k)
 
     def fit(self, acts: ActivationSet) -> Features:
         if not 1 <= self.n_features <= min(len(acts), acts.d):

@@ -9,13 +9,13 @@ Encoding is the projection on each direction; there is no decoder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 
 @dataclass
@@ -24,6 +24,11 @@ class RandomDirections(Method):
 
     n_features: int = 100  # same count as SNMF's default rank, so the comparison is like for like
     seed: int = 42  # the YAML passes the run's seed; same seed, same draw
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> RandomDirections:
+        """`n_features` <- k. The generator's sparsity, when given, is not used: this method
+        has no sparsity setting."""
+        return replace(self, n_features=k)
 
     def fit(self, acts: ActivationSet) -> Features:
         if self.n_features < 1:

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 
 from bench.errors import ConfigError
 from bench.models import EMBEDDED_NAME, hub_reachable
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from methods.topk_sae import reconstruction_stats, sae_features
 
 if TYPE_CHECKING:
@@ -152,6 +152,13 @@ class SAEPretrained(Method):
                 f"sae_pretrained: could not load release={self.release!r} "
                 f"sae_id={self.sae_id!r} from the hub: {err}"
             ) from err
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> SAEPretrained:
+        """Not resizable: the SAE's width and sparsity are fixed by its trained weights."""
+        raise NotResizable(
+            "sae_pretrained loads trained weights; their width and sparsity cannot be set "
+            f"to a capacity of {k}"
+        )
 
     def fit(self, acts: ActivationSet) -> Features:
         sae = self.load()

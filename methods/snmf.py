@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
 from bench.models import resolve_device
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ class SNMF(Method):
         for key in ("rank", "max_iter", "patience", "chunk_size", "encode_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key}={getattr(self, key)}: must be >= 1")
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> SNMF:
+        """`rank` <- k. Capacity only: `sparsity` stays as configured (SNMF's own choice of
+        neurons per feature, the paper's 1% by default). Given the generator: `sparsity` <- its
+        neuron density (SNMF's own parameter, so it is told exactly as much as TopK's k is)."""
+        sparsity = self.sparsity if generator is None else generator.neuron_density
+        return replace(self, rank=k, sparsity=sparsity)
 
     def fit(self, acts: ActivationSet) -> Features:
         fit = self.factorize(acts.acts)

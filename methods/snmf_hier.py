@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
@@ -34,7 +34,7 @@ import torch
 
 from bench.errors import ConfigError
 from bench.storage import atomic_write, atomic_write_text
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 from methods.snmf import EPS, SNMF, SNMFFeatures, negative, nnls_codes, positive, winner_take_all
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,13 @@ class HierarchicalSNMF(Method):
         if self.finetune_iters < 0:
             raise ConfigError(f"method.finetune_iters={self.finetune_iters}: must be >= 0")
         self._snmf(ranks[0])  # validates the shared SNMF settings
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> HierarchicalSNMF:
+        """`ranks` <- [k, k // 2]: the finest level at the capacity, one coarser level of half
+        (just [k] when k < 2). `sparsity` as SNMF's `at_capacity`: kept with capacity only,
+        the generator's neuron density when it is given."""
+        sparsity = self.sparsity if generator is None else generator.neuron_density
+        return replace(self, ranks=[k, k // 2] if k >= 2 else [k], sparsity=sparsity)
 
     def _snmf(self, rank: int) -> SNMF:
         shared = {f.name: getattr(self, f.name) for f in fields(SNMF) if f.name not in ("rank",)}

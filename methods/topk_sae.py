@@ -28,14 +28,14 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from bench.errors import ConfigError
 from bench.models import resolve_device
-from methods.base import ActivationSet, Features, Method
+from methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: only fit and sae_features import it
     from sae_lens import SAE
@@ -207,6 +207,23 @@ class TopKSAE(Method):
             )
         if self.training_tokens is None and self.epochs <= 0:
             raise ConfigError(f"topk_sae: epochs must be > 0, got {self.epochs}")
+
+    def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> TopKSAE:
+        """`d_sae` <- k (and the `rank` alias, where it is set). Active latents per token:
+
+        - capacity only: the configured fraction of latents kept, ceil(self.k * k / d_sae)
+          (the default 16 of 100 becomes 4 of 20), a rule in k alone, as SNMF keeps its own
+          fraction of neurons;
+        - given the generator: ceil(active features per token), as SNMF is given the density.
+
+        Both are clipped to 1..k.
+        """
+        if generator is None:
+            active = -(-self.k * k // self.d_sae)  # integer ceil
+        else:
+            active = math.ceil(generator.active_per_token)
+        rank = None if self.rank is None else k
+        return replace(self, d_sae=k, rank=rank, k=max(1, min(k, active)))
 
     def fit(self, acts: ActivationSet) -> Features:
         sae, info = self.train_sae(acts)

@@ -27,21 +27,26 @@ groups (SNMF) versus dense near-orthogonal directions (SAE). Noise is
 Gaussian with std = noise level x the std of the clean matrix.
 
 Capacity. Recovery is only measurable when the method is given the true
-capacity: 100 SNMF features for 20 true ones split and duplicate them, and
-an SNMF that keeps 1% of neurons cannot express a feature spread over 5% (or,
-for the dense `sae_lens` generator, all) of them. So by default
-(`match_capacity`) the method's config is adapted before instantiation:
+capacity: 100 SNMF features for 20 true ones split and duplicate them. So the
+task resizes the method through its own hook, `method.at_capacity(k_true,
+generator_info)` (`methods.base.Method.at_capacity`), never by editing config
+keys: each method states how it is resized. What else the method is told is
+the task's `informed` setting, and every method gets the same:
 
-- `rank`, `d_sae` or `n_features` (whichever keys it has) <- k_true;
-  hierarchical SNMF's `ranks` <- [k_true, k_true // 2];
-- `sparsity` (SNMF's fraction of neurons kept per feature) <- the generator's
-  true density: p for `snmf`, 1.0 for `sae_lens` (dense directions);
-- `k` next to `d_sae` (a TopK SAE's active latents per token) <-
-  ceil(active_per_token), at most k_true.
+- `capacity` (default): k_true only. Each method keeps its own sparsity
+  settings or derives them from k_true by its stated rule (SNMF keeps its
+  `sparsity`; a TopK SAE keeps its configured fraction of active latents).
+- `capacity_and_sparsity`: k_true plus a `GeneratorInfo` with the generator's
+  neuron density (p for `snmf`, 1.0 for the dense `sae_lens` directions) and
+  its expected active features per token; SNMF then sets `sparsity` from the
+  first, a TopK SAE its `k` from the second (ceil).
 
-`method_overrides` is merged last and wins. The keys set this way (adaptation
-and overrides) are recorded as JSON in the `adapted` column, and the number of
-directions the method returned in `n_learned`.
+`method_overrides`, an explicit user override, is applied after the resize
+(`dataclasses.replace`) and wins. The `adapted` column records, as JSON, every
+config field the resize and the overrides changed (`dataclasses.asdict`
+before and after); `informed` is a column too, and the number of directions
+the method returned is `n_learned`. A method that cannot be resized
+(`NotResizable`: a pretrained SAE) gets rows with value None and a `reason`.
 
 Metrics (rows per `generator` x `noise`; `feature` and `concept` unset):
 
@@ -58,14 +63,21 @@ Metrics (rows per `generator` x `noise`; `feature` and `concept` unset):
 - `mcc_abs`: the same with |cosine|, sae-lens's MCC (`mean_correlation_coefficient`,
   equal to it when the method returns >= k_true directions); a sign-blind reference.
 
+Each is a mean over the k_true true features, with a 95% percentile-bootstrap
+interval over them (`bench.stats`, `resamples` resamples; `n` = k_true,
+`paired_over` = "true feature"). `units_hash` names the planted data, so two
+methods scored on the same generator, noise and settings are paired.
+
 A method that needs concept labels (`requires_labels`, e.g. DiffMean) cannot
 be fitted on unlabeled synthetic data: its rows have value None and a `reason`;
-so do the rows of a method whose fit fails with a featbench error (a
-pretrained SAE of another width).
+so do the rows of a method that cannot be resized, or whose fit fails with a
+featbench error.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -75,11 +87,12 @@ from typing import Any, ClassVar
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import linear_sum_assignment
 
+from bench import stats
 from bench.errors import ConfigError, FeatbenchError
-from methods.base import ActivationSet, Features, Method
+from bench.storage import sha256_json
+from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from tasks.base import Task, TaskData
 
 log = logging.getLogger(__name__)
@@ -87,6 +100,8 @@ log = logging.getLogger(__name__)
 GENERATORS = ("snmf", "sae_lens")
 HOOK = "synthetic"  # the ActivationSet's hook name: these activations are at no model hook
 METRICS = ("mcc", "recovered_fraction", "mcc_abs")
+PAIRED_OVER = "true feature"  # the units every metric is a mean over (and resampled over)
+INFORMED = ("capacity", "capacity_and_sparsity")  # what at_capacity is told (module docstring)
 
 
 @dataclass
@@ -103,11 +118,19 @@ class SyntheticRecovery(Task):
     sparsity: float = 0.05  # p: ceil(p d) = 13 neurons per `snmf` feature (SNMF's meaning)
     active_per_token: float = 3.0  # expected features on per token: sparse codes, as in LMs
     threshold: float = 0.9  # a true feature counts as recovered at matched cosine >= 0.9
+    resamples: int = stats.RESAMPLES  # bootstrap resamples of the true features per interval
     seed: int = 42  # the run's seed (YAML: ${seed}): the data, the noise
-    match_capacity: bool = True  # adapt rank/d_sae/n_features, sparsity, k (module docstring)
-    method_overrides: dict[str, Any] = field(default_factory=dict)  # merged last; wins
+    # What every method's at_capacity is told: k_true only (each keeps its own sparsity), or
+    # also the generator's density and active features per token. Capacity only by default:
+    # no method is handed the answer it would otherwise have to find.
+    informed: str = "capacity"
+    method_overrides: dict[str, Any] = field(default_factory=dict)  # applied after the resize; wins
 
     def __post_init__(self) -> None:
+        if self.informed not in INFORMED:
+            raise ConfigError(
+                f"task.synthetic_recovery.informed={self.informed!r}: allowed {list(INFORMED)}"
+            )
         unknown = sorted(set(self.generators) - set(GENERATORS))
         if unknown or not self.generators:
             raise ConfigError(
@@ -118,6 +141,7 @@ class SyntheticRecovery(Task):
             "sparsity": 0 < self.sparsity <= 1,
             "active_per_token": 0 < self.active_per_token <= self.k_true,
             "threshold": 0 < self.threshold <= 1,
+            "resamples": self.resamples >= 1,
             "k_true": 1 <= self.k_true <= min(self.d, self.n_tokens),
         }
         for key, ok in checks.items():
@@ -125,54 +149,112 @@ class SyntheticRecovery(Task):
                 raise ConfigError(
                     f"task.synthetic_recovery.{key}={getattr(self, key)} is out of range "
                     "(noise >= 0, 0 < sparsity <= 1, 0 < active_per_token <= k_true, "
-                    "0 < threshold <= 1, 1 <= k_true <= min(d, n_tokens))"
+                    "0 < threshold <= 1, resamples >= 1, 1 <= k_true <= min(d, n_tokens))"
                 )
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
         """Only `cfg.method` is used: the model, the run's features and data play no part."""
+        base = build_method(cfg.method)
         rows: list[dict] = []
         for generator in self.generators:
-            method_cfg, changes = self.method_config(cfg.method, generator)
-            adapted = json.dumps(changes, sort_keys=True)
-            if build_method(method_cfg).requires_labels:
-                reason = (
-                    f"method {method_cfg['_target_']} requires concept labels; "
-                    "synthetic activations have none"
-                )
+            dims = {"generator": generator, "informed": self.informed, "adapted": None}
+            method, reason = self._resized(base, generator)
+            if method is None:
                 for level in self.noise_levels:
-                    dims = {"generator": generator, "noise": float(level), "adapted": adapted}
-                    rows += self._rows([None] * 3, n_learned=None, reason=reason, **dims)
+                    rows += self._missing(reason, noise=float(level), **dims)
                     log.info("synthetic_recovery %s noise %g: %s", generator, level, reason)
                 continue
+            dims["adapted"] = json.dumps(config_changes(base, method), sort_keys=True, default=str)
+            log.info("synthetic_recovery %s: %s resized (informed: %s), changed %s",
+                     generator, type(method).__name__, self.informed, dims["adapted"])  # fmt: skip
             clean, truth = self.generate(generator)
             for level in self.noise_levels:
-                method = build_method(method_cfg)  # a fresh instance per fit
-                dims = {"generator": generator, "noise": float(level), "adapted": adapted}
+                fresh = copy.deepcopy(method)  # a fresh instance per fit
                 try:
-                    learned = method.fit(self.activations(clean, level, generator)).directions
-                except FeatbenchError as err:  # e.g. a pretrained SAE of another width
+                    learned = fresh.fit(self.activations(clean, level, generator)).directions
+                except FeatbenchError as err:
                     reason = f"the method cannot be fitted on synthetic data: {err}"
                     log.warning("synthetic_recovery %s noise %g: %s", generator, level, reason)
-                    rows += self._rows([None] * 3, n_learned=None, reason=reason, **dims)
+                    rows += self._missing(reason, noise=float(level), **dims)
                     continue
-                scores = matched_cosines(truth, learned)
-                values = [
-                    float(scores.mean()),
-                    float((scores >= self.threshold).mean()),
-                    float(matched_cosines(truth, learned, absolute=True).mean()),
-                ]
-                rows += self._rows(values, n_learned=int(learned.shape[0]), **dims)
-                log.info(
-                    "synthetic_recovery %s noise %g: %d learned for %d true, mcc %.3f, "
-                    "recovered %.2f (cos >= %g), mcc_abs %.3f",
-                    generator, level, learned.shape[0], self.k_true, values[0], values[1],
-                    self.threshold, values[2],
-                )  # fmt: skip
+                rows += self._scored(truth, learned, generator, float(level), dims)
         return rows
 
-    def _rows(self, values: list[float | None], **columns: Any) -> list[dict]:
+    def _resized(self, base: Method, generator: str) -> tuple[Method | None, str | None]:
+        """The method at k_true, or None and why it cannot be fitted here."""
+        if base.requires_labels:
+            name = type(base).__name__
+            return None, f"method {name} requires concept labels; synthetic activations have none"
+        try:
+            return self.resize(base, generator), None
+        except NotResizable as err:
+            return None, f"the method cannot be resized to {self.k_true} features: {err}"
+
+    def _scored(
+        self, truth: torch.Tensor, learned: torch.Tensor, generator: str, level: float, dims: dict
+    ) -> list[dict]:
+        """The three metrics as means over the k_true true features, with bootstrap intervals
+        over them; paired across methods (same planted features <=> same units_hash)."""
+        scores = matched_cosines(truth, learned)
+        per_feature = [scores, (scores >= self.threshold).astype(float),
+                       matched_cosines(truth, learned, absolute=True)]  # fmt: skip
+        hash_ = self.units_hash(generator, level)
+        estimates = [
+            stats.mean_estimate(values, paired_over=PAIRED_OVER, units_hash=hash_,
+                                n_resamples=self.resamples)
+            for values in per_feature
+        ]  # fmt: skip
+        log.info(
+            "synthetic_recovery %s noise %g: %d learned for %d true, mcc %.3f, "
+            "recovered %.2f (cos >= %g), mcc_abs %.3f",
+            generator, level, learned.shape[0], self.k_true, estimates[0].value,
+            estimates[1].value, self.threshold, estimates[2].value,
+        )  # fmt: skip
+        return self._rows(estimates, n_learned=int(learned.shape[0]), noise=level, **dims)
+
+    def units_hash(self, generator: str, level: float) -> str:
+        """Same planted features and data <=> same hash (every setting that generates them)."""
+        keys = ("n_tokens", "d", "k_true", "sparsity", "active_per_token", "seed")
+        return sha256_json([generator, level, {key: getattr(self, key) for key in keys}])
+
+    def _missing(self, reason: str | None, **columns: Any) -> list[dict]:
+        missing = stats.Estimate.missing(reason or "not scored", paired_over=PAIRED_OVER)
+        return self._rows([missing] * len(METRICS), n_learned=None, **columns)
+
+    def generator_info(self, generator: str) -> GeneratorInfo | None:
+        """What `at_capacity` is told besides k_true: None under `informed: capacity`."""
+        if self.informed == "capacity":
+            return None
+        density = self.sparsity if generator == "snmf" else 1.0  # sae_lens: dense directions
+        return GeneratorInfo(neuron_density=density, active_per_token=self.active_per_token)
+
+    def resize(self, method: Method, generator: str) -> Method:
+        """`method.at_capacity(k_true, generator_info)`, then `method_overrides`; a new
+        instance (NotResizable propagates)."""
+        resized = method.at_capacity(self.k_true, self.generator_info(generator))
+        if not isinstance(resized, Method):
+            raise ConfigError(
+                f"{type(method).__name__}.at_capacity returned {type(resized).__name__}, not a Method"
+            )
+        if not self.method_overrides:
+            return resized
+        if not dataclasses.is_dataclass(resized):
+            raise ConfigError("task.synthetic_recovery.method_overrides needs a dataclass method")
+        names = {f.name for f in dataclasses.fields(resized) if f.init}
+        unknown = sorted(set(self.method_overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"task.synthetic_recovery.method_overrides: {unknown} are not fields of "
+                f"{type(resized).__name__} (fields: {sorted(names)})"
+            )
+        return dataclasses.replace(resized, **self.method_overrides)
+
+    def _rows(self, estimates: list[stats.Estimate], **columns: Any) -> list[dict]:
         """Summary rows for METRICS in order; recovered_fraction also carries the threshold."""
-        rows = [{"metric": m, "value": v, **columns} for m, v in zip(METRICS, values, strict=True)]
+        rows = [
+            {"metric": metric, **estimate.row(), **columns}
+            for metric, estimate in zip(METRICS, estimates, strict=True)
+        ]
         rows[1]["threshold"] = self.threshold
         return rows
 
@@ -234,30 +316,6 @@ class SyntheticRecovery(Task):
         index = torch.arange(n)
         return ActivationSet(x.contiguous(), index, index, index, HOOK, meta={"synthetic": True})
 
-    # -- method --------------------------------------------------------------------------------
-
-    def method_config(self, node: Any, generator: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The method's resolved config with the capacity adaptation and `method_overrides`
-        (merged last) applied, and the keys that were set that way."""
-        resolved = (
-            OmegaConf.to_container(node, resolve=True)
-            if isinstance(node, DictConfig)
-            else dict(node)
-        )
-        changes: dict[str, Any] = {}
-        if self.match_capacity:
-            for key in ("rank", "d_sae", "n_features"):
-                if resolved.get(key) is not None:  # topk_sae's rank: null is an unset alias
-                    changes[key] = self.k_true
-            if "ranks" in resolved:  # hierarchical SNMF: the true capacity, then a coarser level
-                changes["ranks"] = [self.k_true, max(1, self.k_true // 2)]
-            if "sparsity" in resolved:
-                changes["sparsity"] = self.sparsity if generator == "snmf" else 1.0
-            if "k" in resolved and "d_sae" in resolved:
-                changes["k"] = min(self.k_true, math.ceil(self.active_per_token))
-        changes.update(self.method_overrides)
-        return {**resolved, **changes}, changes
-
 
 def planted_snmf(
     n: int, d: int, k: int, p: float, firing: float, gen: torch.Generator
@@ -276,11 +334,22 @@ def planted_snmf(
     return (z @ y).T, z
 
 
-def build_method(method_cfg: dict[str, Any]) -> Method:
-    method = hydra.utils.instantiate(method_cfg, _convert_="all")
+def build_method(node: Any) -> Method:
+    """Instantiate the run's method from its config node (a DictConfig or a dict)."""
+    method = hydra.utils.instantiate(node, _convert_="all")
     if not isinstance(method, Method):
-        raise ConfigError(f"method {method_cfg.get('_target_')!r} is not a methods.base.Method")
+        raise ConfigError(f"method {node.get('_target_')!r} is not a methods.base.Method")
     return method
+
+
+def config_changes(before: Method, after: Method) -> dict[str, Any]:
+    """The config fields whose values differ between two instances (dataclasses.asdict)."""
+    old, new = _config(before), _config(after)
+    return {key: value for key, value in new.items() if key not in old or old[key] != value}
+
+
+def _config(method: Method) -> dict[str, Any]:
+    return dataclasses.asdict(method) if dataclasses.is_dataclass(method) else dict(vars(method))
 
 
 def matched_cosines(
