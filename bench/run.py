@@ -234,6 +234,8 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
             f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
         )
     for task in tasks.values():
+        for warning in task.check_dataset(dataset):
+            log.warning("task %s: %s", plugin_name(task), warning)
         need = getattr(task, "min_concepts", 0)
         if len(dataset.concepts) < need:
             raise ConfigError(
@@ -335,7 +337,7 @@ def headline(frame: pd.DataFrame) -> str:
         return "(no summary rows)"
     blocks = []
     for task, rows in summary.groupby("task", sort=False):
-        dims = [c for c in ("generator", "noise") if c in rows and rows[c].notna().any()]
+        dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
         lines = []
         for _, row in rows.iterrows():
             label = " ".join(str(row[c]) for c in ["metric", *dims])

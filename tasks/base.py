@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.datasets import ConceptDataset
+from bench.datasets import NEUTRAL, ConceptDataset
 from bench.judges.base import Judge
 from methods.base import ActivationSet, Features
 
@@ -38,6 +38,24 @@ class Task(ABC):
 
     #: value of the results' `task` column (None: the class name in lower case)
     name: ClassVar[str | None] = None
+    #: True when some metric needs `neutral` sentences in the test split (e.g. S_CD)
+    needs_neutral: ClassVar[bool] = False
+
+    def check_dataset(self, dataset: ConceptDataset) -> list[str]:
+        """Warnings (texts) about a dataset this task can score only in part, for the
+        caller to log at load time; none by default. A task that sets `needs_neutral`
+        warns here when the test split has no neutral sentence."""
+        if not self.needs_neutral:
+            return []
+        test_labels = [
+            lab for lab, s in zip(dataset.labels, dataset.splits, strict=True) if s == "test"
+        ]
+        if NEUTRAL in test_labels:
+            return []
+        return [
+            f"task {self.name or type(self).__name__.lower()} needs {NEUTRAL!r} sentences in the "
+            f"test split and dataset {dataset.source} has none: the metrics that need them will be missing"
+        ]
 
     @abstractmethod
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:

@@ -46,6 +46,18 @@ def test_split_is_stratified_deterministic_and_70_30(shipped):
         assert abs(share - 0.3) <= 0.5 / len(members) + 1e-9, (label, share)
 
 
+def test_stratified_split_is_a_function_of_its_seed():
+    labels = ["a"] * 10 + ["b"] * 10 + [NEUTRAL] * 10
+    first = datasets.stratified_split(labels, 0.3, seed=0)
+    assert datasets.stratified_split(labels, 0.3, seed=0) == first
+    other = datasets.stratified_split(labels, 0.3, seed=1)
+    assert other != first
+    for split in (first, other):  # still stratified: 3 of each label's 10 in the test split
+        assert Counter(lab for lab, s in zip(labels, split, strict=True) if s == "test") == {
+            "a": 3, "b": 3, NEUTRAL: 3,
+        }  # fmt: skip
+
+
 def test_selection_caps_and_filters(shipped):
     small = datasets.load(concepts=["food", "french"], max_per_concept=5, max_neutral=7)
     counts = Counter(small.labels)
