@@ -1,16 +1,18 @@
-"""The hf_chat judge: config, fail-fast loading, per-batch failures, and the real
-embedded SmolLM2-135M-Instruct judging a few texts."""
+"""The hf_chat judge: config and fail-fast loading; wiring tests (a scripted `_generate`:
+batching, per-batch failures, counting); and the real embedded SmolLM2-135M-Instruct,
+whose every raw answer is recorded and checked against the judgement made from it."""
 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 import bench.config  # noqa: F401  (registers the featbench_schema the config composes on)
 from bench.errors import FeatbenchError
-from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, Judge, Judgement
+from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judge, Judgement
 from bench.judges.hf_chat import HFChatJudge
 from bench.models import EMBEDDED_NAME, ModelUnavailable
 from bench.run import build
@@ -46,19 +48,37 @@ def test_uncached_hub_name_offline_fails_fast_naming_the_default(monkeypatch):
         judge.complete(["hello"], max_tokens=4)
 
 
-def test_a_failed_batch_becomes_missing_values_for_that_batch_only(monkeypatch):
+def scripted(monkeypatch, answer) -> None:
+    """Wiring only: `_generate` answers each prompt with `answer(prompt)`; nothing loads."""
+
     def generate(self, batch: list[str], max_tokens: int) -> list[str]:
         if any("BOOM" in prompt for prompt in batch):
             raise RuntimeError("out of memory")
-        return ["Clearly there. Rating: [[2]]"] * len(batch)
+        return [answer(prompt) for prompt in batch]
 
     monkeypatch.setattr(HFChatJudge, "_load", lambda self: None)
     monkeypatch.setattr(HFChatJudge, "_generate", generate)
+
+
+def test_wiring_a_failed_batch_becomes_missing_values_for_that_batch_only(monkeypatch):
+    scripted(monkeypatch, lambda prompt: "Clearly there. Rating: [[2]]")
     judge = HFChatJudge(batch_size=2)
     scores = judge.concept(["a cat", "BOOM", "a dog", "a cow"], "animals", baseline=[])
     assert [s.score for s in scores] == [None, None, 2.0, 2.0]
     assert all("RuntimeError: out of memory" in s.reason for s in scores[:2])
-    assert judge.stats()["requests"] == 4
+    stats = judge.stats()
+    assert (stats["requests"], stats["failures"], stats["unparsable"]) == (4, 2, 0)
+
+
+def test_wiring_unparsable_answers_are_missing_with_the_answer_and_counted(monkeypatch):
+    scripted(monkeypatch, lambda p: "Rating: **[2]**" if "dog" in p else "Fine. Rating: [[1]]")
+    judge = HFChatJudge()
+    scores = judge.fluency(["a cat", "a dog", "", "a dog again"], "Write:")
+    assert [s.score for s in scores] == [1.0, None, None, None]
+    assert scores[1].reason.startswith(UNPARSABLE) and "**[2]**" in scores[1].reason
+    assert scores[2].reason == "empty text"  # never asked
+    stats = judge.stats()
+    assert (stats["requests"], stats["failures"], stats["unparsable"]) == (3, 0, 2)
 
 
 # --- the real embedded judge -----------------------------------------------------------
@@ -68,6 +88,7 @@ TEXTS = [
     "Stock markets fell sharply after the central bank raised interest rates again.",
     "the the of of and and and cat cat",
 ]
+RATING = re.compile(r"Rating:\s*\[\[\s*([0-2])\s*\]\]")  # the format, written out again here
 
 
 @pytest.fixture(scope="module")
@@ -75,25 +96,78 @@ def judge() -> HFChatJudge:
     return HFChatJudge(device="cpu")  # loads on first use (~20-30 s: dequantizes the GGUF)
 
 
-def _check(scores: list[Judgement], kind: str) -> int:
-    assert len(scores) == len(TEXTS)
-    for s in scores:
-        assert s.score in (0.0, 1.0, 2.0) or (s.score is None and s.reason), s
-    parsed = sum(s.score is not None for s in scores)
-    log.info("%s: %d/%d parsed: %s", kind, parsed, len(scores), scores)
-    return parsed
+@pytest.fixture()
+def answers(judge, monkeypatch) -> list[str | Exception]:
+    """Every raw answer the real model gives during the test, in order."""
+    recorded: list[str | Exception] = []
+    complete = judge.complete
+
+    def recording(prompts: list[str], max_tokens: int) -> list[str | Exception]:
+        got = complete(prompts, max_tokens)
+        recorded.extend(got)
+        return got
+
+    monkeypatch.setattr(judge, "complete", recording)
+    return recorded
+
+
+def check_against_answers(judgements: list[Judgement], answers: list) -> int:
+    """Each judgement is what its raw answer says: the last rating where the model wrote
+    the format, else missing with the unparsable reason quoting the answer. Returns the
+    number of unparsable answers."""
+    assert len(judgements) == len(answers)
+    unparsable = 0
+    for judgement, answer in zip(judgements, answers, strict=True):
+        assert isinstance(answer, str) and answer.strip(), answer  # the model wrote text
+        found = RATING.findall(answer)
+        if found:
+            assert judgement == Judgement(float(found[-1])), (answer, judgement)
+        else:
+            unparsable += 1
+            assert judgement.score is None and judgement.reason.startswith(UNPARSABLE), judgement
+            assert " ".join(answer.split())[:40] in judgement.reason  # it quotes the answer
+    log.info("answers: %s", answers)
+    return unparsable
 
 
 @pytest.mark.integration
-def test_embedded_judge_rates_and_describes(judge):
-    _check(judge.concept(TEXTS, "animals", baseline=[]), "concept")
-    _check(judge.fluency(TEXTS, "Write one sentence:"), "fluency")
+def test_embedded_judge_rates_every_answer_it_received(judge, answers):
+    before = judge.stats()
+    judgements = judge.concept(TEXTS, "animals", baseline=[])
+    judgements += judge.fluency(TEXTS, "Write one sentence:")
+    unparsable = check_against_answers(judgements, answers)
+    delta = {k: v - before[k] for k, v in judge.stats().items()}
+    assert delta["requests"] == len(answers) == 2 * len(TEXTS)
+    assert delta["failures"] == 0
+    assert delta["unparsable"] == unparsable  # counted exactly
+    assert delta["prompt_tokens"] > 2 * len(TEXTS) * 50  # each rubric prompt is > 50 tokens
+    assert delta["completion_tokens"] >= len(answers)
+
+
+#: asked for the format outright, the 135M model writes "Rating: [2]" (greedy, both through
+#: transformers and llama.cpp): a known answer, one bracket short of the format
+NEAR_MISS = 'Answer with the text "Rating: [[2]]" only.'
+
+
+@pytest.mark.integration
+def test_embedded_judge_refuses_a_near_miss_and_says_why(judge, answers):
+    """A crafted prompt with a known raw answer, through `_rate` (generation, decoding,
+    parsing, counting): the answer arrives, is not taken for a 2, and is counted."""
+    before = judge.stats()["unparsable"]
+    (judgement,) = judge._rate([NEAR_MISS])
+    (answer,) = answers
+    assert "Rating: [2]" in answer and not RATING.search(answer), answer
+    assert judgement.score is None and judgement.reason.startswith(UNPARSABLE)
+    assert "Rating: [2]" in judgement.reason
+    assert judge.stats()["unparsable"] == before + 1
+
+
+@pytest.mark.integration
+def test_embedded_judge_describes(judge, answers):
     description = judge.describe(["the [[cat]] sat", "a [[dog]] barked", "two [[horses]] ran"])
-    log.info("describe: %r", description)
-    assert description is None or (isinstance(description, str) and description.strip())
-    stats = judge.stats()
-    assert stats["requests"] == 2 * len(TEXTS) + 1
-    assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
+    (answer,) = answers
+    assert isinstance(answer, str) and description  # the model answered; the text is kept
+    assert description == " ".join(answer.split()).strip(" .\"'")
 
 
 @pytest.mark.integration
@@ -107,5 +181,5 @@ def test_left_padded_batch_answers_equal_one_prompt_at_a_time(judge):
     batched = judge.complete(prompts, max_tokens=judge.max_answer_tokens)
     judge.batch_size = 1
     single = judge.complete(prompts, max_tokens=judge.max_answer_tokens)
-    assert all(isinstance(a, str) for a in batched + single)
+    assert all(isinstance(a, str) and a.strip() for a in batched + single), batched + single
     assert batched == single

@@ -19,13 +19,15 @@ import yaml
 
 from bench.errors import ConfigError, FeatbenchError
 from bench.judges.base import Judgement
-from bench.judges.offline import (
-    OfflineJudge,
+from bench.judges.offline import CALIBRATED, OfflineJudge, repetition, to_score
+from bench.judges.offline_calibration import (
+    auroc,
     calibrate,
+    distinctive_tokens,
     fluency_sample,
-    repetition,
+    kind_descriptions,
     shuffle_words,
-    to_score,
+    split_texts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +60,37 @@ def test_yaml_sets_every_argument_to_the_defaults():
     node = yaml.safe_load(YAML.read_text())
     assert node.pop("_target_") == "bench.judges.offline.OfflineJudge"
     fields = {f.name: f.default for f in dataclasses.fields(OfflineJudge) if f.init}
+    fields["concept_thresholds"] = CALIBRATED  # a mapping: a default_factory, not a default
     assert node == fields
     judge = from_yaml()
     assert isinstance(judge, OfflineJudge) and judge.name == "offline" and not judge.can_write
     assert judge._embedder is None  # MiniLM loads on first use, not in the constructor
 
 
+def test_yaml_thresholds_are_loaded_per_kind():
+    node = yaml.safe_load(YAML.read_text())["concept_thresholds"]
+    judge = from_yaml()
+    for kind in ("label", "tokens"):
+        assert judge.thresholds(kind) == (node[kind]["somewhat"], node[kind]["clear"]), kind
+        assert 0 <= node[kind]["auroc_min"] <= node[kind]["auroc_mean"] <= 1, kind
+        assert node[kind]["auroc_mean"] > 0.5, kind  # a calibration that separates
+    assert judge.thresholds(None) == judge.thresholds("label")  # no kind: a label, as before
+    assert judge.thresholds("output_centric") == judge.thresholds("tokens")  # token lists too
+    assert judge.thresholds("input_centric:tokens") == judge.thresholds("tokens")
+    assert judge.thresholds("label") != judge.thresholds("tokens")
+    assert node["summary"] is None
+
+
 def test_bad_config_is_refused():
-    with pytest.raises(ConfigError, match="concept_clear"):
-        OfflineJudge(concept_somewhat=0.3, concept_clear=0.2)
+    label = {"somewhat": 0.1, "clear": 0.2}
+    with pytest.raises(ConfigError, match=r"concept_thresholds\.label\.clear"):
+        OfflineJudge(concept_thresholds={"label": {"somewhat": 0.3, "clear": 0.2}})
+    with pytest.raises(ConfigError, match="needs a `label` entry"):
+        OfflineJudge(concept_thresholds={"tokens": label})
+    with pytest.raises(ConfigError, match=r"concept_thresholds\.output_centric"):
+        OfflineJudge(concept_thresholds={"label": label, "output_centric": "tokens"})
+    with pytest.raises(ConfigError, match="allowed"):
+        OfflineJudge(concept_thresholds={"label": {**label, "typo": 1.0}})
     with pytest.raises(ConfigError, match="fluency_somewhat"):
         OfflineJudge(fluency_fluent=7.0, fluency_somewhat=6.0)
 
@@ -89,8 +113,16 @@ class StubEmbedder:
         return np.array(out, dtype=np.float32)
 
 
+STUB_THRESHOLDS = {
+    "label": {"somewhat": 0.1, "clear": 0.2},
+    "tokens": {"somewhat": 0.2, "clear": 0.4},
+    "output_centric": "tokens",
+    "summary": None,
+}
+
+
 def stub_judge(**kw) -> OfflineJudge:
-    judge = OfflineJudge(concept_somewhat=0.1, concept_clear=0.2, **kw)
+    judge = OfflineJudge(concept_thresholds=STUB_THRESHOLDS, **kw)
     judge._embedder = StubEmbedder()
     return judge
 
@@ -103,6 +135,45 @@ def test_concept_scores_are_relative_to_the_baseline():
     got = judge.concept(texts, "desc", ["c=0.2", "c=0.4"])
     assert got == [Judgement(0.0), Judgement(1.0), Judgement(2.0), Judgement(None, "empty text")]
     assert judge._embedder.calls == 1  # one batched call; the second concept() hits the cache
+
+
+def test_each_kind_scores_with_its_own_thresholds():
+    judge = stub_judge()
+    texts, base = ["c=0.35", "c=0.45", "c=0.6", "c=0.8"], ["c=0.2", "c=0.4"]  # deltas .05-.5
+    scores = {kind: [j.score for j in judge.concept(texts, "desc", base, kind=kind)]
+              for kind in (None, "label", "tokens", "output_centric")}  # fmt: skip
+    assert scores[None] == scores["label"] == [0.0, 1.0, 2.0, 2.0]  # 0.1 / 0.2
+    assert scores["tokens"] == scores["output_centric"] == [0.0, 0.0, 1.0, 2.0]  # 0.2 / 0.4
+
+
+def test_summary_and_unknown_kinds_are_clear_errors_before_any_work():
+    judge = stub_judge()
+    with pytest.raises(ConfigError, match="cannot write summaries") as err:
+        judge.concept(["c=0.5"], "a summary", ["c=0.1"], kind="summary")
+    assert "judge.concept_thresholds.summary" in str(err.value)
+    with pytest.raises(ConfigError, match="does not know description kind 'topics'"):
+        judge.concept(["c=0.5"], "desc", ["c=0.1"], kind="topics")
+    assert not hasattr(judge._embedder, "calls")  # refused before embedding anything
+    calibrated = OfflineJudge(concept_thresholds={**STUB_THRESHOLDS, "summary": {"somewhat": 0.0, "clear": 0.3}})  # fmt: skip
+    calibrated._embedder = StubEmbedder()
+    (got,) = calibrated.concept(["c=0.5"], "desc", ["c=0.1"], kind="summary")
+    assert got == Judgement(2.0)  # once calibrated, a writing judge's summary kind scores
+
+
+def test_distinctive_tokens_rank_what_sets_a_concept_apart():
+    class WordTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[WORDS.index(w) for w in text.split()])
+
+        def decode(self, ids):
+            return " " + WORDS[ids[0]]  # a leading space, as byte-level BPE decodes
+
+    WORDS = ["the", "goal", "match", "court", "judge", "a", "score"]
+    sentences = ["the goal match", "a goal score", "the goal", "the court judge", "a judge",
+                 "the court", "the the the"]  # fmt: skip
+    labels = ["sport"] * 3 + ["law"] * 3 + ["neutral"]
+    got = distinctive_tokens(sentences, labels, WordTokenizer(), top=2)
+    assert got == {"sport": ["goal", "match"], "law": ["court", "judge"]}  # never "the"
 
 
 def test_empty_text_and_missing_baseline_are_missing_never_zero():
@@ -184,28 +255,36 @@ def judge(embedded):
     return judge
 
 
+#: floors of the test-split AUROC mean per description kind, below the train-split value
+#: conf/judge/offline.yaml records (label 0.936; tokens 0.944, optimistic: its token lists
+#: were chosen on the sentences it was measured on)
+TEST_AUROC_FLOOR = {"label": 0.90, "tokens": 0.85}
+
+
 @pytest.mark.integration
-def test_concept_values_separate_held_out_concept_sentences(judge, dataset):
+@pytest.mark.parametrize("kind", sorted(TEST_AUROC_FLOOR))
+def test_each_kind_separates_held_out_concept_sentences(judge, dataset, embedded, kind):
+    """Descriptions from the train split, measured on the test split with the YAML's
+    thresholds for that kind."""
     from bench.datasets import NEUTRAL
 
-    idx = dataset.indices("test")
-    sentences, labels = (
-        [dataset.sentences[i] for i in idx],
-        np.array([dataset.labels[i] for i in idx]),
-    )
-    baseline = [s for s, lab in zip(sentences, labels, strict=True) if lab == NEUTRAL]
-    aurocs, on_scores, off_scores = [], [], []
-    for concept in dataset.concepts:
-        desc = concept.replace("_", " ")
+    descriptions = kind_descriptions(dataset, embedded.model.tokenizer)[kind]
+    sentences, labels, baseline = split_texts(dataset, "test")
+    labels = np.array(labels)
+    aurocs, on_scores, off_scores = {}, [], []
+    for concept, desc in descriptions.items():
         values = np.array(judge.concept_values(sentences, desc, baseline))
-        pos, neg = values[labels == concept], values[(labels != concept) & (labels != NEUTRAL)]
-        aurocs.append(float(((pos[:, None] > neg) + 0.5 * (pos[:, None] == neg)).mean()))
-        scores = [j.score for j in judge.concept(sentences, desc, baseline)]
-        on_scores += [s for s, lab in zip(scores, labels, strict=True) if lab == concept]
-        off_scores += [s for s, lab in zip(scores, labels, strict=True) if lab not in (concept, NEUTRAL)]  # fmt: skip
-    print(f"test-split concept AUROC mean {np.mean(aurocs):.3f} min {np.min(aurocs):.3f}; mean "
-          f"score on-concept {np.mean(on_scores):.2f}, off-concept {np.mean(off_scores):.2f}")  # fmt: skip
-    assert np.mean(aurocs) >= 0.9
+        on, off = labels == concept, (labels != concept) & (labels != NEUTRAL)
+        aurocs[concept] = auroc(values[on], values[off])
+        scores = np.array([j.score for j in judge.concept(sentences, desc, baseline, kind=kind)])
+        on_scores += scores[on].tolist()
+        off_scores += scores[off].tolist()
+    recorded = yaml.safe_load(YAML.read_text())["concept_thresholds"][kind]
+    mean = float(np.mean(list(aurocs.values())))
+    print(f"{kind}: test-split concept AUROC mean {mean:.3f} (train {recorded['auroc_mean']}), "
+          f"min {min(aurocs.values()):.3f} ({min(aurocs, key=aurocs.get)}); mean score "
+          f"on-concept {np.mean(on_scores):.2f}, off-concept {np.mean(off_scores):.2f}")  # fmt: skip
+    assert mean >= TEST_AUROC_FLOOR[kind] and recorded["auroc_mean"] >= TEST_AUROC_FLOOR[kind]
     # the train-calibrated thresholds carry over to held-out sentences
     assert np.mean(on_scores) >= 1.0 and np.mean(off_scores) <= 0.2
 
@@ -240,5 +319,7 @@ def test_batched_nll_equals_one_at_a_time(embedded):
 def test_yaml_thresholds_are_what_calibration_measures(embedded, dataset):
     found = calibrate(embedded.model, dataset)
     node = yaml.safe_load(YAML.read_text())
-    for key, value in found["thresholds"].items():
+    for kind, entry in found["concept_thresholds"].items():
+        assert node["concept_thresholds"][kind] == pytest.approx(entry, abs=2e-3), kind
+    for key, value in found["fluency_thresholds"].items():
         assert node[key] == pytest.approx(value, abs=2e-3), key

@@ -1,11 +1,15 @@
-"""The `openai` judge against scripted fault servers (fast) and a real
-OpenAI-compatible server (llama-cpp-python's, serving the embedded SmolLM2)."""
+"""The `openai` judge: wiring tests against a scripted server (fast: requests, retries,
+faults, cache, key handling; the answers are ours, so they prove the plumbing, not a
+judgement), and a real OpenAI-compatible server (llama-cpp-python's, serving the
+embedded SmolLM2), whose every raw answer is read back from the cache and checked
+against the judgement made from it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -24,9 +28,10 @@ from bench.judges.openai import OpenAIJudge
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["The cat chased the mouse across the kitchen floor.", "Stocks fell sharply on Monday."]
+RATING = re.compile(r"Rating:\s*\[\[\s*([0-2])\s*\]\]")  # the format, written out again here
 
 
-# --- a scripted OpenAI-compatible server -------------------------------------
+# --- wiring: a scripted OpenAI-compatible server -------------------------------------
 
 Reply = tuple[int, bytes]  # status, body
 
@@ -99,7 +104,7 @@ def make_judge(url: str, tmp_path: Path, **kwargs) -> OpenAIJudge:
     return OpenAIJudge(**(args | kwargs))
 
 
-# --- fault paths ---------------------------------------------------------------
+# --- wiring: fault paths ---------------------------------------------------------
 
 
 def test_retries_5xx_and_429_then_succeeds(fake_api, tmp_path):
@@ -319,23 +324,51 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.mark.integration
-def test_real_server_scores_or_reports_missing_and_caches(llama_server, tmp_path):
-    judge = OpenAIJudge(
-        base_url=llama_server, model="smollm2", api_key_env=None, timeout=120.0,
+def real_judge(url: str, tmp_path: Path) -> OpenAIJudge:
+    return OpenAIJudge(
+        base_url=url, model="smollm2", api_key_env=None, timeout=120.0,
         max_retries=1, backoff=0.5, concurrency=2, cache_dir=str(tmp_path / "judge"),
     )  # fmt: skip
 
+
+def describe_prompt(contexts: list[str]) -> str:
+    from bench.judges.base import DESCRIBE_PROMPT
+
+    return DESCRIBE_PROMPT.format(contexts="\n".join(f"- {c}" for c in contexts))
+
+
+def recorded_answer(judge: OpenAIJudge, prompt: str, max_tokens: int) -> str:
+    """The raw answer the server gave for `prompt`, as the judge's cache recorded it."""
+    entry = json.loads(judge._cache_path(prompt, max_tokens).read_text())
+    assert entry["key"]["prompt"] == prompt
+    return entry["answer"]
+
+
+@pytest.mark.integration
+def test_real_server_judgements_are_what_it_answered_and_are_cached(llama_server, tmp_path):
+    from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judgement
+
+    judge = real_judge(llama_server, tmp_path)
     concept = judge.concept(TEXTS, "animals", baseline=[])
     fluency = judge.fluency(TEXTS, "Write one sentence.")
 
-    for judgement in concept + fluency:
-        assert judgement.score in (0.0, 1.0, 2.0) or (judgement.score is None and judgement.reason)
+    prompts = [CONCEPT_PROMPT.format(description="animals", text=t) for t in TEXTS]
+    prompts += [FLUENCY_PROMPT.format(prompt="Write one sentence.", text=t) for t in TEXTS]
+    answers = [recorded_answer(judge, p, judge.max_answer_tokens) for p in prompts]
+    unparsable = 0
+    for judgement, answer in zip(concept + fluency, answers, strict=True):
+        assert answer.strip(), "the server answered with no text"
+        found = RATING.findall(answer)
+        if found:
+            assert judgement == Judgement(float(found[-1])), (answer, judgement)
+        else:
+            unparsable += 1
+            assert judgement.score is None and judgement.reason.startswith(UNPARSABLE)
+            assert " ".join(answer.split())[:40] in judgement.reason  # it quotes the answer
     stats = judge.stats()
-    missing = [j for j in concept + fluency if j.score is None]
-    assert stats["unparsable"] == sum(j.reason.startswith("unparsable") for j in missing)
+    assert stats["unparsable"] == unparsable  # counted exactly
     assert stats["requests"] == 4 and stats["failures"] == 0  # the server answered every one
-    assert stats["prompt_tokens"] > 4 * 50 and stats["completion_tokens"] > 0
+    assert stats["prompt_tokens"] > 4 * 50 and stats["completion_tokens"] >= 4
     assert stats["cost_usd"] > 0
 
     again = judge.concept(TEXTS, "animals", baseline=[]) + judge.fluency(
@@ -345,6 +378,29 @@ def test_real_server_scores_or_reports_missing_and_caches(llama_server, tmp_path
     assert judge.stats()["cache_hits"] == stats["cache_hits"] + 4
     assert judge.stats()["requests"] == stats["requests"]
 
-    description = judge.describe(["the [[cat]] sat on the mat", "a [[dog]] barked at night"])
-    assert isinstance(description, str) and description
+    contexts = ["the [[cat]] sat on the mat", "a [[dog]] barked at night"]
+    description = judge.describe(contexts)
+    assert description and description in " ".join(
+        recorded_answer(judge, describe_prompt(contexts), 24).split()
+    )
     assert judge.stats()["requests"] == stats["requests"] + 1
+
+
+#: asked for the format outright, the 135M model writes "Rating: [2]" (greedy): a known
+#: answer, one bracket short of the format
+NEAR_MISS = 'Answer with the text "Rating: [[2]]" only.'
+
+
+@pytest.mark.integration
+def test_real_server_near_miss_is_missing_with_its_answer(llama_server, tmp_path):
+    """A crafted prompt with a known raw answer, over HTTP and through `_rate`: the answer
+    arrives and is recorded, is not taken for a 2, and is counted."""
+    from bench.judges.base import UNPARSABLE
+
+    judge = real_judge(llama_server, tmp_path)
+    (judgement,) = judge._rate([NEAR_MISS])
+    answer = recorded_answer(judge, NEAR_MISS, judge.max_answer_tokens)
+    assert "Rating: [2]" in answer and not RATING.search(answer), answer
+    assert judgement.score is None and judgement.reason.startswith(UNPARSABLE)
+    assert "Rating: [2]" in judgement.reason
+    assert (judge.stats()["unparsable"], judge.stats()["failures"]) == (1, 0)

@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 SCALE = (0.0, 1.0, 2.0)
 
+#: what a description can be: a concept name ("law enforcement"); a writing judge's
+#: one-line summary of a feature's top contexts; its top-activating train tokens as a
+#: comma-separated list ("goal, match, score"); the tokens a direction promotes through
+#: the unembedding, one list per sign
+DESCRIPTION_KINDS = ("label", "summary", "tokens", "output_centric")
+UNPARSABLE = "unparsable judge answer"  # how the reason of an unparsable answer starts
+
 
 @dataclass(frozen=True)
 class Judgement:
@@ -56,11 +63,16 @@ class Judge(ABC):
         """
 
     @abstractmethod
-    def concept(self, texts: list[str], description: str, baseline: list[str]) -> list[Judgement]:
+    def concept(
+        self, texts: list[str], description: str, baseline: list[str], kind: str | None = None
+    ) -> list[Judgement]:
         """How clearly each text shows the concept `description` (0-2).
 
         `baseline` are unsteered generations from the same prompts: judges that
-        score relative to what the model writes anyway use them.
+        score relative to what the model writes anyway use them. `kind` is the
+        description's kind (`DESCRIPTION_KINDS`; None: a concept label): a judge
+        calibrated per kind (offline) picks its thresholds by it, LLM judges
+        read the description as it is and ignore it.
         """
 
     @abstractmethod
@@ -118,7 +130,7 @@ def parse_rating(answer: str) -> Judgement:
     found = _RATING.findall(answer or "")
     if not found:
         snippet = " ".join((answer or "").split())[:80]
-        return Judgement(None, f"unparsable judge answer (no 'Rating: [[n]]'): {snippet!r}")
+        return Judgement(None, f"{UNPARSABLE} (no 'Rating: [[n]]'): {snippet!r}")
     return Judgement(float(found[-1]))
 
 
@@ -131,7 +143,12 @@ class ChatJudge(Judge):
     def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
         """One chat answer per prompt (user message), or the exception that prevented it."""
 
+    @abstractmethod
+    def _count(self, counter: str, amount: float) -> None:
+        """Add `amount` to the `stats()` counter `counter`."""
+
     def _rate(self, prompts: list[str]) -> list[Judgement]:
+        """Ask and parse; every unparsable answer is counted in `stats()["unparsable"]`."""
         out = []
         for answer in self.complete(prompts, max_tokens=self.max_answer_tokens):
             if isinstance(answer, Exception):
@@ -140,12 +157,18 @@ class ChatJudge(Judge):
                 )
             else:
                 out.append(parse_rating(answer))
+        unparsable = sum(bool(j.reason and j.reason.startswith(UNPARSABLE)) for j in out)
+        if unparsable:
+            self._count("unparsable", unparsable)
         return out
 
     #: enough for one sentence of reasoning and the rating
     max_answer_tokens: ClassVar[int] = 96
 
-    def concept(self, texts: list[str], description: str, baseline: list[str]) -> list[Judgement]:
+    def concept(
+        self, texts: list[str], description: str, baseline: list[str], kind: str | None = None
+    ) -> list[Judgement]:
+        # the rubric reads the description as written, whatever its kind
         return self._rate_texts(
             texts, lambda text: CONCEPT_PROMPT.format(description=description, text=text)
         )

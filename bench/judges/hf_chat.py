@@ -55,7 +55,8 @@ class HFChatJudge(ChatJudge):
             raise ConfigError(f"judge.batch_size={self.batch_size}; it must be at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"judge.dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
-        self._counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        counters = ("requests", "failures", "unparsable", "prompt_tokens", "completion_tokens")
+        self._counts = dict.fromkeys(counters, 0)
         self._local_dir()  # a missing local checkpoint is a config error: say so before any work
 
     def _local_dir(self) -> Path | None:
@@ -138,6 +139,7 @@ class HFChatJudge(ChatJudge):
                 answers.extend(self._generate(batch, max_tokens))
             except Exception as err:  # one failed batch: its prompts become missing values
                 log.warning("hf_chat judge failed on a batch of %d prompts: %s", len(batch), err)
+                self._counts["failures"] += len(batch)
                 answers.extend([err] * len(batch))
         return answers
 
@@ -176,7 +178,12 @@ class HFChatJudge(ChatJudge):
             eos = self._tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list) else {eos}
 
+    def _count(self, counter: str, amount: float) -> None:
+        self._counts[counter] += int(amount)
+
     def stats(self) -> dict[str, float]:
+        """requests and failures count prompts (a failed batch fails each of its prompts);
+        unparsable: answers without `Rating: [[n]]`; tokens: prompt and generated."""
         return {key: float(value) for key, value in self._counts.items()}
 
 

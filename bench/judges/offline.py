@@ -8,9 +8,21 @@ each text, the unsteered `baseline` texts and the description. The value is
     delta = cos(text, description) - mean_i cos(baseline_i, description),
 
 how much more the text is about the description than what the model writes
-anyway; >= `concept_somewhat` scores 1, >= `concept_clear` 2. A z-score (over
-the std of the baseline cosines) pooled worse (below) and divides by the spread
-of a few (16 in steering) baseline texts, a noisy number.
+anyway; >= `somewhat` scores 1, >= `clear` 2. A z-score (over the std of the
+baseline cosines) pooled worse (below) and divides by the spread of a few (16
+in steering) baseline texts, a noisy number.
+
+The thresholds depend on the kind of description (`concept_thresholds`, one
+entry per kind): a bare label ("law enforcement") and a token list ("police,
+officers, arrested") sit at different cosines to the same text. `concept(...,
+kind=)` picks the entry (None: `label`). `output_centric` descriptions are token
+lists too (the tokens a direction promotes, one list per sign) and share the
+`tokens` entry: what the thresholds fix is how a comma-separated token list
+embeds against unrelated and related text, which does not depend on how the
+tokens were chosen; calibrating on promoted tokens would need some method's
+directions, and so would build that method's quality into the scale every
+method is judged on. `summary` has no entry: the offline judge cannot write
+one, and scoring a kind without calibration is an error, not a guess.
 
 Fluency: the mean negative log-likelihood (nats/token) of the text as a
 continuation of the prompt under the unsteered model (`bind(model)`), plus
@@ -19,32 +31,22 @@ find loops likely, so likelihood alone rewards them; with weight 2 x
 `fluency_somewhat`, text half of whose bigrams repeat scores 0). A value <=
 `fluency_fluent` scores 2, <= `fluency_somewhat` 1, else 0.
 
-Calibration: `python -m bench.judges.offline --calibrate` measures on the
-shipped dataset's train split (descriptions `label.replace("_", " ")`, neutral
-sentences as the baseline; NLL of 200 sentences after BOS only and of their
-seeded word shuffles). It printed (CPU, float32), with the thresholds chosen:
-
-    concept_auroc_mean 0.9359, min 0.4259 (imperatives); per concept vs the others
-    concept_pooled_auroc 0.9268 (one threshold for all); z-score instead: 0.9239
-    off_concept_delta_q95 0.1088   -> concept_somewhat 0.109 (1 in 20 unrelated texts get 1)
-    on_concept_delta_median 0.2300 -> concept_clear 0.230 (a typical concept sentence gets 2)
-    real_nll_mean 5.0771, q90 6.2518 -> fluency_fluent 6.252 (9 in 10 sentences get 2)
-    shuffled_nll_mean 8.1984, q10 6.3886 -> fluency_somewhat 6.389 (9 in 10 shuffles get 0)
-    real_shuffled_auroc 0.9698; repetition_weight 12.777 = 2 x fluency_somewhat
-
-The integration tests re-measure both separations on the test split. Known
-limits: concepts of form rather than topic (questions, imperatives) are near
-chance for an embedding of the bare label; topic and language concepts carry
-the mean. The fluency 1 band is narrow (6.252-6.389 nats): the data hold no
-"somewhat fluent" examples, so fluency is close to a 0/2 decision. Thresholds
-fitted after BOS only are lenient for continuations of a prompt (lower NLL).
+Calibration: `python -m bench.judges.offline --calibrate`
+(`bench.judges.offline_calibration`) measures on the shipped dataset's train
+split, per description kind; conf/judge/offline.yaml records what it printed
+and the thresholds it chose. The integration tests re-measure every
+separation on the test split. Known limits: concepts of form rather than topic
+(questions, imperatives) are near chance for an embedding of the bare label;
+topic and language concepts carry the mean. The fluency 1 band is narrow
+(6.252-6.389 nats): the data hold no "somewhat fluent" examples, so fluency is
+close to a 0/2 decision. Thresholds fitted after BOS only are lenient for
+continuations of a prompt (lower NLL).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -94,8 +96,11 @@ class OfflineJudge(Judge):
     name: ClassVar[str | None] = "offline"
     can_write: ClassVar[bool] = False
 
-    concept_somewhat: float = 0.109  # q95 of off-concept deltas: 1 in 20 unrelated texts gets 1
-    concept_clear: float = 0.230  # median on-concept delta: a typical concept sentence gets 2
+    # per description kind: {somewhat: q95 of off-concept deltas (1 in 20 unrelated texts gets
+    # 1), clear: median on-concept delta (a typical concept sentence gets 2), auroc_mean/min:
+    # the train-split separation measured with them}; a kind's name: share that kind's entry;
+    # None: not calibrated (scoring it is an error). Values: conf/judge/offline.yaml.
+    concept_thresholds: dict[str, Any] = field(default_factory=lambda: dict(CALIBRATED))
     fluency_fluent: float = 6.252  # q90 NLL of real sentences: 9 in 10 get 2
     fluency_somewhat: float = 6.389  # q10 NLL of shuffled sentences: 9 in 10 shuffles get 0
     repetition_weight: float = 12.777  # 2 x fluency_somewhat: half-repeated text scores 0
@@ -110,8 +115,8 @@ class OfflineJudge(Judge):
     _embeddings: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.concept_thresholds = _checked_thresholds(self.concept_thresholds)
         checks = {
-            "concept_clear": (self.concept_clear >= self.concept_somewhat, ">= concept_somewhat"),
             "fluency_somewhat": (self.fluency_somewhat >= self.fluency_fluent, ">= fluency_fluent (NLLs: lower is better)"),
             "repetition_weight": (self.repetition_weight >= 0, ">= 0"),
             "repetition_n": (self.repetition_n >= 1, ">= 1"),
@@ -159,11 +164,35 @@ class OfflineJudge(Judge):
         deltas = iter((text_v @ desc - float(np.mean(base_v @ desc))).tolist())
         return [next(deltas) if t.strip() else float("nan") for t in texts]
 
-    def concept(self, texts: list[str], description: str, baseline: list[str]) -> list[Judgement]:
+    def thresholds(self, kind: str | None = None) -> tuple[float, float]:
+        """(somewhat, clear) for a description kind (None: label); ConfigError if uncalibrated."""
+        name = kind_name(kind)
+        entry = self.concept_thresholds.get(name, MISSING)
+        if isinstance(entry, str):
+            name, entry = entry, self.concept_thresholds[entry]
+        if entry is MISSING:
+            raise ConfigError(
+                f"the offline judge does not know description kind {kind!r}; known: "
+                f"{sorted(self.concept_thresholds)} (None means label)"
+            )
+        if entry is None:
+            why = " (the offline judge cannot write summaries)" if name == "summary" else ""
+            raise ConfigError(
+                f"judge=offline has no concept thresholds for description kind {name!r}{why}: "
+                "judge another kind (tokens, output_centric, label), use a writing judge "
+                "(judge=openai or hf_chat), or calibrate it and set "
+                f"judge.concept_thresholds.{name}"
+            )
+        return entry["somewhat"], entry["clear"]
+
+    def concept(
+        self, texts: list[str], description: str, baseline: list[str], kind: str | None = None
+    ) -> list[Judgement]:
+        one, two = self.thresholds(kind)  # an uncalibrated kind fails before any work
         if not any(b.strip() for b in baseline):
             return [Judgement(None, "no non-empty baseline text to compare with")] * len(texts)
         values = self.concept_values(texts, description, baseline)
-        return [self._judge(v, self.concept_somewhat, self.concept_clear, True) for v in values]
+        return [self._judge(v, one, two, True) for v in values]
 
     # --- fluency --------------------------------------------------------------
 
@@ -223,98 +252,57 @@ class OfflineJudge(Judge):
         return Judgement(to_score(value, one, two, higher_is_better))
 
 
-# --- calibration --------------------------------------------------------------
+# --- description kinds -----------------------------------------------------------
+
+MISSING = object()
+ENTRY_KEYS = {"somewhat", "clear", "auroc_mean", "auroc_min"}  # the last two: recorded only
+
+#: conf/judge/offline.yaml's values (the test there checks they agree), measured by
+#: `python -m bench.judges.offline --calibrate` on the shipped dataset's train split
+CALIBRATED: dict[str, Any] = {
+    "label": {"somewhat": 0.109, "clear": 0.230, "auroc_mean": 0.936, "auroc_min": 0.426},
+    "tokens": {"somewhat": 0.110, "clear": 0.219, "auroc_mean": 0.944, "auroc_min": 0.729},
+    "output_centric": "tokens",  # a token list as well: same format, same scale
+    "summary": None,  # not used offline (the offline judge cannot write)
+}
 
 
-def auroc(pos: Any, neg: Any) -> float:
-    """P(a positive scores above a negative), ties counting half (Mann-Whitney U)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([pos, neg]))
-    n_pos, n_neg = len(pos), len(neg)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def shuffle_words(text: str, seed: int) -> str:
-    words = text.split()
-    random.Random(seed).shuffle(words)
-    return " ".join(words)
+def kind_name(kind: str | None) -> str:
+    """The entry a description kind scores with: None is a label; `input_centric:tokens`
+    (the steering task's older spelling) is `tokens`."""
+    if kind is None:
+        return "label"
+    return kind.removeprefix("input_centric:")
 
 
-def fluency_sample(dataset: Any, split: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """A deterministic sample of a split's sentences, and their seeded word shuffles."""
-    idx = sorted(np.random.default_rng(seed).permutation(dataset.indices(split))[:n].tolist())
-    sentences = [dataset.sentences[i] for i in idx]
-    return sentences, [shuffle_words(s, seed + i) for i, s in enumerate(sentences)]
-
-
-def calibrate(
-    model: Any, dataset: Any, split: str = "train", n_fluency: int = 200
-) -> dict[str, Any]:
-    """Measure both separations on `split` and derive the thresholds (module docstring)."""
-    from bench.datasets import NEUTRAL
-
-    judge = OfflineJudge()
-    judge.bind(model)
-    idx = dataset.indices(split)
-    sentences, labels = [dataset.sentences[i] for i in idx], [dataset.labels[i] for i in idx]
-    baseline = [s for s, lab in zip(sentences, labels, strict=True) if lab == NEUTRAL]
-    judge.embed(sentences)  # one batched call for the whole split
-    aurocs, pos, neg, z_pos, z_neg = {}, [], [], [], []
-    for concept in dataset.concepts:
-        desc = concept.replace("_", " ")
-        values = np.array(judge.concept_values(sentences, desc, baseline))
-        pos.append(values[[lab == concept for lab in labels]])
-        neg.append(values[[lab not in (concept, NEUTRAL) for lab in labels]])
-        aurocs[concept] = auroc(pos[-1], neg[-1])
-        spread = float(np.std(judge.embed(baseline) @ judge.embed([desc])[0], ddof=1))
-        z_pos.append(pos[-1] / spread)  # the z-score alternative, for comparison
-        z_neg.append(neg[-1] / spread)
-    on, off = np.concatenate(pos), np.concatenate(neg)
-    off_q95, on_median = float(np.quantile(off, 0.95)), float(np.median(on))
-    real, shuffled = fluency_sample(dataset, split, n_fluency)
-    real_nll, shuffled_nll = np.array(judge.nll(real, "")), np.array(judge.nll(shuffled, ""))
-    real_q90, shuffled_q10 = (
-        float(np.quantile(real_nll, 0.9)),
-        float(np.quantile(shuffled_nll, 0.1)),
-    )
-    return {
-        "concept_auroc_mean": float(np.mean(list(aurocs.values()))),
-        "concept_auroc_min": min(aurocs.values()),
-        "concept_auroc_min_concept": min(aurocs, key=aurocs.__getitem__),
-        "concept_pooled_auroc": auroc(on, off),
-        "concept_pooled_auroc_zscore": auroc(np.concatenate(z_pos), np.concatenate(z_neg)),
-        "off_concept_delta_q95": off_q95,
-        "on_concept_delta_median": on_median,
-        "real_nll_mean": float(real_nll.mean()),
-        "real_nll_q90": real_q90,
-        "shuffled_nll_mean": float(shuffled_nll.mean()),
-        "shuffled_nll_q10": shuffled_q10,
-        "real_shuffled_auroc": auroc(shuffled_nll, real_nll),
-        "thresholds": {  # each pair kept in order should the distributions ever overlap
-            "concept_somewhat": round(off_q95, 3),
-            "concept_clear": round(max(on_median, off_q95), 3),
-            "fluency_fluent": round(real_q90, 3),
-            "fluency_somewhat": round(max(shuffled_q10, real_q90), 3),
-            "repetition_weight": round(2 * max(shuffled_q10, real_q90), 3),
-        },
-    }
+def _checked_thresholds(node: Any) -> dict[str, Any]:
+    """A plain dict of {kind: entry | other kind | None}, each entry's thresholds in order."""
+    if not isinstance(node, Mapping):  # a dict, or a DictConfig when built without _convert_
+        raise ConfigError(f"judge.concept_thresholds must be a mapping of kinds, got {node!r}")
+    out: dict[str, Any] = {}
+    for kind, entry in node.items():
+        key = f"judge.concept_thresholds.{kind}"
+        if entry is None or isinstance(entry, str):
+            if isinstance(entry, str) and not isinstance(node.get(entry), Mapping):
+                raise ConfigError(f"{key}={entry!r}: must name a kind that has thresholds")
+            out[kind] = entry
+            continue
+        entry = dict(entry)
+        if not {"somewhat", "clear"} <= set(entry) <= ENTRY_KEYS:
+            raise ConfigError(f"{key} has keys {sorted(entry)}; allowed: {sorted(ENTRY_KEYS)}")
+        entry = {k: float(v) for k, v in entry.items()}
+        if entry["clear"] < entry["somewhat"]:
+            raise ConfigError(f"{key}.clear={entry['clear']} must be >= somewhat")
+        out[kind] = entry
+    if not isinstance(out.get("label"), dict):
+        raise ConfigError("judge.concept_thresholds needs a `label` entry (the default kind)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.judges.offline")
-    parser.add_argument("--calibrate", action="store_true", help="measure and print thresholds")
-    parser.add_argument("--device", default="cpu", help="device of the reference model")
-    args = parser.parse_args(argv)
-    if not args.calibrate:
-        parser.error("nothing to do: pass --calibrate")
-    from bench.datasets import load
-    from bench.models import load_model
+    from bench.judges.offline_calibration import main as calibrate_main
 
-    model = load_model("smollm2-135m", "embedded", None, args.device, "float32", None).model
-    found = calibrate(model, load())
-    for key, value in found.items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    calibrate_main(argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bench.errors import ConfigError
-from bench.judges.base import ChatJudge, Judgement
+from bench.judges.base import UNPARSABLE, ChatJudge, Judgement
 from bench.storage import atomic_write_text, cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,15 @@ class OpenAIJudge(ChatJudge):
         return answers  # type: ignore[return-value]
 
     def _rate(self, prompts: list[str]) -> list[Judgement]:
-        judgements = super()._rate(prompts)
+        judgements = super()._rate(prompts)  # counts the unparsable ones
         for judgement in judgements:
-            if judgement.reason and judgement.reason.startswith("unparsable"):
-                self._add("unparsable", 1)
+            if judgement.reason and judgement.reason.startswith(UNPARSABLE):
                 self._warn_once("unparsable", judgement.reason)
+                break
         return judgements
+
+    def _count(self, counter: str, amount: float) -> None:
+        self._add(counter, amount)
 
     def stats(self) -> dict[str, float]:
         with self._lock:

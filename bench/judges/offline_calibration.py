@@ -1,0 +1,226 @@
+"""Calibration of the `offline` judge: `python -m bench.judges.offline --calibrate`.
+
+On the shipped dataset's train split, with the neutral sentences as the
+unsteered baseline, for each description kind the judge is used with:
+
+- `label`: the concept's name, `label.replace("_", " ")`;
+- `tokens`: the concept's `TOP_TOKENS` most distinctive tokens of the train
+  split (`distinctive_tokens`), under the embedded model's tokenizer, listed as
+  the steering task lists a feature's top-activating tokens ("goal, match, ...").
+
+For each kind it measures how well the concept delta separates a concept's
+sentences from other concepts' sentences (AUROC per concept, mean and min,
+pooled over concepts with one threshold, and pooled as a z-score), and picks
+`somewhat` = q95 of the off-concept deltas (1 in 20 unrelated texts gets 1) and
+`clear` = the median on-concept delta (a typical concept sentence gets 2).
+
+Fluency: NLL of `n_fluency` train sentences after BOS only and of their seeded
+word shuffles: `fluency_fluent` = q90 of the real ones, `fluency_somewhat` = q10
+of the shuffled ones, `repetition_weight` = 2 x `fluency_somewhat`.
+
+Token lists are chosen on the train split, the split they are scored on, so the
+train AUROC of `tokens` is optimistic; the integration tests measure both kinds
+on the test split with the train split's token lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+TOP_TOKENS = 8  # as the steering task's `top_tokens`: the length of a feature's token list
+PRIOR = 0.5  # Dirichlet pseudo-count per token string: rare tokens need evidence to rank
+
+
+def auroc(pos: Any, neg: Any) -> float:
+    """P(a positive scores above a negative), ties counting half (Mann-Whitney U)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def shuffle_words(text: str, seed: int) -> str:
+    words = text.split()
+    random.Random(seed).shuffle(words)
+    return " ".join(words)
+
+
+def fluency_sample(dataset: Any, split: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A deterministic sample of a split's sentences, and their seeded word shuffles."""
+    idx = sorted(np.random.default_rng(seed).permutation(dataset.indices(split))[:n].tolist())
+    sentences = [dataset.sentences[i] for i in idx]
+    return sentences, [shuffle_words(s, seed + i) for i, s in enumerate(sentences)]
+
+
+def distinctive_tokens(
+    sentences: list[str], labels: list[str], tokenizer: Any, top: int = TOP_TOKENS
+) -> dict[str, list[str]]:
+    """Per concept, the `top` token strings most over-represented in its sentences
+    against the other concepts' sentences (neutral ones excluded).
+
+    A token string is a decoded token with its spaces stripped, as a feature's top
+    tokens are listed. Ranking: the log-odds ratio with a uniform Dirichlet prior,
+    divided by its standard error (Monroe, Colaresi and Quinn 2008), which favours
+    tokens both frequent in the concept and rare elsewhere; ties by string.
+    """
+    from bench.datasets import NEUTRAL
+
+    counts: dict[str, Counter] = {}
+    for sentence, label in zip(sentences, labels, strict=True):
+        if label == NEUTRAL:
+            continue
+        ids = tokenizer(sentence, add_special_tokens=False).input_ids
+        words = (tokenizer.decode([i]).strip() for i in ids)
+        counts.setdefault(label, Counter()).update(w for w in words if w)
+    total = sum(counts.values(), Counter())
+    vocab_prior = PRIOR * len(total)
+    out = {}
+    for concept, own in counts.items():
+        n_own, n_other = sum(own.values()), sum(total.values()) - sum(own.values())
+
+        def z(word: str, own: Counter = own, n_own: int = n_own, n_other: int = n_other) -> float:
+            a, b = own[word] + PRIOR, total[word] - own[word] + PRIOR
+            own_odds, other_odds = a / (n_own + vocab_prior - a), b / (n_other + vocab_prior - b)
+            return float(np.log(own_odds / other_odds) / np.sqrt(1 / a + 1 / b))
+
+        out[concept] = sorted(own, key=lambda w: (-z(w), w))[:top]
+    return out
+
+
+def token_list(tokens: list[str]) -> str:
+    """A token description as the steering task writes one."""
+    return ", ".join(dict.fromkeys(tokens))
+
+
+def separation(judge: Any, sentences: list[str], labels: list[str], baseline: list[str],
+               descriptions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """AUROC of the concept delta, per concept (its sentences vs other concepts'), and the
+    pooled on- and off-concept deltas."""
+    from bench.datasets import NEUTRAL
+
+    aurocs, pos, neg, z_pos, z_neg = {}, [], [], [], []
+    base_v = judge.embed(baseline)
+    for concept, desc in descriptions.items():
+        values = np.array(judge.concept_values(sentences, desc, baseline))
+        pos.append(values[[lab == concept for lab in labels]])
+        neg.append(values[[lab not in (concept, NEUTRAL) for lab in labels]])
+        aurocs[concept] = auroc(pos[-1], neg[-1])
+        spread = float(np.std(base_v @ judge.embed([desc])[0], ddof=1))
+        z_pos.append(pos[-1] / spread)  # the z-score alternative, for comparison
+        z_neg.append(neg[-1] / spread)
+    on, off = np.concatenate(pos), np.concatenate(neg)
+    return {
+        "aurocs": aurocs,
+        "auroc_mean": float(np.mean(list(aurocs.values()))),
+        "auroc_min": min(aurocs.values()),
+        "auroc_min_concept": min(aurocs, key=aurocs.__getitem__),
+        "pooled_auroc": auroc(on, off),
+        "pooled_auroc_zscore": auroc(np.concatenate(z_pos), np.concatenate(z_neg)),
+        "off_concept_delta_q95": float(np.quantile(off, 0.95)),
+        "on_concept_delta_median": float(np.median(on)),
+    }
+
+
+def split_texts(dataset: Any, split: str) -> tuple[list[str], list[str], list[str]]:
+    """A split's sentences, their labels and its neutral sentences (the baseline)."""
+    from bench.datasets import NEUTRAL
+
+    idx = dataset.indices(split)
+    sentences, labels = [dataset.sentences[i] for i in idx], [dataset.labels[i] for i in idx]
+    baseline = [s for s, lab in zip(sentences, labels, strict=True) if lab == NEUTRAL]
+    return sentences, labels, baseline
+
+
+def kind_descriptions(dataset: Any, tokenizer: Any) -> dict[str, dict[str, str]]:
+    """{kind: {concept: description}} for every kind the offline judge is calibrated on;
+    token lists always come from the train split."""
+    sentences, labels, _ = split_texts(dataset, "train")
+    tokens = distinctive_tokens(sentences, labels, tokenizer)
+    return {
+        "label": {c: c.replace("_", " ") for c in dataset.concepts},
+        "tokens": {c: token_list(tokens[c]) for c in dataset.concepts},
+    }
+
+
+def calibrate(
+    model: Any, dataset: Any, split: str = "train", n_fluency: int = 200
+) -> dict[str, Any]:
+    """Measure every separation on `split` and derive the thresholds (module docstring)."""
+    from bench.judges.offline import OfflineJudge
+
+    judge = OfflineJudge()
+    judge.bind(model)
+    sentences, labels, baseline = split_texts(dataset, split)
+    judge.embed(sentences)  # one batched call for the whole split
+    found: dict[str, Any] = {"concept_thresholds": {}}
+    for kind, descriptions in kind_descriptions(dataset, model.tokenizer).items():
+        measured = separation(judge, sentences, labels, baseline, descriptions)
+        found[kind] = {"descriptions": descriptions, **measured}
+        q95, median = measured["off_concept_delta_q95"], measured["on_concept_delta_median"]
+        found["concept_thresholds"][kind] = {  # kept in order should the two ever overlap
+            "somewhat": round(q95, 3),
+            "clear": round(max(median, q95), 3),
+            "auroc_mean": round(measured["auroc_mean"], 3),
+            "auroc_min": round(measured["auroc_min"], 3),
+        }
+    real, shuffled = fluency_sample(dataset, split, n_fluency)
+    real_nll, shuffled_nll = np.array(judge.nll(real, "")), np.array(judge.nll(shuffled, ""))
+    real_q90, shuffled_q10 = (
+        float(np.quantile(real_nll, 0.9)),
+        float(np.quantile(shuffled_nll, 0.1)),
+    )
+    found |= {
+        "real_nll_mean": float(real_nll.mean()),
+        "real_nll_q90": real_q90,
+        "shuffled_nll_mean": float(shuffled_nll.mean()),
+        "shuffled_nll_q10": shuffled_q10,
+        "real_shuffled_auroc": auroc(shuffled_nll, real_nll),
+        "fluency_thresholds": {
+            "fluency_fluent": round(real_q90, 3),
+            "fluency_somewhat": round(max(shuffled_q10, real_q90), 3),
+            "repetition_weight": round(2 * max(shuffled_q10, real_q90), 3),
+        },
+    }
+    return found
+
+
+def report(found: dict[str, Any]) -> list[str]:
+    """The lines `--calibrate` prints."""
+    lines = []
+    for kind in found["concept_thresholds"]:
+        m = found[kind]
+        lines += [f"{kind}: description[{c}] = {d!r}" for c, d in m["descriptions"].items()]
+        lines += [f"{kind}: auroc[{c}] = {a:.4f}" for c, a in m["aurocs"].items()]
+        lines.append(
+            f"{kind}: auroc_mean {m['auroc_mean']:.4f}, auroc_min {m['auroc_min']:.4f} "
+            f"({m['auroc_min_concept']}), pooled_auroc {m['pooled_auroc']:.4f} (z-score "
+            f"{m['pooled_auroc_zscore']:.4f}), off_concept_delta_q95 "
+            f"{m['off_concept_delta_q95']:.4f}, on_concept_delta_median "
+            f"{m['on_concept_delta_median']:.4f}"
+        )
+    for key in ("real_nll_mean", "real_nll_q90", "shuffled_nll_mean", "shuffled_nll_q10",
+                "real_shuffled_auroc"):  # fmt: skip
+        lines.append(f"{key}: {found[key]:.4f}")
+    lines.append(f"concept_thresholds: {found['concept_thresholds']}")
+    lines.append(f"fluency_thresholds: {found['fluency_thresholds']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.judges.offline")
+    parser.add_argument("--calibrate", action="store_true", help="measure and print thresholds")
+    parser.add_argument("--device", default="cpu", help="device of the reference model")
+    args = parser.parse_args(argv)
+    if not args.calibrate:
+        parser.error("nothing to do: pass --calibrate")
+    from bench.datasets import load
+    from bench.models import load_model
+
+    model = load_model("smollm2-135m", "embedded", None, args.device, "float32", None).model
+    print("\n".join(report(calibrate(model, load()))))  # the command prints its findings
