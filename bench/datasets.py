@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 NEUTRAL = "neutral"
 MIN_SENTENCES_PER_CONCEPT = 4  # fewer cannot fill both sides of a 70/30 split
 FORMATS = ("auto", "jsonl", "json", "csv")
+# The shipped dataset's version, recorded on every result row (`dataset_version`) beside
+# its content hash. v2: 32 concepts x 64 sentences + 320 neutral, length-controlled
+# (token count alone separates no label: tests/test_datasets.py). v1 had 24 + 80.
+SHIPPED_VERSION = "concepts-v2"
 
 
 class DatasetError(FeatbenchError, ValueError):
@@ -59,6 +63,15 @@ class ConceptDataset:
     def content_hash(self) -> str:
         """Hash of the sentences and labels (not the split): the activation-cache key."""
         return sha256_json([list(self.sentences), list(self.labels)])
+
+    @property
+    def version(self) -> str:
+        """`concepts-v2` for the shipped dataset, else `file:<name>` (the hash tells files apart)."""
+        return (
+            SHIPPED_VERSION
+            if Path(self.source) == shipped_path()
+            else f"file:{Path(self.source).name}"
+        )
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)

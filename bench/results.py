@@ -20,7 +20,8 @@ Provenance:
   that differ only by seed share it (a report cell averages over seeds only);
 - `code_version`: featbench's version, plus the git commit and a hash of the
   uncommitted changes when run from a checkout;
-- `dataset_hash`: the dataset's sentences and labels.
+- `dataset_hash`: the dataset's sentences and labels; `dataset_version` its name
+  (`concepts-v2` for the shipped one).
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ SCHEMA = {
     "setting_hash": "string",
     "code_version": "string",
     "dataset_hash": "string",
+    "dataset_version": "string",
     "created_at": "datetime64[ns, UTC]",
 }
 ROW_FIELDS = ("feature", "concept", "metric", "value", "kl_target", "sign")
 RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "config_hash",
-              "setting_hash", "code_version", "dataset_hash")  # fmt: skip
+              "setting_hash", "code_version", "dataset_hash", "dataset_version")  # fmt: skip
 PACKAGES = ("featbench", "torch", "transformer-lens", "sae-lens", "transformers", "numpy",
             "pandas", "pyarrow", "hydra-core", "wandb")  # fmt: skip
 METRICS_FILE = "metrics.parquet"

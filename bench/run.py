@@ -291,6 +291,7 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
         "setting_hash": identity.setting_hash,
         "code_version": code_version(),
         "dataset_hash": dataset.content_hash[:16],
+        "dataset_version": dataset.version,
     }
     tables, replicates = [], {}
     for task in tasks.values():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from bench import datasets
@@ -19,20 +21,50 @@ def shipped():
 def test_shipped_dataset_size_and_coverage(shipped):
     counts = Counter(shipped.labels)
     concepts = {c: n for c, n in counts.items() if c != NEUTRAL}
-    assert len(concepts) >= 30
-    assert min(concepts.values()) >= 20
-    assert counts[NEUTRAL] >= 60
+    assert len(concepts) >= 32
+    assert min(concepts.values()) >= 60
+    assert counts[NEUTRAL] >= 300
+    test = Counter(
+        lab for lab, s in zip(shipped.labels, shipped.splits, strict=True) if s == "test"
+    )
+    assert min(test[c] for c in concepts) >= 18  # per concept in the test split
     for required in ("food", "sports", "law_enforcement", "music", "programming_code", "weather",
                      "questions", "past_tense", "numbers_dates", "lists", "french", "spanish", "german"):  # fmt: skip
         assert required in concepts, required
+    assert shipped.version == datasets.SHIPPED_VERSION
 
 
-def test_shipped_sentences_are_natural_length_and_distinct(shipped):
+def test_shipped_sentences_are_natural_and_distinct(shipped):
     lengths = [len(s.split()) for s in shipped.sentences]
-    assert min(lengths) >= 10 and max(lengths) <= 35
-    # No template-filled near-duplicates: no two sentences share their first five words.
+    assert min(lengths) >= 5 and max(lengths) <= 40
+    # No near-duplicates: the same text after case, punctuation and spacing are dropped...
+    normal = Counter(re.sub(r"[\W_]+", "", s.lower()) for s in shipped.sentences)
+    assert normal.most_common(1)[0][1] == 1, normal.most_common(3)
+    # ... and no template: at most two sentences share their first five words.
     openings = Counter(" ".join(s.lower().split()[:5]) for s in shipped.sentences)
-    assert openings.most_common(1)[0][1] == 1, openings.most_common(3)
+    assert openings.most_common(1)[0][1] <= 2, openings.most_common(3)
+
+
+@pytest.mark.integration
+def test_token_count_alone_separates_no_label(shipped):
+    """Length control: token count (the embedded model's tokenizer) used as a score gives a
+    one-vs-rest AUROC within [0.35, 0.65] for every concept and for neutral."""
+    from transformers import AutoTokenizer
+
+    from bench.models import embedded_gguf_path
+    from tasks.concept_detection import auroc_matrix
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    counts = np.array([len(tokenizer(s, add_special_tokens=False)["input_ids"])
+                       for s in shipped.sentences], dtype=float)  # fmt: skip
+    labels = np.array(shipped.labels)
+    names = sorted(set(labels))
+    auc = auroc_matrix(counts[:, None], labels[:, None] == np.array(names)[None, :])[:, 0]
+    outside = {
+        n: round(float(a), 3) for n, a in zip(names, auc, strict=True) if not 0.35 <= a <= 0.65
+    }
+    assert not outside, outside
 
 
 def test_split_is_stratified_deterministic_and_70_30(shipped):

@@ -24,7 +24,7 @@ from bench.run import completed, job_identity
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
        "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
-       "code_version": "featbench 0.1.0+gold", "dataset_hash": "d0"}  # fmt: skip
+       "code_version": "featbench 0.1.0+gold", "dataset_hash": "d0", "dataset_version": "v0"}  # fmt: skip
 
 
 def _cfg(*overrides: str):
