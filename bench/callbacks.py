@@ -1,7 +1,9 @@
 """Hydra callbacks: a sweep that reports on itself.
 
 `ReportCallback` logs one line as each job starts and, when a multirun ends, builds
-`featbench-report` in the sweep folder and logs the headline comparison table. Enable it
+`featbench-report` in the sweep folder and logs the headline comparison table: a row per
+setting, the held-out steering score first, `*` on each cell whose difference from the
+`random` setting excludes 0 (from the report's difference table). Enable it
 in a config with
 
     hydra:
@@ -27,9 +29,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import FeatbenchError
-from bench.report import comparison_table, report
+from bench.report import build, comparison_table, read_reference, write_report
 from bench.report.common import one_line
-from bench.results import FAILED_FILE, METRICS_FILE, read_metrics
+from bench.results import FAILED_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,10 @@ class ReportCallback(Callback):
             )
             return
         try:
-            path = report(directory, self.compare, self.top)
-            summary, _ = read_metrics(directory / "summary.parquet")
-            table = comparison_table(summary)
+            reference = read_reference(self.compare) if self.compare else None
+            built = build(directory)
+            path = write_report(built, directory, reference, self.top)
+            table = comparison_table(built.cells, built.differences)
         except FeatbenchError as err:
             log.error("featbench-report on %s failed: %s", directory, one_line(err))
             return

@@ -1,7 +1,8 @@
 """The console comparison table, per-job plots and the Hydra `ReportCallback`.
 
 Fixtures are small synthetic jobs written with the real result writer
-(`finalize` + `write_metrics`), as in tests/test_report.py.
+(`finalize` + `write_metrics` + `write_replicates`, through tests/test_report.py's
+`write_job`), read back with `bench.report.build` as the callback reads them.
 """
 
 from __future__ import annotations
@@ -9,14 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
 from bench.callbacks import ReportCallback
-from bench.report import comparison_table, plot_job
+from bench.report import build, comparison_table, plot_job
+from bench.report.tables import LEGEND, MARK
 from bench.results import finalize, write_metrics
+from bench.stats import mean_estimate
+from tests.test_report import write_job
 
 HOOK = "blocks.3.mlp.hook_post"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -25,15 +30,17 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
     """One job's rows: per-feature AUROCs and steering samples plus their summary rows."""
     run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": seed, "config_hash": f"hash{seed}"}  # fmt: skip
+           "method": method, "seed": seed, "config_hash": f"hash{seed}", "setting_hash": method,
+           "code_version": "featbench 0.1.0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
     concept = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
                for f, v in enumerate((0.9, 0.7))]  # fmt: skip
     concept += [{"metric": "mean_feature_auroc", "value": 0.925, "ci_low": 0.9, "ci_high": 0.95},
                 {"metric": "concept_coverage", "value": 0.5}]  # fmt: skip
+    concept = [{**r, "encoder": "native"} for r in concept]
     steering = [{"feature": 0, "concept": "food", "kl_target": kl, "sign": 1, "sample": s,
                  "metric": "steering_score", "value": v, "judge": "offline"}
                 for kl in (0.1, 0.5) for s, v in enumerate((2.0, 1.0))]  # fmt: skip
-    steering.append({"metric": "steering_score", "value": 0.35, "judge": "offline"})
+    steering.append({"metric": "heldout_steering_score", "value": 0.35, "judge": "offline"})
     frames = [finalize(rows, {**run, "task": task}) for task, rows in
               (("concept_detection", concept), ("steering", steering))]  # fmt: skip
     return pd.concat(frames, ignore_index=True).assign(supervised=supervised)
@@ -41,7 +48,8 @@ def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
 
 def _reconstruction_only(method: str) -> pd.DataFrame:
     run = {"run_id": f"{method}-0", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": 0, "config_hash": "hash0", "task": "reconstruction"}  # fmt: skip
+           "method": method, "seed": 0, "config_hash": "hash0", "task": "reconstruction",
+           "setting_hash": method, "code_version": "featbench 0.1.0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
     return finalize([{"metric": "fvu", "value": 0.2}, {"metric": "kl_spliced", "value": None,
                       "reason": "no model"}], run)  # fmt: skip
 
@@ -56,14 +64,17 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
-def test_comparison_table_shows_values_intervals_and_missing_cells():
-    summary = pd.concat([_job("diffmean", supervised=True), _reconstruction_only("pca")])
-    table = comparison_table(summary)
-    lines = table.splitlines()
+def _table(root: Path) -> str:
+    built = build(root)
+    return comparison_table(built.cells, built.differences)
+
+
+def test_comparison_table_leads_with_heldout_steering_and_shows_missing_cells(sweep):
+    lines = _table(sweep).splitlines()
     assert lines[0] == f"smollm2-135m · layer 3 · {HOOK}"
     header = lines[1].split()
-    assert header == ["method", "mean_feature_auroc", "concept_coverage", "steering_score",
-                      "fvu", "kl_spliced"]  # fmt: skip
+    assert header == ["setting", "heldout_steering_score", "mean_feature_auroc", "(native)",
+                      "concept_coverage", "(native)", "fvu", "kl_spliced"]  # fmt: skip
     assert set(lines[2]) == {"-", " "}
     diffmean = next(line for line in lines if line.startswith("diffmean †"))
     assert "0.93 [0.90, 0.95]" in diffmean and "0.50" in diffmean and "0.35" in diffmean
@@ -71,19 +82,47 @@ def test_comparison_table_shows_values_intervals_and_missing_cells():
     pca = next(line for line in lines if line.startswith("pca"))
     assert pca.split()[1:] == ["—", "—", "—", "0.20", "—"]  # kl_spliced: missing value
     assert lines[-1].startswith("† supervised")
-    assert "|" not in table  # terminal text, not markdown
+    assert MARK not in "\n".join(lines)  # no random control here: nothing marked
+    assert "|" not in "\n".join(lines)  # terminal text, not markdown
     assert diffmean.index("0.50") == lines[1].index("concept_coverage")  # columns line up
 
 
-def test_comparison_table_has_one_block_per_setting():
-    other = _job("snmf").assign(layer=5, hook="blocks.5.mlp.hook_post")
-    table = comparison_table(pd.concat([_job("snmf"), other], ignore_index=True))
-    blocks = table.split("\n\n")
+def test_comparison_table_has_one_block_per_model_layer_and_hook(tmp_path):
+    write_metrics(_job("snmf"), tmp_path / "0" / "metrics.parquet")
+    other = _job("snmf").assign(layer=5, hook="blocks.5.mlp.hook_post", setting_hash="snmf5")
+    write_metrics(other, tmp_path / "1" / "metrics.parquet")
+    blocks = _table(tmp_path).split("\n\n")
     assert [b.splitlines()[0] for b in blocks] == [
         f"smollm2-135m · layer 3 · {HOOK}",
         "smollm2-135m · layer 5 · blocks.5.mlp.hook_post",
     ]
     assert all(sum(line.startswith("snmf") for line in b.splitlines()) == 1 for b in blocks)
+
+
+def _heldout(values) -> dict[str, list[dict]]:
+    est = mean_estimate(values, paired_over="test sentence", units_hash="u", seed=0)
+    return {
+        "steering": [{"metric": "heldout_steering_score", **est.row(), "description": "tokens"}]
+    }
+
+
+def test_only_a_difference_from_random_that_excludes_0_is_marked(tmp_path):
+    scores = np.random.default_rng(0).uniform(0, 2, 30)
+    write_job(tmp_path / "r", "random", 1, _heldout(scores))
+    write_job(tmp_path / "s", "snmf", 1, _heldout(scores + 0.5))  # separates from random
+    write_job(tmp_path / "d", "diffmean", 1, _heldout(scores[::-1]))  # same units, shuffled
+    built = build(tmp_path)
+    table = comparison_table(built.cells, built.differences)
+    rows = {line.split()[0]: line for line in table.splitlines()[3:6]}
+    diffs = built.differences
+    for method in ("snmf", "diffmean"):
+        vs_random = diffs[diffs["method_a"].eq(method) & diffs["method_b"].eq("random")].iloc[0]
+        assert vs_random["paired"]
+        excludes = vs_random["ci_low"] > 0 or vs_random["ci_high"] < 0
+        assert rows[method].rstrip().endswith(MARK) == excludes, (method, vs_random)
+    assert rows["snmf"].endswith(MARK) and not rows["diffmean"].endswith(MARK)
+    assert not rows["random"].endswith(MARK)
+    assert table.splitlines()[-1] == LEGEND
 
 
 def test_plot_job_writes_the_plots_that_apply(tmp_path):
@@ -113,6 +152,7 @@ def test_callback_reports_the_sweep_and_logs_the_table(sweep, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "bench.callbacks"]
     table = next(m for m in messages if m.startswith("headline metrics"))
     assert "diffmean †" in table and "0.93 [0.90, 0.95]" in table and "pca" in table
+    assert table.splitlines()[2].split()[:2] == ["setting", "heldout_steering_score"]
     assert f"report: {sweep / 'report.md'}" in messages
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 

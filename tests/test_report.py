@@ -18,9 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-import bench.report as report_module
 from bench.report import ReportError, cli, report
-from bench.results import finalize, read_metrics, write_metrics
+from bench.results import (
+    REPLICATES_FILE,
+    finalize,
+    pop_replicates,
+    read_metrics,
+    setting_hash,
+    write_metrics,
+    write_replicates,
+)
 from methods.base import ActivationSet
 from methods.snmf import SNMF
 from methods.snmf_hier import HierarchicalSNMF
@@ -30,18 +37,50 @@ HOOK = "blocks.3.mlp.hook_post"
 PNG = b"\x89PNG\r\n\x1a\n"
 CONTEXT = "a slice of warm sour[[dough]] bread"
 SAMPLE = "pasta with garlic and basil tastes great"
+CODE = "featbench 0.1.0+g1111111"
+BASE = {"model.name": "smollm2-135m", "layer": 3, "hook": "mlp_post", "dataset.name": "concepts"}
+
+
+def setting(method: str, **keys) -> dict:
+    """A job's meta["setting"] as bench.results.setting_of writes it (flat dotted keys)."""
+    return {
+        **BASE,
+        "method._target_": f"methods.{method}.X",
+        **{f"method.{k}": v for k, v in keys.items()},
+    }
+
+
+def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], keys: dict | None = None,
+              code: str = CODE, dataset: str = "d0", meta: bool = True, **extra) -> int:  # fmt: skip
+    """A job folder as bench.run writes it: metrics.parquet (with meta["setting"]) and
+    replicates.parquet; summary rows may carry `replicates` (an Estimate's row())."""
+    keys = keys if keys is not None else setting(method)
+    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
+           "method": method, "seed": seed, "config_hash": f"{setting_hash(keys)}-{seed}",
+           "setting_hash": setting_hash(keys), "code_version": code, "dataset_hash": dataset, "dataset_version": "1"}  # fmt: skip
+    frames, reps = [], {}
+    for task, rows in tasks.items():
+        rows = [dict(r) for r in rows]
+        reps.update(pop_replicates(rows, task))
+        frames.append(finalize(rows, {**run, "task": task}))
+    frame = pd.concat(frames, ignore_index=True).assign(**extra)
+    if not meta:  # a job written by older code: no setting_hash, no meta["setting"]
+        frame = frame.drop(columns=["setting_hash"])
+    write_metrics(frame, folder / "metrics.parquet", {"setting": keys} if meta else {})
+    write_replicates(folder / REPLICATES_FILE, reps)
+    return len(frame)
 
 
 def _rows_concept(aurocs: list[float], supervised: bool, summary: float) -> list[dict]:
-    rows = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
+    rows = [{"feature": f, "concept": "food", "metric": "auroc", "value": v, "encoder": "native"}
             for f, v in enumerate(aurocs)]  # fmt: skip
     rows += [{"concept": "food", "metric": "concept_best_auroc", "value": max(aurocs)},
-             {"metric": "mean_feature_auroc", "value": summary},
-             {"metric": "concept_coverage", "value": 0.5, "threshold": 0.9}]  # fmt: skip
+             {"metric": "mean_feature_auroc", "value": summary, "encoder": "native"},
+             {"metric": "concept_coverage", "value": 0.5, "threshold": 0.9, "encoder": "native"}]  # fmt: skip
     return [{**r, "supervised": supervised} for r in rows]
 
 
-def _rows_steering(score: float, low: float, high: float) -> list[dict]:
+def _rows_steering(score: float, low: float, high: float, kind: str = "tokens") -> list[dict]:
     rows = []
     for sample, (value, text) in enumerate([(2.0, SAMPLE), (0.0, "I think that it is fine")]):
         common = {"feature": 0, "concept": "food", "kl_target": 0.1, "sign": 1, "sample": sample,
@@ -49,12 +88,13 @@ def _rows_steering(score: float, low: float, high: float) -> list[dict]:
         rows += [{**common, "metric": m, "value": v} for m, v in
                  (("concept_score", value), ("fluency_score", 2.0), ("steering_score", value))]  # fmt: skip
         rows.append({**common, "kl_target": 0.5, "metric": "steering_score", "value": 0.5})
-    rows += [{"feature": 0, "concept": "food", "metric": "best_steering_score", "value": 1.0,
+    rows += [{"feature": 0, "concept": "food", "metric": "best_kl_steering_score", "value": 1.0,
               "kl_target": 0.1, "sign": 1, "judge": "offline"},
-             {"metric": "steering_score", "value": score, "ci_low": low, "ci_high": high, "judge": "offline"},
-             {"metric": "heldout_steering_score", "value": None, "reason": "no defined score",
+             {"metric": "heldout_steering_score", "value": score, "ci_low": low, "ci_high": high,
+              "n": 12, "judge": "offline"},
+             {"metric": "best_kl_steering_score", "value": None, "reason": "no defined score",
               "judge": "offline"}]  # fmt: skip
-    return rows
+    return [{**r, "description": kind} for r in rows]
 
 
 def _rows_synthetic(mcc: float) -> list[dict]:
@@ -68,15 +108,6 @@ def _rows_reconstruction(fvu: float) -> list[dict]:
         {"metric": m, "value": v}
         for m, v in (("fvu", fvu), ("kl_spliced", 0.02), ("ce_delta", 0.1))
     ]
-
-
-def _write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], **extra) -> int:
-    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": seed, "config_hash": f"hash{seed}"}  # fmt: skip
-    frames = [finalize(rows, {**run, "task": task}) for task, rows in tasks.items()]
-    frame = pd.concat(frames, ignore_index=True).assign(**extra)
-    write_metrics(frame, folder / "metrics.parquet")
-    return len(frame)
 
 
 def _fit_features(folder: Path, method) -> None:
@@ -93,7 +124,7 @@ def sweep(tmp_path: Path) -> tuple[Path, int]:
     """Four jobs: diffmean (supervised), two seeds of snmf (one nested deeper) and
     snmf_hier; returns the folder and the number of rows written."""
     root = tmp_path / "sweep"
-    n = _write_job(root / "0", "diffmean", 1, {
+    n = write_job(root / "0", "diffmean", 1, {
         "concept_detection": _rows_concept([0.9, 0.8], True, 0.85),
         "steering": _rows_steering(0.73, 0.42, 1.04),
         "synthetic_recovery": [{**r, "value": None, "reason": "needs labels"} for r in _rows_synthetic(0)],
@@ -103,40 +134,50 @@ def sweep(tmp_path: Path) -> tuple[Path, int]:
     (root / "0" / "features").mkdir(parents=True)
     (root / "0" / "features" / "contexts.json").write_text(json.dumps(contexts))
     for folder, seed, fvu in ((root / "1", 1, 0.2), (root / "more" / "2", 2, 0.4)):
-        n += _write_job(folder, "snmf", seed, {
+        n += write_job(folder, "snmf", seed, {
             "concept_detection": _rows_concept([0.6, 0.7, 0.5], False, 0.6),
             "steering": _rows_steering(0.35, 0.1, 0.5),
             "reconstruction": _rows_reconstruction(fvu),
             "synthetic_recovery": _rows_synthetic(0.9),
         }, tag="seed run")  # fmt: skip
         _fit_features(folder, SNMF(rank=4, sparsity=0.5, max_iter=20, patience=5, device="cpu"))
-    n += _write_job(root / "3", "snmf_hier", 1, {"reconstruction": _rows_reconstruction(0.3)})
+    n += write_job(root / "3", "snmf_hier", 1, {"reconstruction": _rows_reconstruction(0.3)})
     _fit_features(
         root / "3", HierarchicalSNMF(ranks=[6, 3], sparsity=0.5, max_iter=20, device="cpu")
     )
     return root, n
 
 
-def test_report_merges_every_job_into_tables_per_method(sweep):
+def test_report_merges_every_job_into_tables_per_setting(sweep):
     root, n_rows = sweep
     path = report(root)
     assert path == root / "report.md"
     summary, _ = read_metrics(root / "summary.parquet")
     assert len(summary) == n_rows
     assert {"tag", "generator", "noise", "ci_low", "text", "supervised", "job_dir"} <= set(summary)
+    assert {"setting", "setting_hash"} <= set(summary)
     assert sorted(summary["job_dir"].unique()) == ["0", "1", "3", "more/2"]
+    assert set(summary["setting"]) == {"diffmean", "snmf", "snmf_hier"}  # nothing else varies
     text = path.read_text()
-    tables = text.count("| method |")
-    assert tables == 4  # concept detection, steering, reconstruction, synthetic recovery
-    for method in ("diffmean †", "snmf", "snmf_hier"):  # one row per method in every table
-        assert sum(line.startswith(f"| {method} |") for line in text.splitlines()) == tables
-    assert "| diffmean † | 0.73 [0.42, 1.04] | — | offline |" in text  # value [95% interval]
-    assert "| snmf | 0.35 (n=2) | — | offline |" in text  # two seeds: their mean and n
-    assert "| snmf | 0.30 (n=2) | 0.02 (n=2) | 0.10 (n=2) |" in text
-    assert "| diffmean † | — | — | — |" in text and "| snmf_hier | 0.30 | 0.02 | 0.10 |" in text
-    assert "mcc (snmf, noise 0)" in text and "| snmf | 0.90 (n=2) | 0.25 (n=2) |" in text
+    tables = text.count("| setting |")
+    assert tables == 4  # steering, concept detection, reconstruction, synthetic recovery
+    for name in ("diffmean †", "snmf", "snmf_hier"):  # one row per setting in every table
+        assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == tables
+    assert text.index("### Steering") < text.index("### Concept detection")  # headline first
+    assert (
+        "| setting | heldout_steering_score | best_kl_steering_score | description | judge |"
+        in text
+    )
+    assert "| diffmean † | 0.73 [0.42, 1.04] n=12 | — | tokens | offline |" in text
+    assert "| snmf | 0.35 n=12 · 2 seeds | — | tokens | offline |" in text  # mean of two seeds
+    assert "| snmf | 0.30 · 2 seeds | 0.02 · 2 seeds | 0.10 · 2 seeds |" in text
+    assert "| snmf_hier | 0.30 | 0.02 | 0.10 |" in text
+    assert "mean_feature_auroc (native)" in text
+    assert "mcc (snmf, noise 0)" in text and "| snmf | 0.90 · 2 seeds | 0.25 · 2 seeds |" in text
     assert "upper reference" in text
     assert "[features.md](features.md)" in text
+    assert "mix results from" not in text  # one code version
+    assert (root / "differences.parquet").is_file() and "## Differences between settings" in text
 
 
 def test_plots_are_valid_pngs_linked_from_the_report(sweep):
@@ -166,7 +207,7 @@ def test_features_page_shows_contexts_descriptions_and_steered_samples(sweep):
 
 
 def test_absent_plot_data_is_skipped_with_one_log_line(tmp_path, caplog):
-    _write_job(tmp_path / "job", "pca", 0, {"reconstruction": _rows_reconstruction(0.1)})
+    write_job(tmp_path / "job", "pca", 0, {"reconstruction": _rows_reconstruction(0.1)})
     with caplog.at_level("INFO", logger="bench.report"):
         text = report(tmp_path).read_text()
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -205,37 +246,6 @@ def test_corrupt_parquet_is_named_and_earlier_outputs_survive(sweep):
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 
 
-def test_compare_paper_puts_the_papers_values_beside_ours(sweep, tmp_path, monkeypatch):
-    root, _ = sweep
-    monkeypatch.setattr(report_module, "PAPER_REFERENCE", tmp_path / "absent.csv")
-    with pytest.raises(ReportError, match="absent.csv does not exist"):
-        report(root, compare="paper")
-    assert not (root / "report.md").exists()
-    reference = tmp_path / "paper_reference.csv"
-    reference.write_text(  # the columns every row has, plus optional setting columns and std
-        "model,layer,hook,method,rank,metric,value,std,source,confidence\n"
-        "gemma-2-2b,12,mlp_out,DiffMean,,steering_score,1.1,,Table 2,high\n"
-        "smollm2-135m,3,mlp_post,SNMF,100,mean_feature_auroc,0.7,0.1,Fig. 3,low\n"
-        "gemma-2-2b,12,mlp_post,SAE,,steering_score,0.9,,Table 2,high\n"
-    )
-    monkeypatch.setattr(report_module, "PAPER_REFERENCE", reference)
-    text = report(root, compare="paper").read_text()
-    section = text.split("## Comparison with the paper")[1]
-    ours = "| diffmean | steering_score | 0.73 [0.42, 1.04] | 1.10 |"
-    assert f"{ours} gemma-2-2b, layer 12, hook mlp_out | Table 2 | high |" in section
-    differs = "model: ours smollm2-135m, paper gemma-2-2b; layer: ours 3, paper 12; "
-    assert (
-        differs + "hook: ours mlp_post, paper mlp_out; judge: ours offline, paper gpt-4o-mini |"
-        in section
-    )
-    ours = "| snmf | mean_feature_auroc | 0.60 (n=2) | 0.70 ± 0.10 |"
-    assert (
-        f"{ours} smollm2-135m, layer 3, hook mlp_post, rank 100 | Fig. 3 | low | same setting |"
-        in section
-    )
-    assert "1 reference rows match no result here" in section
-
-
 @pytest.mark.integration
 def test_report_on_a_real_two_method_multirun(tmp_path):
     sweep = tmp_path / "sweep"
@@ -254,8 +264,14 @@ def test_report_on_a_real_two_method_multirun(tmp_path):
     assert len(summary) == sum(len(read_metrics(p)[0]) for p in jobs)
     text = (sweep / "report.md").read_text()
     print(text)  # the excerpt a reviewer reads with -s
+    assert set(summary["setting"]) == {"diffmean", "random"}  # only the method varies
     for method in ("diffmean †", "random"):
         assert f"| {method} |" in text
+    diffs, _ = read_metrics(sweep / "differences.parquet")
+    concept = diffs[diffs["metric"] == "mean_feature_auroc"]
+    assert set(concept["encoder"]) == {"native", "projection"}  # one row per encoder
+    assert concept["paired"].all() and set(concept["paired_over"]) == {"test sentence"}
+    assert (concept["method_a"] == "diffmean").all() and (concept["method_b"] == "random").all()
     assert "### Steering" in text and "### Concept detection" in text
     for name in ("steering_vs_kl.png", "auroc_by_method.png"):
         assert (sweep / name).read_bytes()[:8] == PNG

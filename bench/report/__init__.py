@@ -7,18 +7,22 @@ per-feature pages.
 Every input is read first; then each output is written atomically into DIR:
 
 - `summary.parquet`: every row of every `metrics.parquet` under DIR with all columns
-  (the union of the jobs' extra columns), plus `job_dir`, the job folder relative to DIR;
-- `report.md`: per (model, layer, hook), one table per task with a row per method and
-  the task's headline summary metrics (rows with no feature and no concept); a cell
-  with several runs shows their mean and n;
+  (the union of the jobs' extra columns), plus `job_dir` (the job folder relative to DIR),
+  `setting_hash` and `setting`, the label of the row's setting;
+- `differences.parquet`: for every pair of settings in one table (same model, layer, hook
+  and dataset), per headline metric, the paired (or, saying so, unpaired) bootstrap
+  difference, Holm-adjusted per table (bench.report.differences);
+- `report.md`: per (model, layer, hook), one table per task with a row per setting and the
+  task's headline summary metrics; a cell is one setting, averaged over seeds only;
+  then the difference tables;
 - `steering_vs_kl.png`, `auroc_by_method.png`, `snmf_loss.png`, each skipped with one
   log line when its data is absent; hierarchical SNMF trees as indented lists;
 - `features.md`: per job, its top features with their description, top-activating
   contexts (the job's `features/contexts.json`) and steered samples.
 
-This module reads the inputs and assembles the outputs; the parts live beside it:
-`tables` (headline tables, the console `comparison_table`, the paper comparison),
-`plots` (PNGs, `plot_job` for one job, SNMF trees), `pages` (features.md) and `common`.
+The data flows one way: `build` reads the jobs (`collect`), names their settings and makes
+the cells (`cells`) and their differences (`differences`); `write_report` renders them
+(`tables`, `paper`, `plots`, `pages`), and no renderer recomputes a number.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pyarrow as pa
 
 from bench.errors import FeatbenchError
+from bench.report.cells import HEADLINES, assign_settings, headline_cells
 from bench.report.common import (
     MISSING,
     Job,
@@ -42,24 +48,23 @@ from bench.report.common import (
     read_json,
     supervised_methods,
 )
+from bench.report.differences import differences, differences_section
 from bench.report.pages import features_page
+from bench.report.paper import compare_section, packaged_reference
+from bench.report.paper import read_reference as _read_reference
 from bench.report.plots import plot_job, plot_section, tree_section
-from bench.report.tables import (
-    HEADLINES,
-    compare_section,
-    comparison_table,
-    headline_cells,
-    headline_tables,
-)
-from bench.results import METRICS_FILE, read_metrics, write_metrics
+from bench.report.tables import comparison_table, headline_tables
+from bench.results import METRICS_FILE, read_metrics, read_replicates, write_metrics
 from bench.storage import atomic_write_text
 
 __all__ = [
     "HEADLINES",
     "MISSING",
     "PAPER_REFERENCE",
+    "Built",
     "Job",
     "ReportError",
+    "build",
     "cli",
     "collect",
     "comparison_table",
@@ -69,55 +74,99 @@ __all__ = [
     "plot_job",
     "read_reference",
     "report",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
 
-PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_reference.csv"
-REFERENCE_COLUMNS = ["model", "layer", "method", "metric", "value", "source", "confidence"]
+PAPER_REFERENCE = packaged_reference()  # results/paper_reference.csv, installed as package data
+
+
+class Built(NamedTuple):
+    """Everything the outputs are rendered from."""
+
+    summary: pd.DataFrame  # every row, with job_dir, setting_hash and setting
+    settings: dict[str, dict | None]  # setting_hash -> its keys (None: a job from older code)
+    cells: pd.DataFrame  # bench.report.cells.headline_cells
+    differences: pd.DataFrame  # bench.report.differences.COLUMNS
+    jobs: list[Job]
 
 
 def report(directory: Path, compare: str | None = None, top: int = 5) -> Path:
     """Build every output of `featbench-report` in `directory`; returns report.md's path."""
     directory = Path(directory)
     reference = read_reference(compare) if compare else None
-    summary = collect(directory)
-    jobs = load_jobs(summary, directory)
+    return write_report(build(directory), directory, reference, top)
+
+
+def build(directory: Path) -> Built:
+    """Read every job under `directory` and compute the cells and their differences."""
+    directory = Path(directory)
+    summary, metas = collect(directory, with_meta=True)
+    summary, settings = assign_settings(summary, metas)
+    replicates = {}
+    for name in summary["job_dir"].unique():
+        try:
+            replicates[str(name)] = read_replicates(directory / str(name))
+        except (pa.ArrowException, OSError, ValueError) as err:
+            log.warning("%s: replicates unreadable, its cells have no replicates (%s)",
+                        name, one_line(err))  # fmt: skip
+            replicates[str(name)] = {}
+    cells = headline_cells(summary, replicates)
+    return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory))
+
+
+def write_report(
+    built: Built, directory: Path, reference: pd.DataFrame | None = None, top: int = 5
+) -> Path:
+    """Render `built` into `directory`: summary.parquet, differences.parquet, report.md,
+    features.md and the plots; returns report.md's path."""
+    directory = Path(directory)
+    summary, cells, diffs = built.summary, built.cells, built.differences
     supervised = supervised_methods(summary)
-    cells = headline_cells(summary)
+    compared = (
+        compare_section(cells, summary, built.settings, reference) if reference is not None else ""
+    )
     sections = [
         _intro(summary, directory, supervised),
-        headline_tables(summary, cells, supervised),
-        compare_section(cells, reference) if reference is not None else "",
-        plot_section(summary, jobs, directory, supervised),
-        tree_section(jobs),
+        headline_tables(cells, diffs),
+        differences_section(diffs, cells),
+        compared,
+        plot_section(summary, built.jobs, directory, supervised),
+        tree_section(built.jobs),
     ]
     meta = {"report_of": sorted(summary["job_dir"].unique())}
     write_metrics(summary, directory / "summary.parquet", meta)
-    atomic_write_text(directory / "features.md", features_page(jobs, top))
+    write_metrics(diffs, directory / "differences.parquet", meta)
+    atomic_write_text(directory / "features.md", features_page(built.jobs, top))
     path = atomic_write_text(directory / "report.md", "\n\n".join(filter(None, sections)) + "\n")
-    log.info("wrote %s, features.md and summary.parquet (%d rows)", path, len(summary))
+    log.info("wrote %s, features.md, summary.parquet (%d rows) and differences.parquet (%d)",
+             path, len(summary), len(diffs))  # fmt: skip
     return path
 
 
-def collect(directory: Path) -> pd.DataFrame:
-    """Every metrics.parquet under `directory` in one table, with a `job_dir` column."""
+def collect(directory: Path, with_meta: bool = False):
+    """Every metrics.parquet under `directory` in one table, with a `job_dir` column (and,
+    `with_meta`, job_dir -> that file's featbench meta)."""
     if not directory.is_dir():
         raise ReportError(f"{directory}: {'not a' if directory.exists() else 'no such'} directory")
     paths = sorted(directory.rglob(METRICS_FILE), key=natural)
     if not paths:
         raise ReportError(f"{directory}: no {METRICS_FILE} under it; run featbench into it first")
-    frames = []
+    frames, metas = [], {}
     for path in paths:
         try:
-            frame, _ = read_metrics(path)
+            frame, meta = read_metrics(path)
         except (pa.ArrowException, OSError, ValueError) as err:
             raise ReportError(f"{path}: unreadable metrics file ({one_line(err)})") from None
-        frame["job_dir"] = path.parent.relative_to(directory).as_posix()
+        name = path.parent.relative_to(directory).as_posix()
+        frame["job_dir"] = name
+        metas[name] = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
         frames.append(frame)
     summary = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
     log.info("%s: %d jobs, %d rows", directory, len(paths), len(summary))
-    return arrow_safe(summary)
+    summary = arrow_safe(summary)
+    return (summary, metas) if with_meta else summary
 
 
 def load_jobs(summary: pd.DataFrame, directory: Path) -> list[Job]:
@@ -134,19 +183,8 @@ def load_jobs(summary: pd.DataFrame, directory: Path) -> list[Job]:
 
 
 def read_reference(compare: str) -> pd.DataFrame:
-    """The paper's numbers: `paper` is results/paper_reference.csv, else a CSV path."""
-    path = PAPER_REFERENCE if compare == "paper" else Path(compare)
-    if not path.is_file():
-        columns = ", ".join(REFERENCE_COLUMNS)
-        raise ReportError(f"--compare {compare}: {path} does not exist (a CSV of {columns})")
-    try:
-        reference = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise ReportError(f"{path}: unreadable CSV ({one_line(err)})") from None
-    missing = [c for c in REFERENCE_COLUMNS if c not in reference]
-    if missing:
-        raise ReportError(f"{path}: lacks columns {missing}; expected {REFERENCE_COLUMNS}")
-    return reference
+    """The paper's numbers: `paper` is the packaged results/paper_reference.csv, else a CSV."""
+    return _read_reference(compare, PAPER_REFERENCE)
 
 
 def _intro(summary: pd.DataFrame, directory: Path, supervised: set[str]) -> str:
@@ -155,9 +193,13 @@ def _intro(summary: pd.DataFrame, directory: Path, supervised: set[str]) -> str:
         f"# featbench report\n\n`{directory}`: {summary['job_dir'].nunique()} jobs, "
         f"{len(summary)} result rows, all in [summary.parquet](summary.parquet). "
         "Per-feature pages: [features.md](features.md).\n\n"
-        "Cells are a task's summary rows (no feature, no concept): `v [lo, hi]` is a value "
-        "with its 95% bootstrap interval, `m (n=k)` the mean over k runs (seeds) of one "
-        f"setting, {MISSING} a missing value (its `reason` is in summary.parquet)."
+        "A row is one setting (a job's config minus its seed and output paths), named by its "
+        "method and the keys that vary between the table's rows. A cell is a task's summary "
+        "row (no feature, no concept): `v [lo, hi] n=N` is a value with its 95% bootstrap "
+        "interval over N units; `k seeds`: the mean over k seeds of that one setting, its "
+        "interval from the seeds' averaged bootstrap replicates. "
+        f"{MISSING} is a missing value (its `reason` is in summary.parquet); `*` marks a cell "
+        "whose difference from the `random` setting excludes 0."
     )
     if supervised:
         text += (

@@ -1,7 +1,7 @@
 """What every part of the report shares: its error, a job's inputs, and text helpers.
 
 Numbers are written with two decimals (`num`), a missing value as `MISSING`; a row's
-(model, layer, hook) setting is one line of text (`settings`).
+(model, layer, hook), the block a table belongs to, is one line of text (`place`).
 """
 
 from __future__ import annotations
@@ -45,16 +45,19 @@ def supervised_methods(summary: pd.DataFrame) -> set[str]:
     return set(summary.loc[summary["supervised"].eq(True), "method"].dropna().astype(str))
 
 
-def settings(rows: pd.DataFrame) -> pd.Series:
-    """Each row's (model, layer, hook) as text."""
+def place(rows: pd.DataFrame) -> pd.Series:
+    """Each row's (model, layer, hook) as text: the title of the tables it appears in."""
     layer = rows["layer"].astype("string").fillna(MISSING)
     return rows["model"].astype(str) + " · layer " + layer + " · `" + rows["hook"].astype(str) + "`"
 
 
 def series_labels(rows: pd.DataFrame, several: bool, supervised: set[str]) -> pd.Series:
-    """A plot series per method, and per setting too when the rows span `several`."""
-    labels = rows["method"].map(lambda m: f"{m} (supervised)" if m in supervised else str(m))
-    return labels + " · " + settings(rows).str.replace("`", "") if several else labels
+    """A plot series per setting (its label, the method when rows have none), and per
+    (model, layer, hook) too when the rows span `several`."""
+    names = rows["setting"].astype(str) if "setting" in rows else rows["method"].astype(str)
+    marks = rows["method"].map(lambda m: " (supervised)" if m in supervised else "")
+    labels = names + marks
+    return labels + " · " + place(rows).str.replace("`", "") if several else labels
 
 
 def plain(value: Any) -> str:

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.report.common import Job, contexts_of, inline, num, settings, sign_text
+from bench.report.common import Job, contexts_of, inline, num, place, sign_text
 
 SAMPLES_SHOWN = 3  # steered samples listed per feature, best first
+# A feature's best-over-KL steering score (the paper's); `best_steering_score` in older jobs.
+BEST = ("best_kl_steering_score", "best_steering_score")
 
 
 def features_page(jobs: list[Job], top: int) -> str:
     """The whole page: per job, up to `top` features, steered ones first."""
     lines = ["# featbench: features", "",
-             f"Per job, up to {top} features: the steered ones first (by `best_steering_score`), "
+             f"Per job, up to {top} features: the steered ones first (by `best_kl_steering_score`), "
              "then by concept-detection AUROC. Contexts mark the top token as [[token]].", ""]  # fmt: skip
     for job in jobs:
         first = job.rows.iloc[0]
-        setting = settings(job.rows).iloc[0]
-        lines += [f"## {job.method} · job `{job.name}` · {setting} · seed {first['seed']}", ""]
+        where = place(job.rows).iloc[0]
+        name = first["setting"] if "setting" in job.rows else job.method
+        lines += [f"## {name} · job `{job.name}` · {where} · seed {first['seed']}", ""]
         ranked = _ranked_features(job.rows)[:top]
         if not ranked:
             lines += ["No per-feature rows (neither steering nor concept detection ran).", ""]
@@ -31,7 +34,7 @@ def features_page(jobs: list[Job], top: int) -> str:
 def _ranked_features(rows: pd.DataFrame) -> list[int]:
     """Features by best steering score, then the rest by concept-detection AUROC."""
     rows = rows[rows["feature"].notna()]
-    best = rows[rows["metric"] == "best_steering_score"]
+    best = rows[rows["metric"].isin(BEST)]
     auroc = rows[(rows["task"] == "concept_detection") & (rows["metric"] == "auroc")]
     parts = [p.sort_values("value", ascending=False, na_position="last") for p in (best, auroc)]
     return list(dict.fromkeys(int(f) for part in parts for f in part["feature"]))
@@ -41,7 +44,7 @@ def _feature_block(job: Job, feature: int) -> list[str]:
     """One feature's heading (its best numbers), description, contexts and samples."""
     rows = job.rows[job.rows["feature"] == feature]
     facts = []
-    for _, best in rows[rows["metric"] == "best_steering_score"].head(1).iterrows():
+    for _, best in rows[rows["metric"].isin(BEST)].head(1).iterrows():
         where = (
             f" (KL {best['kl_target']:g}, {sign_text(best['sign'])})"
             if pd.notna(best["sign"])

@@ -21,8 +21,8 @@ from bench.report.common import (
     contexts_of,
     inline,
     num,
+    place,
     series_labels,
-    settings,
     supervised_methods,
 )
 from bench.storage import atomic_write
@@ -38,7 +38,7 @@ def plot_section(
     summary: pd.DataFrame, jobs: list[Job], directory: Path, supervised: set[str]
 ) -> str:
     """Draw each plot whose data exists into `directory`; markdown linking them."""
-    several = settings(summary).nunique() > 1
+    several = place(summary).nunique() > 1
     labels = partial(series_labels, several=several, supervised=supervised)
     links = []
     for name, title, draw in _PLOTS:

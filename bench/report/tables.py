@@ -1,8 +1,11 @@
-"""The report's tables: each task's headline summary metrics per method, as markdown for
-report.md or fixed-width text for a terminal, and the comparison with the paper's numbers.
+"""The report's tables: per (model, layer, hook), per task, a row per setting with the task's
+headline summary metrics, as markdown for report.md (`headline_tables`) or fixed-width text
+for a terminal (`comparison_table`, logged at the end of a sweep).
 
-All of them start from `headline_cells`, which turns summary rows (no feature, no concept)
-into one formatted cell per (setting, task, method, metric).
+Both render cells (bench.report.cells.headline_cells) and the difference table
+(bench.report.differences): nothing is recomputed here. A cell whose difference from the
+`random` control excludes 0 is marked `*`; a table whose rows come from several code versions,
+or whose steering cells were judged against different description kinds, says so above it.
 """
 
 from __future__ import annotations
@@ -11,161 +14,103 @@ import logging
 
 import pandas as pd
 
-from bench.hooks import HOOKS
-from bench.report.common import MISSING, md_table, norm, num, plain, settings, supervised_methods
+from bench.report.cells import HEADLINES
+from bench.report.common import MISSING, md_table
+from bench.report.differences import differs_from_control, mark_key
 
 log = logging.getLogger(__name__)
 
-HEADLINES = {  # task -> (title, headline summary metrics); other tasks show every summary metric
-    "concept_detection": ("Concept detection", ["mean_feature_auroc", "concept_coverage", "frac_s_cd_positive"]),
-    "steering": ("Steering", ["steering_score", "heldout_steering_score", "concept_score", "fluency_score"]),
-    "reconstruction": ("Reconstruction", ["fvu", "kl_spliced", "ce_delta"]),
-    "synthetic_recovery": ("Synthetic recovery (lowest noise of each generator)", ["mcc", "recovered_fraction"]),
-}  # fmt: skip
-PAPER_JUDGE = "gpt-4o-mini"
-PAPER_SETTING = ("hook", "rank", "sparsity", "init")  # optional reference columns, shown if set
 GAP = "  "  # between the columns of the console table
+MARK = "*"
+LEGEND = f"{MARK} differs from random: 95% CI of the paired difference excludes 0"
+LEGEND += " (unpaired where the two were not scored on the same units)"
+SUPERVISED = "† supervised: fitted with the concept labels, an upper reference"
 
 
-def headline_cells(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, task, method, column): one run gives `value [ci_low, ci_high]`,
-    several give `mean (n=k)` over the defined values, none gives —."""
-    rows = summary[summary["feature"].isna() & summary["concept"].isna()].copy()
-    pairs = zip(rows["task"], rows["metric"], strict=True)
-    rows = rows[pd.Series([m in _headlines(t, m) for t, m in pairs], index=rows.index, dtype=bool)]
-    rows["setting"] = settings(rows)
-    rows["_gen"] = rows["generator"].astype("string") if "generator" in rows else pd.NA
-    rows["_noise"] = pd.to_numeric(rows.get("noise", pd.Series(dtype=float)), errors="coerce")
-    lowest = rows.groupby(["setting", "task", "_gen"], dropna=False)["_noise"].transform("min")
-    rows = rows[rows["_noise"].isna() | rows["_noise"].eq(lowest)]
-    out = []
-    keys = ["setting", "model", "layer", "hook", "task", "method", "_gen", "metric"]
-    for (setting, model, layer, hook, task, method, gen, metric), cell in rows.groupby(
-        keys, dropna=False, sort=False
-    ):
-        values = cell["value"].dropna().astype(float)
-        text = f"{num(values.mean())} (n={len(values)})" if len(values) > 1 else MISSING
-        if len(values) == 1:  # the run's own 95% interval, when the task gives one
-            run = cell[cell["value"].notna()].iloc[0]
-            low, high = run.get("ci_low"), run.get("ci_high")
-            interval = pd.notna(low) and pd.notna(high)
-            text = num(values.iloc[0]) + (f" [{num(low)}, {num(high)}]" if interval else "")
-        noise = cell["_noise"].iloc[0]
-        label = metric if pd.isna(gen) else f"{metric} ({gen}, noise {noise:g})"
-        order = f"{'' if pd.isna(gen) else gen}:{_headlines(task, metric).index(metric):03d}"
-        judges = sorted(set(cell["judge"].dropna().astype(str))) if "judge" in cell else []
-        out.append({"setting": setting, "model": model, "layer": layer, "hook": hook, "task": task,
-                    "method": method, "metric": metric, "label": label, "order": order,
-                    "text": text, "value": values.mean() if len(values) else None,
-                    "judge": ", ".join(judges)})  # fmt: skip
-    columns = ["setting", "model", "layer", "hook", "task", "method", "metric", "label", "order"]
-    return pd.DataFrame(out, columns=[*columns, "text", "value", "judge"])
-
-
-def headline_tables(summary: pd.DataFrame, cells: pd.DataFrame, supervised: set[str]) -> str:
-    """report.md's tables: per setting, per task, a row per method (supervised ones marked †)."""
+def headline_tables(cells: pd.DataFrame, diffs: pd.DataFrame) -> str:
+    """report.md's tables: per (model, layer, hook), per task, a row per setting."""
+    marks = differs_from_control(diffs)
     parts = []
-    for setting, group in summary.groupby(settings(summary), sort=False):
-        mine = cells[cells["setting"] == setting]
-        methods = sorted(group["method"].dropna().unique())
-        parts.append(f"## {setting}")
-        for task in _tasks(mine):
-            part = mine[mine["task"] == task].sort_values("order")
-            columns = list(dict.fromkeys(part["label"]))
-            header = ["method", *columns] + (["judge"] if task == "steering" else [])
-            body = []
-            for method in methods:
-                ours = part[part["method"] == method]
-                texts = ours.set_index("label")["text"]
-                row = [
-                    f"{method}{' †' * (method in supervised)}",
-                    *(texts.get(c, MISSING) for c in columns),
-                ]
-                judge = ", ".join(ours["judge"].unique()) or MISSING
-                body.append(row + ([judge] if task == "steering" else []))
-            parts.append(f"### {HEADLINES.get(task, (task,))[0]}\n\n{md_table(header, body)}")
+    for where, block in cells.groupby("place", sort=False):
+        parts.append(f"## {where}")
+        for task in _tasks(block):
+            part = block[block["task"] == task]
+            header, body = _rows(part, marks, rows=block)
+            notes = _notes(part)
+            title = f"### {HEADLINES.get(task, (task,))[0]}"
+            parts.append("\n\n".join([title, *notes, md_table(header, body)]))
+    if marks:
+        parts.append(LEGEND)
     return "\n\n".join(parts)
 
 
-def comparison_table(summary: pd.DataFrame) -> str:
-    """The headline numbers as fixed-width text for a terminal: per (model, layer, hook), a
-    row per method and a column per headline metric of every task (tasks in HEADLINES order).
+def comparison_table(cells: pd.DataFrame, diffs: pd.DataFrame | None = None) -> str:
+    """The headline numbers as fixed-width text: per (model, layer, hook), a row per setting
+    and a column per headline metric of every task, the held-out steering score first.
 
-    A cell is `value [ci_low, ci_high]` for one run with an interval, the plain value without
-    one, `mean (n=k)` over several runs and — when missing; supervised methods are marked †.
+    A cell is `value [ci_low, ci_high] n=N` (and `k seeds`), — when missing; `*` marks a
+    difference from the `random` setting that excludes 0, † a supervised method.
     """
-    if summary.empty:
+    if cells.empty:
         return "(no result rows)"
-    cells = headline_cells(summary)
-    supervised = supervised_methods(summary)
+    diffs = diffs if diffs is not None else pd.DataFrame(columns=["method_b"])
+    marks = differs_from_control(diffs) if len(diffs) else set()
     parts = []
-    for setting, group in summary.groupby(settings(summary), sort=False):
-        mine = cells[cells["setting"] == setting]
-        keys = []  # (task, label) per column, tasks in HEADLINES order
-        for task in _tasks(mine):
-            part = mine[mine["task"] == task].sort_values("order")
-            keys += [(task, label) for label in dict.fromkeys(part["label"])]
-        texts = mine.set_index(["task", "label", "method"])["text"].to_dict()
-        body = [
-            [f"{m}{' †' * (m in supervised)}", *(texts.get((*k, m), MISSING) for k in keys)]
-            for m in sorted(group["method"].dropna().astype(str).unique())
-        ]
-        title = str(setting).replace("`", "")
-        parts.append(f"{title}\n{_fixed_width(['method', *(k[1] for k in keys)], body)}")
-    legend = "† supervised: fitted with the concept labels, an upper reference"
-    return "\n\n".join(parts) + (f"\n{legend}" if supervised else "")
+    for where, block in cells.groupby("place", sort=False):
+        header, body = _rows(block, marks, describe=False)
+        notes = [n.replace("**", "") for n in _notes(block)]
+        parts.append("\n".join([where.replace("`", ""), *notes, _fixed_width(header, body)]))
+    legend = [LEGEND] if marks else []
+    legend += [SUPERVISED] if cells["supervised"].any() else []
+    return "\n\n".join(parts) + "".join(f"\n{line}" for line in legend)
 
 
-def compare_section(cells: pd.DataFrame, reference: pd.DataFrame) -> str:
-    """Our headline numbers beside the paper's for the same (method, metric)."""
-    ref = reference.rename(columns={c: f"paper_{c}" for c in reference.columns if c != "metric"})
-    ref = ref.assign(
-        _method=ref["paper_method"].map(norm), metric=ref["metric"].astype(str).str.strip()
-    )
-    ours = cells.assign(_method=cells["method"].map(norm))
-    merged = ours.merge(ref, on=["_method", "metric"])
-    matched = ref.merge(ours[["_method", "metric"]].drop_duplicates(), on=["_method", "metric"])
-    head = (
-        "## Comparison with the paper\n\nThe paper's values for the same method and metric; "
-        "`differs` names what is not the same setting (model, layer, hook and, for steering, "
-        f"the judge: the paper's is {PAPER_JUDGE})."
-    )
-    if merged.empty:
-        return f"{head}\n\nNo (method, metric) here is in the reference ({len(ref)} rows)."
+def _rows(
+    part: pd.DataFrame, marks: set, describe: bool = True, rows: pd.DataFrame | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body: a row per setting of `rows` (default: of `part`), a column per
+    (task, label) of `part` in HEADLINES order; steering tables (report.md) also show the
+    description kind and the judge."""
+    columns = []
+    for task in _tasks(part):
+        mine = part[part["task"] == task].sort_values("order")
+        columns += [(task, label) for label in dict.fromkeys(mine["label"])]
+    steering = describe and set(part["task"]) == {"steering"}
+    header = ["setting", *(label for _, label in columns)]
+    header += ["description", "judge"] if steering else []
+    rows = part if rows is None else rows
+    settings = rows.drop_duplicates("setting_hash").sort_values(["method", "setting"])
     body = []
-    for r in merged.to_dict("records"):
-        std = r.get("paper_std")
-        value = num(r["paper_value"]) + (f" ± {num(std)}" if pd.notna(std) else "")
-        setting = [r["paper_model"], f"layer {plain(r['paper_layer'])}"]
-        setting += [
-            f"{k} {plain(r[f'paper_{k}'])}" for k in PAPER_SETTING if pd.notna(r.get(f"paper_{k}"))
-        ]
-        body.append([r["setting"], r["method"], r["label"], r["text"], value, ", ".join(setting),
-                     str(r["paper_source"]), str(r["paper_confidence"]), _differences(r)])  # fmt: skip
-    header = ["ours: setting", "method", "metric", "ours", "paper", "paper: setting", "source"]
-    table = md_table([*header, "confidence", "differs"], body)
-    return f"{head}\n\n{table}\n\n{len(ref) - len(matched)} reference rows match no result here."
+    for setting in settings.to_dict("records"):
+        ours = part[part["setting_hash"] == setting["setting_hash"]]
+        texts = {}
+        for cell in ours.to_dict("records"):
+            mark = f" {MARK}" if mark_key(cell, cell["setting"]) in marks else ""
+            texts.setdefault((cell["task"], cell["label"]), cell["text"] + mark)
+        name = f"{setting['setting']}{' †' * bool(setting['supervised'])}"
+        row = [name, *(texts.get(c, MISSING) for c in columns)]
+        if steering:
+            kinds = ", ".join(sorted(set(ours["description"].dropna().astype(str))))
+            judges = ", ".join(sorted({j for j in ours["judge"].dropna() if j}))
+            row += [kinds or MISSING, judges or MISSING]
+        body.append(row)
+    return header, body
 
 
-def _differences(row: dict) -> str:
-    """What differs between our setting and the paper's for one matched row."""
+def _notes(part: pd.DataFrame) -> list[str]:
+    """Warnings printed above a table: mixed code versions, mixed description kinds."""
     notes = []
-    model, paper_model = str(row["model"]), str(row["paper_model"])
-    if norm(model.rsplit("/", 1)[-1]) != norm(paper_model.rsplit("/", 1)[-1]):
-        notes.append(f"model: ours {model}, paper {paper_model}")
-    layer, paper_layer = plain(row["layer"]), plain(row["paper_layer"])
-    if pd.notna(row["paper_layer"]) and layer != paper_layer:
-        notes.append(f"layer: ours {layer}, paper {paper_layer}")
-    short = next((k for k, v in HOOKS.items() if v.format(layer=layer) == row["hook"]), row["hook"])
-    if pd.notna(row.get("paper_hook")) and str(row["paper_hook"]) not in (short, row["hook"]):
-        notes.append(f"hook: ours {short}, paper {row['paper_hook']}")
-    if row["task"] == "steering" and row["judge"] != PAPER_JUDGE:
-        notes.append(f"judge: ours {row['judge'] or 'unknown'}, paper {PAPER_JUDGE}")
-    return "; ".join(notes) or "same setting"
-
-
-def _headlines(task: str, metric: str) -> list[str]:
-    return HEADLINES[task][1] if task in HEADLINES else [metric]
+    versions = sorted({v for vs in part["code_version"].dropna() for v in str(vs).split(", ") if v})
+    if len(versions) > 1:
+        notes.append(f"**These rows mix results from {len(versions)} code versions: "
+                     f"{'; '.join(versions)}.** Rerun the older jobs to compare like with like.")  # fmt: skip
+    steering = part[part["task"] == "steering"]
+    kinds = sorted(set(steering["description"].dropna().astype(str)))
+    if len(kinds) > 1:
+        notes.append(f"**WARNING: these steering cells were judged against different "
+                     f"description kinds ({', '.join(kinds)}); their scores are not comparable, "
+                     f"and no steering difference across kinds is computed.**")  # fmt: skip
+    return notes
 
 
 def _tasks(cells: pd.DataFrame) -> list[str]:

@@ -1,0 +1,225 @@
+"""The report's one grouping step and what renders from it: a cell is one setting (seeds
+averaged, replicates averaged element-wise), named by the keys that vary; differences
+between settings (paired on shared units, else unpaired; Holm-adjusted); the flags for mixed
+code versions and description kinds; and `--compare paper` only in the paper's setting.
+
+Job folders are written as bench.run writes them, with tests/test_report.py's `write_job`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bench.report as report_module
+from bench.report import ReportError, build, report
+from bench.report.cells import setting_labels
+from bench.report.differences import COLUMNS
+from bench.results import read_metrics
+from bench.stats import difference, holm, mean_estimate, percentile_interval
+from tests.conftest import REPO
+from tests.test_report import HOOK, _rows_reconstruction, setting, write_job
+
+
+def _heldout(values, units: str, kind: str = "tokens", **extra) -> list[dict]:
+    """A steering job's held-out headline: the mean over test units with its replicates."""
+    est = mean_estimate(values, paired_over="test sentence", units_hash=units, seed=0)
+    return [{"metric": "heldout_steering_score", **est.row(), "judge": "offline",
+             "description": kind, **extra}]  # fmt: skip
+
+
+UNITS = np.linspace(0.0, 2.0, 24)  # per-test-sentence scores
+
+
+def test_setting_labels_name_the_keys_that_vary():
+    block = ("smollm2-135m", 3, HOOK)
+    entries = {
+        "a": (block, "snmf", {"method.rank": 50, "method.init": "kmeans", "dataset.split_seed": 0}),
+        "b": (
+            block,
+            "snmf",
+            {"method.rank": 100, "method.init": "kmeans", "dataset.split_seed": 0},
+        ),
+        "c": (block, "random", {"method.n_features": 100, "dataset.split_seed": 1}),
+        "d": (("other", 5, "x"), "snmf", {"method.rank": 7}),  # another table: alone there
+    }
+    assert setting_labels(entries) == {
+        "a": "snmf rank=50 dataset.split_seed=0",  # init is the same for both snmf settings
+        "b": "snmf rank=100 dataset.split_seed=0",
+        "c": "random dataset.split_seed=1",  # method.* keys are compared within a method only
+        "d": "snmf",
+    }
+
+
+def test_two_settings_give_two_rows_and_two_seeds_give_one(tmp_path):
+    seeds = {1: UNITS, 2: UNITS[::-1] * 0.5}  # same units, different scores per seed
+    for seed, values in seeds.items():
+        write_job(tmp_path / f"r50-{seed}", "snmf", seed, {"steering": _heldout(values, "u")},
+                  keys=setting("snmf", rank=50))  # fmt: skip
+    write_job(tmp_path / "r100", "snmf", 1, {"steering": _heldout(UNITS + 0.1, "u")},
+              keys=setting("snmf", rank=100))  # fmt: skip
+    text = report(tmp_path).read_text()
+    summary, _ = read_metrics(tmp_path / "summary.parquet")
+    assert set(summary["setting"]) == {"snmf rank=50", "snmf rank=100"}
+    assert summary["setting_hash"].nunique() == 2
+    rows = [line for line in text.splitlines() if line.startswith("| snmf rank=")]
+    assert len(rows) == 2  # two settings, two rows; the two seeds of rank=50 are one row
+    reps = [
+        mean_estimate(v, paired_over="test sentence", seed=0).replicates for v in seeds.values()
+    ]
+    low, high = percentile_interval(np.mean(reps, axis=0))
+    mean = (UNITS.mean() + (UNITS * 0.5).mean()) / 2
+    cell = f"| snmf rank=50 | {mean:.2f} [{low:.2f}, {high:.2f}] n=24 · 2 seeds |"
+    assert cell in text
+    cells = build(tmp_path).cells
+    [r50] = cells[cells["setting"] == "snmf rank=50"].to_dict("records")
+    assert r50["seeds"] == 2 and r50["value"] == pytest.approx(mean)
+    assert (r50["ci_low"], r50["ci_high"]) == pytest.approx((low, high))
+
+
+def _three_settings(root: Path) -> dict:
+    """snmf and random scored on the same test sentences; diffmean on other ones."""
+    values = {"snmf": UNITS + 0.3, "random": UNITS, "diffmean": UNITS[:20] + 0.2}
+    units = {"snmf": "u", "random": "u", "diffmean": "other"}
+    for method, v in values.items():
+        write_job(root / method, method, 1, {"steering": _heldout(v, units[method])})
+    return {m: mean_estimate(v, paired_over="test sentence", units_hash=units[m], seed=0)
+            for m, v in values.items()}  # fmt: skip
+
+
+def test_differences_are_paired_on_shared_units_and_holm_adjusted(tmp_path):
+    estimates = _three_settings(tmp_path)
+    text = report(tmp_path).read_text()
+    diffs, _ = read_metrics(tmp_path / "differences.parquet")
+    assert list(diffs.columns) == COLUMNS
+    pairs = [("diffmean", "snmf"), ("diffmean", "random"), ("snmf", "random")]  # random is b
+    assert list(zip(diffs["method_a"], diffs["method_b"], strict=True)) == pairs
+    expected = [difference(estimates[a], estimates[b]) for a, b in pairs]
+    for row, d in zip(diffs.to_dict("records"), expected, strict=True):
+        assert row["paired"] == d.paired and row["n_pairs"] == d.n_pairs
+        assert (row["delta"], row["ci_low"], row["ci_high"]) == pytest.approx(
+            (d.delta, d.ci_low, d.ci_high)
+        )
+    assert list(diffs["paired"]) == [False, False, True]  # only snmf and random share units
+    paired = diffs.iloc[2]
+    assert paired["paired_over"] == "test sentence" and paired["ci_low"] == pytest.approx(0.3)
+    assert list(diffs["p_holm"]) == pytest.approx(holm([d.p for d in expected]))
+    assert max(diffs["p_holm"]) > min(d.p for d in expected)  # the adjustment did something
+    assert "| heldout_steering_score | snmf | random | 0.30 [0.30, 0.30] |" in text
+    assert "paired over test sentence" in text
+    assert text.count("unpaired (bootstrap of independent units) |") == 2
+    assert "Holm-adjusted over the family of every difference in that table" in text
+    assert "Holm family: 3 p-values." in text
+
+
+def test_a_difference_that_does_not_separate_states_the_units_needed(tmp_path):
+    noisy = np.random.default_rng(0).normal(1.0, 0.5, 24)
+    write_job(tmp_path / "a", "snmf", 1, {"steering": _heldout(noisy, "u")})
+    write_job(tmp_path / "b", "random", 1, {"steering": _heldout(noisy[::-1] + 0.01, "u")})
+    report(tmp_path)
+    diffs, _ = read_metrics(tmp_path / "differences.parquet")
+    [row] = diffs.to_dict("records")
+    assert row["ci_low"] < 0 < row["ci_high"] and row["n_for_power"] > 24
+    text = (tmp_path / "report.md").read_text()
+    assert f"{row['n_for_power']} units to separate at 80% power" in text
+
+
+def test_mixed_description_kinds_are_flagged_and_never_compared(tmp_path):
+    write_job(tmp_path / "a", "snmf", 1, {"steering": _heldout(UNITS, "u", kind="tokens")})
+    write_job(tmp_path / "b", "diffmean", 1, {"steering": _heldout(UNITS, "u", kind="label")})
+    text = report(tmp_path).read_text()
+    table = text.split("### Steering")[1]
+    assert table.index("WARNING: these steering cells were judged against different "
+                       "description kinds (label, tokens)") < table.index("| setting |")  # fmt: skip
+    diffs, _ = read_metrics(tmp_path / "differences.parquet")
+    assert diffs.empty
+
+
+def test_a_table_mixing_code_versions_says_so_and_lists_them(tmp_path):
+    old, new = "featbench 0.1.0+g1111111", "featbench 0.1.0+g2222222.dirty-abcd"
+    write_job(tmp_path / "a", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)}, code=old)
+    write_job(tmp_path / "b", "pca", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new)
+    text = report(tmp_path).read_text()
+    table = text.split("### Reconstruction")[1]
+    flag = f"These rows mix results from 2 code versions: {old}; {new}."
+    assert flag in table and table.index(flag) < table.index("| setting |")
+
+
+def test_jobs_from_older_code_fall_back_to_their_config_hash(tmp_path, caplog):
+    for seed in (1, 2):  # no setting_hash column, no meta: each job is its own setting
+        write_job(tmp_path / str(seed), "snmf", seed, {"reconstruction": _rows_reconstruction(0.2)},
+                  meta=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="bench.report"):
+        text = report(tmp_path).read_text()
+    assert any(
+        "written by older code have no setting_hash" in r.getMessage() for r in caplog.records
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| snmf config=")]
+    assert len(rows) == 2 and all("seeds" not in line for line in rows)
+
+
+PAPER = "gpt-4o-mini"
+REFERENCE = (
+    "model,layer,hook,method,rank,sparsity,init,metric,value,std,bound,source,confidence,note\n"
+    "smollm2-135m,3,mlp_post,snmf,100,0.01,random,best_kl_steering_score,0.45,0.32,,Table 2,high,x\n"
+    "smollm2-135m,3,mlp_post,snmf,100,0.01,random,s_cd,2.99,1.55,,Table 3,high,per feature\n"
+    "smollm2-135m,,mlp_post,snmf,100,0.01,random,frac_s_cd_positive,0.75,,lower,text,low,x\n"
+    "gemma-2-2b,12,mlp_post,SAE,,,,best_kl_steering_score,0.9,,,Table 2,high,x\n"
+)
+
+
+def _paper_sweep(root: Path) -> None:
+    """snmf in the paper's setting (and judge), and snmf rank 50 kmeans judged offline."""
+    for name, keys, judge in (
+        ("paper", setting("snmf", rank=100, sparsity=0.01, init="random"), PAPER),
+        ("ours", setting("snmf", rank=50, sparsity=0.01, init="kmeans"), "offline"),
+    ):
+        keys = {**keys, "judge.model": judge}
+        steering = [{"metric": "best_kl_steering_score", "value": 0.4, "n": 10, "judge": judge}]
+        concept = [{"feature": f, "metric": "s_cd", "value": v, "encoder": "projection"}
+                   for f, v in enumerate((1.0, 2.0, 3.0))]  # fmt: skip
+        concept += [{"metric": "s_cd", "value": 9.0, "encoder": "projection"},  # not per feature
+                    {"metric": "frac_s_cd_positive", "value": 0.8, "encoder": "projection"}]  # fmt: skip
+        write_job(root / name, "snmf", 1, {"steering": steering, "concept_detection": concept},
+                  keys=keys)  # fmt: skip
+
+
+def test_compare_paper_puts_a_value_beside_ours_only_in_the_papers_setting(tmp_path, monkeypatch):
+    root = tmp_path / "sweep"
+    _paper_sweep(root)
+    monkeypatch.setattr(report_module, "PAPER_REFERENCE", tmp_path / "absent.csv")
+    with pytest.raises(ReportError, match="absent.csv does not exist"):
+        report(root, compare="paper")
+    assert not (root / "report.md").exists()
+    (tmp_path / "reference.csv").write_text(REFERENCE)
+    monkeypatch.setattr(report_module, "PAPER_REFERENCE", tmp_path / "reference.csv")
+    section = report(root, compare="paper").read_text().split("## Comparison with the paper")[1]
+    lines = [line for line in section.splitlines() if line.startswith("| smollm2")]
+    same = [line for line in lines if "rank=100" in line]
+    differs = [line for line in lines if "rank=50" in line]
+    assert len(same) == len(differs) == 3  # steering, s_cd (per feature), frac_s_cd_positive
+    assert all(line.endswith("| same setting |") for line in same)
+    assert any("| best_kl_steering_score | 0.40 n=10 | 0.45 ± 0.32 |" in line for line in same)
+    per_feature = (
+        "| s_cd (mean over features, projection) | 2.00 ± 1.00 (n=3 features) | 2.99 ± 1.55 |"
+    )
+    assert any(per_feature in line for line in same) and "9.00" not in section
+    assert any("| ≥ 0.75 |" in line and "| 0.80" in line for line in same)  # no layer fixed
+    for line in differs:  # mismatched: named, and no number of ours beside the paper's
+        assert "rank: ours 50, paper 100; init: ours kmeans, paper random" in line
+        assert line.split(" | ")[2] == "—"
+    assert f"judge: ours offline, paper {PAPER}" in differs[0]
+    assert "1 reference rows match no result here" in section
+
+
+def test_paper_reference_is_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "bench.reference" in config["packages"]
+    assert config["package-dir"]["bench.reference"] == "results"
+    assert config["package-data"]["bench.reference"] == ["paper_reference.csv"]
+    packaged = report_module.paper.packaged_reference()
+    assert packaged.read_bytes() == (REPO / "results" / "paper_reference.csv").read_bytes()
+    assert len(report_module.read_reference("paper")) >= 20
