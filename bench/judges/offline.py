@@ -38,8 +38,8 @@ and the thresholds it chose. The integration tests re-measure every
 separation on the test split. Known limits: concepts of form rather than topic
 (questions, imperatives) are near chance for an embedding of the bare label;
 topic and language concepts carry the mean. The fluency 1 band is narrow
-(6.252-6.389 nats): the data hold no "somewhat fluent" examples, so fluency is
-close to a 0/2 decision. Thresholds fitted after BOS only are lenient for
+(6.085-6.871 nats on concepts-v2): the data hold few "somewhat fluent" examples,
+so fluency is close to a 0/2 decision. Thresholds fitted after BOS only are lenient for
 continuations of a prompt (lower NLL).
 """
 
@@ -101,9 +101,9 @@ class OfflineJudge(Judge):
     # the train-split separation measured with them}; a kind's name: share that kind's entry;
     # None: not calibrated (scoring it is an error). Values: conf/judge/offline.yaml.
     concept_thresholds: dict[str, Any] = field(default_factory=lambda: dict(CALIBRATED))
-    fluency_fluent: float = 6.252  # q90 NLL of real sentences: 9 in 10 get 2
-    fluency_somewhat: float = 6.389  # q10 NLL of shuffled sentences: 9 in 10 shuffles get 0
-    repetition_weight: float = 12.777  # 2 x fluency_somewhat: half-repeated text scores 0
+    fluency_fluent: float = 6.085  # q90 NLL of real sentences: 9 in 10 get 2
+    fluency_somewhat: float = 6.871  # q10 NLL of shuffled sentences: 9 in 10 shuffles get 0
+    repetition_weight: float = 13.742  # 2 x fluency_somewhat: half-repeated text scores 0
     repetition_n: int = 2  # bigrams catch word and phrase loops; rare in real text (0.05%)
     max_text_tokens: int = 256  # longer texts are cut (steering writes 50 tokens)
     batch_tokens: int = 2048  # padded tokens per forward pass: logits 2048 x 49k floats, 0.4 GB
@@ -260,8 +260,8 @@ ENTRY_KEYS = {"somewhat", "clear", "auroc_mean", "auroc_min"}  # the last two: r
 #: conf/judge/offline.yaml's values (the test there checks they agree), measured by
 #: `python -m bench.judges.offline --calibrate` on the shipped dataset's train split
 CALIBRATED: dict[str, Any] = {
-    "label": {"somewhat": 0.109, "clear": 0.230, "auroc_mean": 0.936, "auroc_min": 0.426},
-    "tokens": {"somewhat": 0.110, "clear": 0.219, "auroc_mean": 0.944, "auroc_min": 0.729},
+    "label": {"somewhat": 0.106, "clear": 0.219, "auroc_mean": 0.930, "auroc_min": 0.463},
+    "tokens": {"somewhat": 0.111, "clear": 0.206, "auroc_mean": 0.931, "auroc_min": 0.562},
     "output_centric": "tokens",  # a token list as well: same format, same scale
     "summary": None,  # not used offline (the offline judge cannot write)
 }
