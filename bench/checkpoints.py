@@ -23,15 +23,23 @@ log = logging.getLogger(__name__)
 class Checkpoints:
     """One JSON file per finished feature, so an interrupted job resumes where it
     stopped. A file counts only when it was written for the same job configuration
-    (config hash) and the same direction, so a changed fit never reuses old texts.
+    (config hash), the same checkpoint format (version) and the same direction, so
+    a changed fit or an older format never reuses old texts.
     Writes are atomic: a job killed mid-write leaves the previous state."""
 
-    def __init__(self, folder: Path, config_hash: str) -> None:
-        self.folder, self.config_hash = folder, config_hash
+    def __init__(self, folder: Path, config_hash: str, version: str = "") -> None:
+        # version: the task's checkpoint format; a task bumps it when what it saves
+        # changes meaning, so checkpoints written by older code are not reused
+        self.folder, self.config_hash, self.version = folder, config_hash, version
 
     def _key(self, direction: torch.Tensor) -> str:
         data = direction.detach().cpu().float().contiguous().numpy().tobytes()
-        return f"{self.config_hash}:{hashlib.sha256(data).hexdigest()[:16]}"
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        return (
+            f"{self.version}:{self.config_hash}:{digest}"
+            if self.version
+            else f"{self.config_hash}:{digest}"
+        )
 
     def load(self, feature: int, direction: torch.Tensor) -> dict | None:
         """The saved result of `feature`, if saved by this configuration for this direction."""

@@ -59,11 +59,11 @@ def next_token_kl(
     return (total / len(base)).numpy(), passes
 
 
-def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
-    """For each (target index, sign): (alpha, achieved KL, reason if not found).
+def search_alpha(model, hook: str, direction: torch.Tensor, task: Any, signs=(1, -1)):
+    """For each (target index, sign in `signs`): (alpha, achieved KL, reason if not found).
 
     Round 0 evaluates a geometric grid of magnitudes (relative to the typical
-    activation norm at the hook) for both signs in one batched pass. Each later
+    activation norm at the hook) for every sign in one batched pass. Each later
     round puts `search_points` candidates inside the brackets of the targets
     not yet within tolerance, again in one pass, so every round shrinks every
     bracket about tenfold. Returns the results and the forward passes spent.
@@ -71,7 +71,7 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
     base = unsteered(model, hook, task.prompts)  # once per search, not once per round
     scale = float(np.mean([norm for _, _, norm in base])) or 1.0
     targets = np.asarray(task.kl_targets, dtype=float)
-    seen = {1: [(0.0, 0.0)], -1: [(0.0, 0.0)]}  # sign -> [(magnitude, kl)]
+    seen = {sign: [(0.0, 0.0)] for sign in signs}  # sign -> [(magnitude, kl)]
     passes = 0
 
     def evaluate(cands: list[tuple[int, float]]) -> None:
@@ -85,11 +85,11 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
             seen[sign].append((m, kl))
 
     grid = scale * np.logspace(-2, 2, task.search_points // 2)
-    evaluate([(sign, float(m)) for sign in (1, -1) for m in grid])
+    evaluate([(sign, float(m)) for sign in signs for m in grid])
     found: dict[tuple[int, int], tuple[float | None, float | None, str | None]] = {}
     for _ in range(task.search_rounds + 1):
         brackets = []
-        for sign in (1, -1):
+        for sign in signs:
             pts = sorted(seen[sign])
             for t, target in enumerate(targets):
                 if (t, sign) in found:
@@ -111,7 +111,7 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any):
         per = max(1, task.search_points // len(brackets))
         evaluate([(sign, float(m)) for sign, lo, hi in brackets
                   for m in np.linspace(lo, hi, per + 2)[1:-1]])  # fmt: skip
-    for sign in (1, -1):
+    for sign in signs:
         pts = sorted(seen[sign])
         for t, target in enumerate(targets):
             if (t, sign) not in found:

@@ -15,16 +15,18 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration
 
 # Smaller than the defaults (CI time) but the same protocol: 4 features, 3 KL
-# targets, both signs, 4 samples of 32 tokens each.
+# targets, 6 samples of 32 tokens each (3 choose the target, 3 report it); the
+# default token descriptions steer the + sign only, output_centric both signs.
 SMALL = [
     "task=[steering]",
     "task.steering.max_features=4",
     "task.steering.kl_targets=[0.1,0.25,0.5]",
-    "task.steering.samples=4",
+    "task.steering.samples=6",
     "task.steering.max_new_tokens=32",
     "task.steering.baseline_samples=8",
     "device=cpu",
 ]
+HEADLINE = ["heldout_steering_score", "best_kl_steering_score", "concept_score", "fluency_score"]
 
 
 def _job(tmp_path, name, overrides) -> pd.DataFrame:
@@ -45,49 +47,71 @@ def jobs(tmp_path_factory, embedded):
     }
 
 
-def _summary(frame: pd.DataFrame) -> pd.Series:
-    return frame[frame["feature"].isna()].set_index("metric")["value"]
+def _summary(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["feature"].isna()].set_index("metric")
 
 
 def test_diffmean_steers_better_than_the_random_control(jobs):
     diffmean, random = _summary(jobs["diffmean"]), _summary(jobs["random"])
-    assert diffmean["steering_score"] > random["steering_score"], (diffmean, random)
+    for metric in ("heldout_steering_score", "best_kl_steering_score"):
+        assert diffmean.loc[metric, "value"] > random.loc[metric, "value"], (
+            metric,
+            diffmean,
+            random,
+        )
 
 
 def test_rows_carry_the_protocol(jobs):
     frame = jobs["diffmean"]
     samples = frame[frame["sample"].notna()]
     assert set(samples["metric"]) == {"concept_score", "fluency_score", "steering_score"}
-    assert set(samples["kl_target"]) <= {0.1, 0.25, 0.5} and set(samples["sign"]) == {1, -1}
+    # Token descriptions describe the + side: no other sign is searched, generated or judged.
+    assert set(samples["kl_target"]) <= {0.1, 0.25, 0.5} and set(frame["sign"].dropna()) == {1}
     # The achieved KL is within the tolerance of its target, with the sign of alpha.
     assert ((samples["kl_achieved"] - samples["kl_target"]).abs() <= 0.01).all()
-    assert ((samples["alpha"] > 0) == (samples["sign"] > 0)).all()
+    assert (samples["alpha"] > 0).all()
     assert samples["text"].str.len().gt(0).mean() > 0.9
     # Every score is on the 0-2 scale or missing with a reason, never silently 0.
     scored = samples["value"].notna()
     assert samples.loc[scored, "value"].between(0, 2).all()
     assert samples.loc[~scored, "reason"].notna().all()
-    # DiffMean features carry their concept label as the description.
-    assert (samples["description"] == "input_centric:label").all()
-    assert (samples["description_text"] == samples["concept"].str.replace("_", " ")).all()
-    per_feature = frame[
-        frame["metric"].isin(["best_steering_score", "heldout_steering_score"])
-        & frame["feature"].notna()
-    ]
+    # One kind of description for every feature: its top train tokens, one list per feature.
+    assert (frame["description"] == "tokens").all()
+    per_text = samples.groupby("feature")["description_text"].nunique()
+    assert (per_text == 1).all() and (samples["description_text"] != "(no tokens)").all()
+    per_feature = frame[frame["metric"].isin(HEADLINE[:2]) & frame["feature"].notna()]
     assert per_feature["feature"].nunique() == 4 and len(per_feature) == 8
+    held = per_feature[per_feature["metric"] == "heldout_steering_score"]
+    # The held-out value is the mean of the odd samples at the chosen target.
+    for _, row in held[held["value"].notna() & held["kl_target"].notna()].iterrows():
+        mine = samples[(samples["feature"] == row["feature"]) & (samples["metric"] == "steering_score")
+                       & (samples["kl_target"] == row["kl_target"]) & (samples["sample"] % 2 == 1)]  # fmt: skip
+        assert (
+            row["value"] == pytest.approx(mine["value"].mean())
+            and row["n"] == mine["value"].notna().sum()
+        )
 
 
 def test_summary_has_intervals_and_counts(jobs):
     frame = jobs["diffmean"]
-    summary = frame[frame["feature"].isna()].set_index("metric")
-    for metric in ("steering_score", "heldout_steering_score"):
+    summary = _summary(frame)
+    assert list(summary.index[:2]) == HEADLINE[:2]  # the headline first
+    for metric in HEADLINE:
         row = summary.loc[metric]
-        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["paired_over"] == "feature"
+    for metric in HEADLINE[:2]:
+        per_feature = frame[(frame["metric"] == metric) & frame["feature"].notna()]["value"]
+        assert summary.loc[metric, "n"] == per_feature.notna().sum()
+        assert summary.loc[metric, "value"] == pytest.approx(per_feature.mean())
     assert summary.loc["steered_features", "value"] == 4
+    failed = frame[(frame["metric"] == "heldout_steering_score") & frame["feature"].notna()
+                   & (frame["value"] == 0) & frame["reason"].notna()]  # fmt: skip
+    assert summary.loc["failed_features", "value"] == len(failed)
     assert summary.loc["alpha_search_passes", "value"] <= 10  # vs 20 bisection steps per target
-    failures = summary.loc["judge_failures", "value"]
-    judged = frame[frame["metric"].isin(["concept_score", "fluency_score"])]
-    assert failures == judged["value"].isna().sum()
+    judged = frame[frame["metric"].isin(["concept_score", "fluency_score"]) & frame["sample"].notna()
+                   & frame["failure"].isna()]  # fmt: skip
+    assert summary.loc["judge_failures", "value"] == judged["value"].isna().sum()
+    assert summary.loc["judge_failures", "n"] == len(judged)
 
 
 def test_output_centric_descriptions_are_promoted_tokens(jobs):
@@ -95,6 +119,11 @@ def test_output_centric_descriptions_are_promoted_tokens(jobs):
     samples = frame[frame["sample"].notna()]
     assert (samples["description"] == "output_centric").all()
     # Each sign is judged against its own token list.
-    per_sign = samples.groupby(["feature", "sign"])["description_text"].first().unstack()
-    assert (per_sign[1] != per_sign[-1]).all()
-    assert not any(math.isnan(v) for v in _summary(frame)[["steering_score"]])
+    per_sign = samples.groupby(["feature", "sign"])["description_text"].nunique().unstack()
+    assert (per_sign[1] == 1).all() and (per_sign[-1] == 1).all()
+    texts = samples.groupby(["feature", "sign"])["description_text"].first().unstack()
+    assert (texts[1] != texts[-1]).all()
+    summary = _summary(frame)
+    assert not math.isnan(summary.loc["heldout_steering_score", "value"])
+    held = frame[(frame["metric"] == "heldout_steering_score") & frame["feature"].notna()]
+    assert set(held["sign"].dropna()) <= {1, -1}
