@@ -181,8 +181,9 @@ def run_job(
         raise ConfigError("no task selected; choose at least one, e.g. task=[concept_detection]")
     judge = build(cfg.judge, "judge", Judge) if cfg.judge and cfg.judge.get("_target_") else None
     for key, task in tasks.items():
-        if getattr(task, "needs_judge", False) and judge is None:
+        if task.needs_judge and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
+        task.check_judge(judge)
     tracker = _build_tracker(cfg)
     identity = job_identity(cfg)
     container, chash = identity.config, identity.config_hash
@@ -236,7 +237,7 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
     for task in tasks.values():
         for warning in task.check_dataset(dataset):
             log.warning("task %s: %s", plugin_name(task), warning)
-        need = getattr(task, "min_concepts", 0)
+        need = task.min_concepts
         if len(dataset.concepts) < need:
             raise ConfigError(
                 f"task {plugin_name(task)} needs at least {need} concepts besides neutral; "

@@ -38,8 +38,17 @@ class Task(ABC):
 
     #: value of the results' `task` column (None: the class name in lower case)
     name: ClassVar[str | None] = None
+    #: True when the task scores text and needs a judge (`judge=none` is refused before work)
+    needs_judge: ClassVar[bool] = False
+    #: concepts besides neutral the task needs (checked when the dataset is loaded)
+    min_concepts: ClassVar[int] = 0
     #: True when some metric needs `neutral` sentences in the test split (e.g. S_CD)
     needs_neutral: ClassVar[bool] = False
+
+    def check_judge(self, judge: Judge | None) -> None:
+        """Refuse a judge this task's settings cannot use, before anything is loaded
+        (raise ConfigError); accepts anything by default."""
+        return None
 
     def check_dataset(self, dataset: ConceptDataset) -> list[str]:
         """Warnings (texts) about a dataset this task can score only in part, for the

@@ -49,15 +49,27 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
         "steering",
     }  # no decoder: no reconstruction
     steering = frame[(frame["task"] == "steering") & frame["feature"].isna()]
-    assert {"steering_score", "heldout_steering_score", "judge_failures"} <= set(steering["metric"])
+    assert {"heldout_steering_score", "best_kl_steering_score", "judge_failures"} <= set(
+        steering["metric"]
+    )
+    headline = steering.set_index("metric").loc["heldout_steering_score"]
+    assert headline["ci_low"] <= headline["value"] <= headline["ci_high"] and headline["n"] >= 1
     assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 3).all()
     assert (frame["hook"] == "blocks.3.mlp.hook_post").all()
-    summary = frame[frame["feature"].isna() & frame["concept"].isna()].set_index("metric")["value"]
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()]
+    native = summary[summary["encoder"] == "native"].set_index("metric")
     assert {"mean_feature_auroc", "concept_coverage", "frac_s_cd_positive", "dead_features"} <= set(
-        summary.index
+        native.index
     )
-    assert 0.0 <= summary["mean_feature_auroc"] <= 1.0
-    assert frame["config_hash"].nunique() == 1 and frame["git_commit"].notna().all()
+    assert set(summary["encoder"].dropna()) == {"native", "projection"}
+    # DiffMean is fitted with the labels: on 6 concepts it detects them far above chance
+    # (0.5), and its interval over test sentences brackets the value.
+    auroc = native.loc["mean_feature_auroc"]
+    assert auroc["value"] > 0.8 and auroc["ci_low"] <= auroc["value"] <= auroc["ci_high"]
+    assert auroc["paired_over"] == "test sentence" and auroc["n"] > 0
+    assert frame["config_hash"].nunique() == 1 and frame["setting_hash"].nunique() == 1
+    assert frame["code_version"].str.startswith("featbench ").all()
+    assert (frame["dataset_version"] == "concepts-v2").all() and frame["dataset_hash"].notna().all()
     assert meta["versions"]["transformer-lens"] and meta["versions"]["torch"]
     job = metrics.parent
     assert (job / "config.yaml").is_file() and (job / "features" / "features.json").is_file()

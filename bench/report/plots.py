@@ -98,7 +98,7 @@ def _plot_steering(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labe
     for label, part in rows.groupby(labels(rows)):
         means = part.groupby("kl_target")["value"].mean()  # features, signs and samples pooled
         ax.plot(means.index.astype(float), means.astype(float), marker="o", label=label)
-    ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), both signs")
+    ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), signs judged")
     ax.legend(fontsize=8)
     return None
 
