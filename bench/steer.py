@@ -10,11 +10,18 @@ The `task` arguments are any object with the steering task's fields
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from bench.decode import LeanDecoder, unsupported
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("lean", "reference")  # generation paths: bench.decode, or TransformerLens's forward
 
 
 def _steer(vectors: torch.Tensor):
@@ -126,14 +133,32 @@ def search_alpha(model, hook: str, direction: torch.Tensor, task: Any, signs=(1,
 
 @torch.no_grad()
 def generate(
-    model, hook: str, specs: list[tuple[str, torch.Tensor, tuple]], task, stats: dict | None = None
+    model,
+    hook: str,
+    specs: list[tuple[str, torch.Tensor, tuple]],
+    task,
+    stats: dict | None = None,
+    engine: str | None = None,
 ) -> list[str]:
     """One continuation per (prompt, steering vector, seed key), in batches of
     `task.batch_size` rows sharing a prompt, with a KV cache. Each row's random
     numbers come from its own seed key, so results do not depend on batching.
-    `stats["tokens"]` counts the tokens generated (up to and including EOS)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    `stats["tokens"]` counts the tokens generated (up to and including EOS).
 
+    `engine` (default `task.engine`, else `lean`): `lean` decodes with `bench.decode`
+    (same weights, same hook, a preallocated cache; about 1e-5 from TransformerLens's
+    logits) where the model is supported, else falls back to `reference`,
+    TransformerLens's own forward with its KV cache."""  # fmt: skip
+    engine = engine or getattr(task, "engine", "lean")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
+    decoder = None
+    if engine == "lean":
+        reason = unsupported(model)
+        if reason is None:
+            decoder = LeanDecoder(model)
+        else:
+            log.info("lean decoder unavailable (%s); using TransformerLens's forward", reason)
     eos = model.tokenizer.eos_token_id
     texts: list[str | None] = [None] * len(specs)
     order = sorted(range(len(specs)), key=lambda i: specs[i][0])  # group by prompt
@@ -147,21 +172,21 @@ def generate(
             tokens = model.to_tokens(specs[group[0]][0]).expand(len(group), -1)
             vectors = torch.stack([specs[i][1] for i in group]).to(tokens.device)
             uniform = torch.stack([_uniforms(specs[i][2], task.max_new_tokens) for i in group])
-            cache = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, len(group))
+            step = _lean_steps if decoder is not None else _reference_steps
             out = torch.full((len(group), task.max_new_tokens), eos, dtype=torch.long)
             done = torch.zeros(len(group), dtype=torch.bool)
-            step_input = tokens
-            with model.hooks(fwd_hooks=[(hook, _steer(vectors))]):
-                for step in range(task.max_new_tokens):
-                    logits = model(step_input, past_kv_cache=cache)[:, -1].float().cpu()
-                    nxt = sample_next(logits, uniform[:, step], task)
-                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                    out[:, step] = nxt
-                    done |= nxt == eos
-                    bar.update(len(group))
-                    if done.all():
-                        break
-                    step_input = nxt[:, None].to(tokens.device)
+            steps = step(decoder or model, tokens, [(hook, _steer(vectors))], task.max_new_tokens)
+            logits = next(steps)
+            for t in range(task.max_new_tokens):
+                nxt = sample_next(logits.float().cpu(), uniform[:, t], task)
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                out[:, t] = nxt
+                done |= nxt == eos
+                bar.update(len(group))
+                if done.all() or t == task.max_new_tokens - 1:
+                    break
+                logits = steps.send(nxt.to(tokens.device))
+            steps.close()
             for i, row in zip(group, out.tolist(), strict=True):
                 cut = row.index(eos) if eos in row else len(row)
                 if stats is not None:
@@ -169,6 +194,26 @@ def generate(
                 texts[i] = model.tokenizer.decode(row[:cut], skip_special_tokens=True)
     bar.close()
     return texts  # type: ignore[return-value]
+
+
+def _reference_steps(model, tokens, hooks, max_new):
+    """TransformerLens's own path: its forward with the hooks and its KV cache. A
+    generator: yields the next-token logits, receives the chosen tokens."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, len(tokens))
+    step_input = tokens
+    with model.hooks(fwd_hooks=hooks):
+        while True:
+            nxt = yield model(step_input, past_kv_cache=cache)[:, -1]
+            step_input = nxt[:, None]
+
+
+def _lean_steps(decoder, tokens, hooks, max_new):
+    """The lean decoder's path (bench.decode), with the same protocol as _reference_steps."""
+    nxt = yield decoder.prefill(tokens, hooks, max_new)
+    while True:
+        nxt = yield decoder.step(nxt, hooks)
 
 
 def _uniforms(key: tuple, n: int) -> torch.Tensor:

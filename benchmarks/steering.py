@@ -4,11 +4,14 @@
    `bench.steer.search_alpha` against sequential bisection (20 steps per
    target and sign over the 7 KL targets, one forward pass per step), at the
    same tolerance; wall time of both too.
-2. Generation: tokens/s of batched generation (KV cache) against generating
-   the same samples one sequence at a time; per-sample seeds make the texts
-   identical, which is checked.
+2. Generation at the steering task's batch (128 rows): tokens/s of the lean decoder
+   (`bench.decode`, the default) against the reference path (TransformerLens's own
+   forward with its KV cache), both measured twice, interleaved, best of each; the
+   fraction of the FLOP limit (the step's matmuls at this batch's shapes, timed in the
+   same run); how many texts are identical under the same per-sample seeds, and the
+   first divergence; and a few rows generated one at a time (batching changes no text).
 
-    python benchmarks/steering.py [--features 2] [--samples 32] [--layer 12] [--json out.json]
+    python benchmarks/steering.py [--features 2] [--rows 128] [--layer 12] [--json out.json]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
 Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
@@ -26,6 +29,7 @@ import torch
 
 from bench.activations import extract
 from bench.datasets import load
+from bench.decode import LeanDecoder
 from bench.models import load_model
 from bench.steer import generate, next_token_kl, search_alpha, unsteered
 from methods.diffmean import DiffMean
@@ -53,10 +57,69 @@ def bisection(model, hook, direction, task, steps=20):
     return passes, hits
 
 
+def flop_limit(model, rows: int, repeats: int = 5) -> dict:
+    """Tokens/s if a decode step at this batch cost only its matmuls, two ways:
+
+    - `in_place`: one pass through the model's own weights as the lean decoder lays them
+      out (per layer the fused Q/K/V, the output projection, the fused gate/in and the out
+      projection, then the unembedding), on random inputs of this batch's shapes, best of
+      `repeats`: what a step's matmuls cost with every layer's weights read from memory;
+    - `isolated`: each distinct shape timed on its own, repeatedly, so its weights stay in
+      cache (the upper bound the issue's 181-190 GFLOP/s figures come from).
+
+    The attention over the cache (about 4 x rows x context x d_model flops per layer) is
+    neither counted nor timed: at 50 new tokens it is a few percent of a step."""
+    decoder = LeanDecoder(model)
+    weights = []
+    for layer in decoder.layers:
+        gate = layer.get("w_gate_in", layer.get("w_in"))
+        weights += [(layer["w_qkv"], layer["b_qkv"]), (layer["w_o"], layer["b_o"]),
+                    (gate, None), (layer["w_out"], layer["b_out"])]  # fmt: skip
+    weights.append((decoder.w_u, decoder.b_u))
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w, _ in weights}
+    flops = sum(2 * rows * w.shape[0] * w.shape[1] for w, _ in weights)
+
+    def timed(pairs) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for w, b in pairs:
+                torch.nn.functional.linear(inputs[w.shape[1]], w, b)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    in_place = timed(weights)
+    shapes = {}
+    for w, b in weights:
+        shapes.setdefault(tuple(w.shape), [w, b, 0])[2] += 1
+    isolated = sum(count * timed([(w, b)]) for w, b, count in shapes.values())
+    return {
+        "tokens_per_second": rows / in_place,
+        "gflops": flops / in_place / 1e9,
+        "isolated_tokens_per_second": rows / isolated,
+        "isolated_gflops": flops / isolated / 1e9,
+    }
+
+
+def first_divergence(a: list[str], b: list[str]) -> str | None:
+    """The first pair of texts that differ, cut at the first differing character."""
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            at = next(
+                (j for j, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
+                min(len(x), len(y)),
+            )
+            return f"row {i} at character {at}: {x[max(0, at - 30) : at + 30]!r} vs {y[max(0, at - 30) : at + 30]!r}"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", type=int, default=2, help="DiffMean features to search")
-    parser.add_argument("--samples", type=int, default=32, help="sequences to generate")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="rows in the batch (default: the task's 128)"
+    )
+    parser.add_argument("--single", type=int, default=8, help="rows also generated one at a time")
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the task's 50")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -96,22 +159,47 @@ def main() -> None:
           f"({np.mean(theirs) / 2 / np.mean(ours):.1f}x against the issue's 140 = one sign), "
           f"{t_theirs / t_ours:.1f}x less wall time")  # fmt: skip
 
+    rows = args.rows or task.batch_size
     vec = 8.0 * unit[0]
-    specs = [(task.prompts[0], vec, (42, 1, 0, 2, s)) for s in range(args.samples)]
-    print(f"\n# generation, {args.samples} samples x {task.max_new_tokens} new tokens")
+    specs = [(task.prompts[0], vec, (42, 1, 0, 2, s)) for s in range(rows)]
+    print(f"\n# generation, {rows} rows x {task.max_new_tokens} new tokens (one batch)")
+    timed = {}
+    for engine in ("reference", "lean", "reference", "lean"):  # interleaved: drift hits both
+        counted: dict = {}
+        t = time.perf_counter()
+        texts = generate(model, feats.hook, specs, task, counted, engine=engine)
+        seconds = time.perf_counter() - t
+        best = timed.get(engine)
+        if best is None or seconds < best[0]:
+            timed[engine] = (seconds, counted["tokens"], texts)
+    (t_ref, tokens, reference), (t_lean, tokens_lean, lean) = timed["reference"], timed["lean"]
+    same = sum(a == b for a, b in zip(reference, lean, strict=True))
+    limit = flop_limit(model, rows)
+    print(f"reference (TransformerLens) : {tokens / t_ref:7.1f} tok/s ({t_ref:.1f} s)")
+    print(f"lean (bench.decode)         : {tokens_lean / t_lean:7.1f} tok/s ({t_lean:.1f} s)")
+    print(f"FLOP limit at {rows} rows     : {limit['tokens_per_second']:7.1f} tok/s "
+          f"({limit['gflops']:.0f} GFLOP/s: the step's matmuls over the model's weights, "
+          "unembedding included)")  # fmt: skip
+    print(f"  shapes timed in isolation : {limit['isolated_tokens_per_second']:7.1f} tok/s "
+          f"({limit['isolated_gflops']:.0f} GFLOP/s, weights hot in cache: an upper bound)")  # fmt: skip
+    print(f"speed-up vs reference       : {t_ref / t_lean:.2f}x (target >= 1.4)")
+    print(f"fraction of the FLOP limit  : {tokens_lean / t_lean / limit['tokens_per_second']:.2f} "
+          f"(target >= 0.6); of the isolated-shape bound: "
+          f"{tokens_lean / t_lean / limit['isolated_tokens_per_second']:.2f}")  # fmt: skip
+    print(f"identical texts             : {same}/{rows}")
+    divergence = first_divergence(reference, lean)
+    if divergence:
+        print(f"first divergence            : {divergence}")
+
+    single_rows = min(args.single, rows)
     t = time.perf_counter()
-    counted: dict = {}
-    batched = generate(model, feats.hook, specs, task, counted)
-    t_batched = time.perf_counter() - t
-    single_cfg = Steering(batch_size=1, max_new_tokens=task.max_new_tokens)
-    t = time.perf_counter()
-    single = generate(model, feats.hook, specs, single_cfg)
+    single = generate(model, feats.hook, specs[:single_rows], Steering(batch_size=1,
+                      max_new_tokens=task.max_new_tokens))  # fmt: skip
     t_single = time.perf_counter() - t
-    tokens = counted["tokens"]
-    rows = min(task.batch_size, args.samples)
-    print(f"batched ({rows} rows) : {tokens / t_batched:7.1f} tok/s ({t_batched:.1f} s)")
-    print(f"single-sequence  : {tokens / t_single:7.1f} tok/s ({t_single:.1f} s)")
-    print(f"ratio            : {t_single / t_batched:.1f}x; identical texts: {batched == single}")
+    single_tokens = sum(len(model.tokenizer.encode(x)) for x in single) or 1
+    print(f"single-sequence (lean, {single_rows} rows): about {single_tokens / t_single:.1f} tok/s; "
+          f"batched is {single_tokens / t_single and (tokens_lean / t_lean) / (single_tokens / t_single):.1f}x; "
+          f"identical texts: {single == lean[:single_rows]}")  # fmt: skip
 
     if args.json:
         result = {
@@ -128,14 +216,25 @@ def main() -> None:
             "search_within_tolerance": int(hit_ours),
             "bisection_within_tolerance": int(hit_theirs),
             "pairs": total,
-            "samples": args.samples,
             "new_tokens": task.max_new_tokens,
+            "batch": rows,
             "generated_tokens": tokens,
-            "batch_rows": rows,
-            "batched_tokens_per_second": tokens / t_batched,
-            "single_tokens_per_second": tokens / t_single,
-            "generation_ratio": t_single / t_batched,
-            "identical_texts": batched == single,
+            "reference_tokens_per_second": tokens / t_ref,
+            "lean_tokens_per_second": tokens_lean / t_lean,
+            "flop_limit_tokens_per_second": limit["tokens_per_second"],
+            "matmul_gflops": limit["gflops"],
+            "isolated_flop_limit_tokens_per_second": limit["isolated_tokens_per_second"],
+            "isolated_matmul_gflops": limit["isolated_gflops"],
+            "fraction_of_isolated_flop_limit": tokens_lean
+            / t_lean
+            / limit["isolated_tokens_per_second"],
+            "fraction_of_flop_limit": tokens_lean / t_lean / limit["tokens_per_second"],
+            "generation_speedup_vs_reference": t_ref / t_lean,
+            "identical_texts": same,
+            "first_divergence": divergence,
+            "single_rows": single_rows,
+            "single_tokens_per_second": single_tokens / t_single,
+            "single_identical_to_batched": single == lean[:single_rows],
         }
         args.json.write_text(json.dumps(result, indent=1))
 

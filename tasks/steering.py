@@ -44,7 +44,7 @@ from bench.descriptions import KINDS, Describer, Description, check_kind
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement
 from bench.stats import RESAMPLES, mean_estimate
-from bench.steer import generate, search_alpha
+from bench.steer import ENGINES, generate, search_alpha
 from methods.base import Features
 from tasks.base import Task, TaskData
 
@@ -76,6 +76,7 @@ class Steering(Task):
     top_p: float = 0.3
     temperature: float = 1.0
     batch_size: int = 128  # sequences per generation batch: one feature's rows at once
+    engine: str = "lean"  # bench.decode: same weights and hook, faster; reference: TL forward
     baseline_samples: int = 16  # unsteered continuations the concept judge compares against
     description: str = "tokens"  # one kind for every method: top train tokens work for all
     top_tokens: int = 8  # tokens listed in token-based descriptions
@@ -95,6 +96,7 @@ class Steering(Task):
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
             "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
+            "engine": (self.engine in ENGINES, f"one of {list(ENGINES)}"),
             "baseline_samples": (self.baseline_samples >= 1, ">= 1"),
             "description": (self.description in KINDS, f"one of {list(KINDS)}"),
             "search_points": (self.search_points >= 4, ">= 4"),
