@@ -40,20 +40,27 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.checkpoints import Checkpoints
-from bench.descriptions import KINDS, Describer, Description, check_kind
+from bench.descriptions import KINDS, Describer, Description, check_kind, label
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement
-from bench.stats import RESAMPLES, mean_estimate
+from bench.stats import RESAMPLES, units_hash
 from bench.steer import ENGINES, generate, search_alpha
+from bench.steering_scores import (
+    EMPTY,
+    UNDESCRIBED,
+    UNREACHABLE,
+    ZERO_NORM,
+    _row,
+    aggregate,
+)
 from methods.base import Features
 from tasks.base import Task, TaskData
+from tasks.concept_detection import auroc_matrix, sentence_scores
 
 log = logging.getLogger(__name__)
 
-HELDOUT, BEST_KL = "heldout_steering_score", "best_kl_steering_score"
-#: values of the `failure` column: why a row holds no judged score, or a forced 0
-ZERO_NORM, UNREACHABLE, EMPTY, UNDESCRIBED = (
-    "zero_norm", "unreachable", "empty_generation", "no_description")  # fmt: skip
+PROTOCOLS = ("concept", "feature")
+
 #: bumped when a checkpoint's content changes meaning, so old checkpoints are not reused
 CHECKPOINT_VERSION = "steering-2"
 EMPTY_REASON = "empty generation"
@@ -69,7 +76,13 @@ class Steering(Task):
         default_factory=lambda: [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
     )
     tolerance: float = 0.01  # |KL - target| accepted by the alpha search
-    max_features: int = 3  # ~40 s per feature on a 2-core CPU: the 4-method default < 15 min
+    # concept: for each concept, every method's feature with the best train-split AUROC for it
+    # (DiffMean: its own direction), judged against the concept's label, so methods pair over
+    # concepts; feature: sampled features with their own descriptions (the SNMF paper's).
+    protocol: str = "concept"
+    concepts: int | None = 8  # concept protocol: a seeded sample of concepts (null = all of them)
+    concept_seed: int = 0  # fixed, not the run's seed: every method and seed steers the same ones
+    max_features: int = 3  # feature protocol: features drawn with the run's seed
     samples: int = 8  # continuations per (feature, target, sign), as the paper
     max_new_tokens: int = 50  # as the paper
     top_k: int = 30  # the paper's sampling settings
@@ -89,6 +102,8 @@ class Steering(Task):
             "prompts": (self.prompts and all(p.strip() for p in self.prompts), "a non-empty list of non-empty strings"),
             "kl_targets": (self.kl_targets and all(t > 0 for t in self.kl_targets), "a non-empty list of positive numbers"),
             "max_features": (self.max_features >= 1, ">= 1"),
+            "protocol": (self.protocol in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
+            "concepts": (self.concepts is None or self.concepts >= 1, ">= 1 or null (all)"),
             "samples": (self.samples >= 2, ">= 2 (the held-out score splits them in halves)"),
             "tolerance": (self.tolerance > 0, "> 0"),
             "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
@@ -106,11 +121,17 @@ class Steering(Task):
             if not ok:
                 raise ConfigError(f"task.steering.{key}={getattr(self, key)!r}: must be {allowed}")
 
+    @property
+    def min_concepts(self) -> int:  # type: ignore[override]
+        """The concept protocol matches features to concepts: it needs two at least."""
+        return 2 if self.protocol == "concept" else 0
+
     def check_judge(self, judge: Judge | None) -> None:
         """Refuse a judge these settings cannot use (call before the model loads)."""
         if judge is None:
             raise ConfigError("task steering needs a judge; judge=none. Use judge=offline.")
-        check_kind(self.description, judge)
+        if self.protocol == "feature":  # the concept protocol judges against labels
+            check_kind(self.description, judge)
 
     # --- the protocol ----------------------------------------------------------
 
@@ -118,42 +139,85 @@ class Steering(Task):
         judge: Judge | None = data.judge
         self.check_judge(judge)
         judge.bind(model)
-        chosen = select_features(len(features), self.max_features, data.seed)
         norms = features.directions.norm(dim=1)
         unit = features.directions / norms[:, None].clamp_min(1e-12)
+        # select: the units steered, each with its feature (and, for concepts, its label)
+        if self.protocol == "concept":
+            units, feature_of, described, extra = self._concept_units(features, data)
+            kind, pairing = "label", units_hash(data.dataset.content_hash, units)
+        else:
+            units = select_features(len(features), self.max_features, data.seed)
+            feature_of, described, extra = {f: f for f in units}, None, {}
+            kind, pairing = self.description, None
+        # A unit's key names its checkpoint and seeds its samples: the feature index under
+        # the feature protocol, the concept's position under the concept protocol.
+        keys = units if self.protocol == "feature" else list(range(len(units)))
         store = Checkpoints(data.output_dir / "checkpoints" / "steering", data.config_hash,
                             version=CHECKPOINT_VERSION)  # fmt: skip
-        done = {f: store.load(f, unit[f]) for f in chosen}
-        todo = [f for f in chosen if done[f] is None]
-        train = data.activations.subset(data.dataset.indices("train"))
-        describe = Describer(self.description, model, features, train, judge, todo, unit,
-                             self.top_tokens)  # fmt: skip
+        done = {i: store.load(keys[i], unit[feature_of[u]]) for i, u in enumerate(units)}
+        todo = [feature_of[u] for i, u in enumerate(units) if done[i] is None]
+        if described is None:  # describe (the feature protocol; concepts have their label)
+            train = data.activations.subset(data.dataset.indices("train"))
+            described = Describer(self.description, model, features, train, judge, todo, unit,
+                                  self.top_tokens)  # fmt: skip
         baseline = self._baseline(model, features.hook, unit.shape[1], data.seed) if todo else []
         resumed: dict[str, float] = {}
-        for f in tqdm(chosen, desc="steering", unit="feature", leave=False):
-            if done[f] is not None:
-                for k, v in done[f]["judge_stats"].items():
+        for i, u in enumerate(tqdm(units, desc="steering", unit=self.protocol, leave=False)):
+            if done[i] is not None:
+                for k, v in done[i]["judge_stats"].items():
                     resumed[k] = resumed.get(k, 0.0) + v
                 continue
+            f = feature_of[u]
             before = judge.stats()
+            # calibrate -> generate -> judge, for one unit
             result = self._steer_feature(model, features.hook, f, unit[f], float(norms[f]),
-                                         describe(f), baseline, judge, data.seed)  # fmt: skip
+                                         described(u), baseline, judge, data.seed, keys[i])  # fmt: skip
             result["judge_stats"] = {k: v - before.get(k, 0.0) for k, v in judge.stats().items()}
-            store.save(f, unit[f], result)
-            done[f] = result
+            store.save(keys[i], unit[f], result)
+            done[i] = result
         stats = judge.stats()
         stats.update({k: stats.get(k, 0.0) + v for k, v in resumed.items()})
-        rows = [row for f in chosen for row in done[f]["rows"]]
-        rows += aggregate(rows, chosen, passes={f: done[f]["passes"] for f in chosen},
-                          judge_stats=stats, seed=data.seed, n_resamples=self.bootstrap)  # fmt: skip
+        rows = [{**row, **extra.get(u, {})} for i, u in enumerate(units) for row in done[i]["rows"]]
+        # aggregate: per unit, then the summary with intervals over units
+        passes = {u: done[i]["passes"] for i, u in enumerate(units)}
+        rows += aggregate(rows, units, passes=passes, judge_stats=stats, seed=data.seed,
+                          n_resamples=self.bootstrap, unit=self.protocol, units_hash=pairing)  # fmt: skip
         for row in rows:
             row.setdefault("judge", type(judge).name or type(judge).__name__.lower())
-            row.setdefault("description", self.description)
+            row.setdefault("description", kind)
+            row.setdefault("protocol", self.protocol)
         return rows
 
+    def _concept_units(self, features: Features, data: TaskData) -> tuple:
+        """The concept protocol's units: a seeded sample of the dataset's concepts, each
+        with the method's feature for it (its own label's direction for a supervised
+        method, else the best train-split AUROC of its native encoding, as concept
+        detection matches) and the concept's label as the description."""
+        concepts = data.dataset.concepts
+        if self.concepts is not None and self.concepts < len(concepts):
+            rng = np.random.default_rng(self.concept_seed)
+            picked = sorted(rng.choice(concepts, size=self.concepts, replace=False).tolist())
+        else:
+            picked = list(concepts)
+        train = data.dataset.indices("train")
+        labels = np.array(data.dataset.labels)[train]
+        scores = sentence_scores(features, data, "native")[train]
+        auc = np.nan_to_num(auroc_matrix(scores, labels[:, None] == np.array(concepts)[None, :]),
+                            nan=0.5)  # C x k  # fmt: skip
+        feature_of, extra = {}, {}
+        for c in picked:
+            row = auc[concepts.index(c)]
+            own = features.labels.index(c) if features.labels and c in features.labels else None
+            f = own if own is not None else int(row.argmax())
+            feature_of[c] = f
+            extra[c] = {"match_auroc": float(row[f]), "supervised": features.labels is not None}
+        return picked, feature_of, label, extra
+
     def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,
-                       judge, seed) -> dict:  # fmt: skip
-        """Calibrate, generate and judge one feature: its rows and search passes."""
+                       judge, seed, key: int | None = None) -> dict:  # fmt: skip
+        """Calibrate, generate and judge one unit (feature f, described by `desc`): its rows
+        and search passes. `key` seeds its samples (default: the feature index)."""
+        key = f if key is None else key
         if not norm > 1e-12:  # NaN too
             why = "zero-norm direction" if np.isfinite(norm) else "non-finite direction"
             return {"rows": [_failure(f, desc, ZERO_NORM, why)], "passes": 0}
@@ -167,7 +231,7 @@ class Steering(Task):
                                      kl_achieved=kl))  # fmt: skip
             else:
                 jobs.append((t, sign, float(alpha), float(kl)))
-        specs = [(prompt, alpha * direction, (seed, f + 1, t, sign + 1, s))
+        specs = [(prompt, alpha * direction, (seed, key + 1, t, sign + 1, s))
                  for t, sign, alpha, _ in jobs for s, prompt in enumerate(self._sample_prompts())]  # fmt: skip
         texts = generate(model, hook, specs, self) if specs else []
         for sign in desc.signs:
@@ -244,151 +308,7 @@ def _fluency(judge: Judge, texts: list[str], prompts: list[str]) -> list[Judgeme
     return out  # type: ignore[return-value]
 
 
-def _row(f, concept, metric, value, kl_target, sign, **extra) -> dict:
-    return {"feature": f, "concept": concept, "metric": metric, "value": value,
-            "kl_target": kl_target, "sign": sign, **extra}  # fmt: skip
-
-
 def _failure(f, desc: Description, failure, reason, kl_target=None, sign=None, **extra) -> dict:
     """A sample-less `steering_score` row saying why nothing was generated or judged."""
     return _row(f, desc.concept, "steering_score", None, kl_target, sign, sample=None,
                 failure=failure, reason=reason, **extra)  # fmt: skip
-
-
-# --- aggregation: plain rows in, per-feature and summary rows out -------------------
-
-
-def aggregate(rows: list[dict], chosen: list[int], *, passes: dict[int, int] | None = None,
-              judge_stats: dict[str, float] | None = None, seed: int = 0,
-              n_resamples: int = RESAMPLES) -> list[dict]:  # fmt: skip
-    """Per-feature `heldout_steering_score` and `best_kl_steering_score`, then the
-    summary rows, from the task's sample rows and failure rows (see `_failure`).
-
-    Held-out: the (KL target, sign) with the best mean on even samples, reported
-    as its mean on odd samples. Best-KL: the best mean on all samples (the
-    paper's, optimistic). Ties go to the smaller KL target, then the + sign. A
-    failed feature scores 0 in both with its reason; a feature whose judgements
-    are all missing is missing. `concept_score` and `fluency_score` summarize
-    the held-out samples: each feature's reported half at its chosen target.
-    """
-    by_feature: dict[int, list[dict]] = {f: [] for f in chosen}
-    for r in rows:
-        if r.get("feature") in by_feature:
-            by_feature[r["feature"]].append(r)
-    out, heldout_parts, failed = [], {}, {}
-    for f in chosen:
-        mine = by_feature[f]
-        samples = [r for r in mine if r.get("sample") is not None]
-        scores: dict[tuple, dict[int, float | None]] = {}
-        for r in samples:
-            if r["metric"] == "steering_score":
-                scores.setdefault((r["kl_target"], r["sign"]), {})[r["sample"]] = r["value"]
-        value, reason = _failed(mine, samples)
-        concept = next((r.get("concept") for r in mine), None)
-        for metric, pick, report in ((HELDOUT, _even, _odd), (BEST_KL, _any, _any)):
-            if not scores:  # nothing generated: a failure (0) or a missing description
-                out.append(_row(f, concept, metric, value, None, None, reason=reason, n=0))
-                continue
-            v, key, n, why = _select(scores, pick, report)
-            out.append(
-                _row(f, concept, metric, v, *(key or (None, None)), reason=reason or why, n=n)
-            )
-            if metric == HELDOUT and key is not None:
-                heldout_parts[f] = [r for r in samples if (r["kl_target"], r["sign"]) == key
-                                    and _odd(r["sample"])]  # fmt: skip
-        if value == 0.0:
-            failed[f] = reason
-    return out + _summary(out, rows, chosen, heldout_parts, failed, passes or {},
-                          judge_stats or {}, seed, n_resamples)  # fmt: skip
-
-
-def _even(s: int) -> bool:
-    return s % 2 == 0
-
-
-def _odd(s: int) -> bool:
-    return s % 2 == 1
-
-
-def _any(s: int) -> bool:
-    return True
-
-
-def _failed(mine: list[dict], samples: list[dict]) -> tuple[float | None, str | None]:
-    """(0.0, reason) for a feature that failed to steer, (None, reason) for one that
-    could not be judged at all, (None, None) otherwise."""
-    kinds = {r.get("failure") for r in mine if r.get("sample") is None}
-    reasons = [r["reason"] for r in mine if r.get("sample") is None and r.get("reason")]
-    if samples:
-        if all(r.get("failure") == EMPTY for r in samples):
-            return 0.0, "every generation empty"
-        return None, None
-    if ZERO_NORM in kinds:
-        return 0.0, reasons[0] if reasons else "zero-norm direction"
-    if UNDESCRIBED in kinds:
-        return None, reasons[0] if reasons else "no description"
-    if UNREACHABLE in kinds:
-        return 0.0, "every KL target unreachable" + (f" ({reasons[0]})" if reasons else "")
-    return None, "no steering rows for this feature"
-
-
-def _select(scores: dict, pick, report) -> tuple[float | None, tuple | None, int, str | None]:
-    """The best (target, sign) by mean over the samples `pick` accepts; its mean over
-    the samples `report` accepts, and how many defined samples that mean has."""
-
-    def defined(values: dict, keep) -> list[float]:
-        return [v for s, v in values.items() if keep(s) and v is not None]
-
-    ranked = [(float(np.mean(d)), key) for key, v in scores.items() if (d := defined(v, pick))]
-    if not ranked:
-        return None, None, 0, "no (KL target, sign) with a defined score in the choosing half"
-    _, key = max(ranked, key=lambda p: (p[0], -p[1][0], p[1][1]))
-    reported = defined(scores[key], report)
-    if not reported:
-        return None, key, 0, "no defined score in the reported half"
-    return float(np.mean(reported)), key, len(reported), None
-
-
-def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_stats, seed,
-             n_resamples) -> list[dict]:  # fmt: skip
-    def estimate(metric: str, values: list, **extra) -> dict:
-        est = mean_estimate(values, paired_over="feature", n_resamples=n_resamples, seed=seed)
-        missing = sum(v is None for v in values)
-        return {"metric": metric, **est.row(), "missing": missing, **extra}
-
-    out = [
-        estimate(m, [r["value"] for r in per_feature if r["metric"] == m])
-        for m in (HELDOUT, BEST_KL)
-    ]
-    for metric in ("concept_score", "fluency_score"):
-        values = []
-        for f in chosen:
-            got = [r["value"] for r in heldout_parts.get(f, []) if r["metric"] == metric]
-            got = [v for v in got if v is not None]
-            values.append(float(np.mean(got)) if got else None)
-        out.append(estimate(metric, values))
-    judged = [r for r in rows if r.get("sample") is not None and r.get("failure") != EMPTY
-              and r["metric"] in ("concept_score", "fluency_score")]  # fmt: skip
-    sampleless = [
-        r for r in rows if r.get("sample") is None and r.get("metric") == "steering_score"
-    ]
-    targets = {
-        (r["feature"], r["kl_target"], r["sign"]) for r in rows if r.get("sample") is not None
-    }
-    unreachable = sum(r.get("failure") == UNREACHABLE for r in sampleless)
-    searched = [p for f, p in passes.items() if p]
-    out += [
-        {"metric": "judge_failures", "value": float(sum(r["value"] is None for r in judged)),
-         "n": len(judged),
-         "features_undescribed": sum(r.get("failure") == UNDESCRIBED for r in sampleless)},
-        {"metric": "failed_features", "value": float(len(failed)), "n": len(chosen),
-         "features": ",".join(map(str, failed)),
-         "reason": "; ".join(f"feature {f}: {why}" for f, why in failed.items()) or None},
-        {"metric": "unreachable_targets", "value": float(unreachable),
-         "n": unreachable + len(targets)},
-        {"metric": "alpha_search_passes", "value": float(np.mean(searched)) if searched else None,
-         "n": len(searched), "reason": None if searched else "no feature searched"},
-        {"metric": "steered_features", "value": float(len(chosen)), "n": len(chosen),
-         "features_chosen": ",".join(map(str, chosen))},
-    ]  # fmt: skip
-    return out + [{"metric": f"judge_{k}", "value": float(v)} for k, v in judge_stats.items()]

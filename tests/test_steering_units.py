@@ -15,6 +15,7 @@ from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement, parse_rating
 from bench.stats import percentile_interval, resample_indices
 from bench.steer import generate, next_token_kl, sample_next, search_alpha
+from bench.steering_scores import HELDOUT
 from methods.base import ActivationSet, Features
 from tasks.steering import (
     EMPTY,
@@ -305,8 +306,9 @@ def test_summary_descriptions_need_a_judge_that_writes():
         name, can_write = "silent", False
 
     with pytest.raises(ConfigError, match="description=summary needs a judge that writes"):
-        Steering(description="summary").check_judge(Silent())
-    Steering(description="summary").check_judge(_Recorder())
+        Steering(protocol="feature", description="summary").check_judge(Silent())
+    Steering(protocol="feature", description="summary").check_judge(_Recorder())
+    Steering(description="summary").check_judge(Silent())  # the concept protocol judges labels
     Steering().check_judge(Silent())  # tokens: any judge
 
 
@@ -438,3 +440,52 @@ def test_vocab_projection_gives_distinct_tokens_per_sign(tiny_model):
 def test_bad_settings_name_the_value_and_what_is_allowed(kwargs, key):
     with pytest.raises(ConfigError, match=f"task.steering.{key}=.*must be"):
         Steering(**kwargs)
+
+
+def test_concept_protocol_aggregates_per_concept_and_pairs_over_concepts():
+    """Two concepts may pick the same feature: the unit is the concept, not the feature."""
+    rows = []
+    for concept, scores in (("food", [0.0, 1.0, 2.0, 1.0]), ("music", [1.0, 0.0, 1.0, 0.0])):
+        for r in _samples(5, 0.1, 1, scores):
+            rows.append({**r, "concept": concept})
+    out = aggregate(rows, ["food", "music"], seed=0, n_resamples=200, unit="concept",
+                    units_hash="h")  # fmt: skip
+    per = {r["concept"]: r for r in out if r["metric"] == HELDOUT and r.get("concept")}
+    assert per["food"]["value"] == pytest.approx(1.0) and per["music"]["value"] == 0.0
+    assert per["food"]["feature"] == per["music"]["feature"] == 5
+    summary = next(r for r in out if r["metric"] == HELDOUT and r.get("concept") is None)
+    assert summary["value"] == pytest.approx(0.5) and summary["n"] == 2
+    assert summary["paired_over"] == "concept" and summary["units_hash"] == "h"
+
+
+def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path):
+    from bench import datasets
+    from bench.activations import extract
+    from methods.diffmean import DiffMean
+    from methods.random import RandomDirections as Random
+    from tasks.base import TaskData
+
+    data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=4)
+    acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-cp", use_cache=False)
+    train = acts.subset(data.indices("train"))
+    task_data = TaskData(data, acts, 1, "mlp_post", 0, tmp_path)
+    task = Steering(protocol="concept", concepts=2, concept_seed=3)
+    units, feature_of, describe, extra = task._concept_units(DiffMean().fit(train), task_data)
+    again, *_ = Steering(protocol="concept", concepts=2, concept_seed=3)._concept_units(
+        Random(n_features=10).fit(train), task_data
+    )
+    assert len(units) == 2 and units == again  # the same concepts for every method
+    diffmean = DiffMean().fit(train)
+    for c in units:  # a supervised method steers its own direction for the concept
+        assert diffmean.labels[feature_of[c]] == c and extra[c]["supervised"]
+        assert describe(c).kind == "label" and describe(c).texts == {1: c.replace("_", " ")}
+    random = Random(n_features=10).fit(train)
+    _, picked, _, info = task._concept_units(random, task_data)
+    from tasks.concept_detection import auroc_matrix, sentence_scores
+
+    scores = sentence_scores(random, task_data)[data.indices("train")]
+    labels = np.array(data.labels)[data.indices("train")]
+    auc = auroc_matrix(scores, labels[:, None] == np.array(data.concepts)[None, :])
+    for c in units:  # the unsupervised pick is the best train-split AUROC
+        assert picked[c] == int(auc[data.concepts.index(c)].argmax())
+        assert info[c]["match_auroc"] == pytest.approx(auc[data.concepts.index(c)].max())
