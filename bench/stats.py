@@ -173,11 +173,17 @@ class Difference:
         return asdict(self)
 
 
-def _bootstrap_p(d: np.ndarray) -> float:
-    b = d.size
-    below = (np.count_nonzero(d <= 0) + 1) / (b + 1)
-    above = (np.count_nonzero(d >= 0) + 1) / (b + 1)
-    return float(min(1.0, 2.0 * min(below, above)))
+def _bootstrap_p(delta: float, d: np.ndarray) -> float:
+    """Two-sided p-value of delta = 0 from the bootstrap standard error of the difference
+    (normal approximation: 2 * (1 - Phi(|delta| / se))).
+
+    Counting replicates beyond 0 cannot go below 2 / (B + 1): with B = 1000 and Holm over
+    a report's 60-odd differences, no adjusted p could reach 0.05 however clear the
+    difference. The standard error has no such floor."""
+    se = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if se == 0.0:
+        return 1.0 if delta == 0 else 0.0
+    return float(min(1.0, 2.0 * norm.sf(abs(delta) / se)))
 
 
 def difference(a: Estimate, b: Estimate, *, seed: int = 0) -> Difference:
@@ -190,8 +196,7 @@ def difference(a: Estimate, b: Estimate, *, seed: int = 0) -> Difference:
     replicates within one estimate are i.i.d. and so exchangeable; permuting b's breaks any
     coupling that the shared seed would otherwise create between the two sets of resamples.
 
-    The p-value is two-sided with the +1 correction (never 0, valid for B resamples):
-    ``min(1, 2 * min((#(d* <= 0) + 1) / (B + 1), (#(d* >= 0) + 1) / (B + 1)))``.
+    The p-value is two-sided, from the bootstrap standard error of d* (`_bootstrap_p`).
     """
     paired = (
         a.units_hash is not None
@@ -217,7 +222,7 @@ def difference(a: Estimate, b: Estimate, *, seed: int = 0) -> Difference:
     low, high = percentile_interval(d)
     sd_unit = float(d.std(ddof=1) * math.sqrt(n_pairs)) if d.size > 1 else None
     power_n = n_for_power(delta, sd_unit)
-    return Difference(delta, low, high, _bootstrap_p(d), n_pairs, paired, sd_unit, power_n)
+    return Difference(delta, low, high, _bootstrap_p(delta, d), n_pairs, paired, sd_unit, power_n)
 
 
 def paired_values_difference(a_values, b_values, *, n_resamples=RESAMPLES, seed=0) -> Difference:
