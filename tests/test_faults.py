@@ -25,7 +25,8 @@ from bench.results import ResultsError, finalize, read_metrics, write_metrics
 from tests.conftest import featbench_cmd
 
 RUN = {"run_id": "r", "model": "m", "layer": 0, "hook": "h", "method": "x", "task": "t",
-       "seed": 0, "config_hash": "c"}  # fmt: skip
+       "seed": 0, "config_hash": "c", "setting_hash": "s", "code_version": "featbench test",
+       "dataset_hash": "d", "dataset_version": "v"}  # fmt: skip
 SMOKE = ["experiment=smoke", "task=[concept_detection]", "logger=none"]
 
 

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 # default token descriptions steer the + sign only, output_centric both signs.
 SMALL = [
     "task=[steering]",
+    "task.steering.protocol=feature",
     "task.steering.max_features=4",
     "task.steering.kl_targets=[0.1,0.25,0.5]",
     "task.steering.samples=6",
@@ -44,21 +45,47 @@ def jobs(tmp_path_factory, embedded):
         "random_out": _job(
             tmp, "random_out", ["method=random", *SMALL, "task.steering.description=output_centric"]
         ),
+        **{
+            f"{method}_concept": _job(
+                tmp,
+                f"{method}_concept",
+                [
+                    f"method={method}",
+                    *SMALL,
+                    "task.steering.protocol=concept",
+                    "task.steering.concepts=2",
+                ],
+            )  # fmt: skip
+            for method in ("diffmean", "random")
+        },
     }
+
+
+def test_concept_protocol_pairs_methods_over_the_same_concepts(jobs):
+    """Each method steers its feature for the same 2 concepts, judged against the label;
+    the headline is paired over concepts (same units hash for both methods)."""
+    d, r = jobs["diffmean_concept"], jobs["random_concept"]
+    per = [f[(f["metric"] == "heldout_steering_score") & f["concept"].notna()] for f in (d, r)]
+    assert set(per[0]["concept"]) == set(per[1]["concept"]) and len(per[0]) == 2
+    for frame in (d, r):
+        samples = frame[frame["sample"].notna()]
+        assert (frame["description"] == "label").all() and set(frame["sign"].dropna()) == {1}
+        labels = samples.groupby("concept")["description_text"].unique()
+        assert all(list(t) == [c.replace("_", " ")] for c, t in labels.items())
+    heads = [
+        f[(f["metric"] == "heldout_steering_score") & f["concept"].isna()].iloc[0] for f in (d, r)
+    ]
+    assert heads[0]["paired_over"] == "concept" and heads[0]["n"] == 2
+    assert heads[0]["units_hash"] == heads[1]["units_hash"] is not None
 
 
 def _summary(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["feature"].isna()].set_index("metric")
 
 
-def test_diffmean_steers_better_than_the_random_control(jobs):
-    diffmean, random = _summary(jobs["diffmean"]), _summary(jobs["random"])
-    for metric in ("heldout_steering_score", "best_kl_steering_score"):
-        assert diffmean.loc[metric, "value"] > random.loc[metric, "value"], (
-            metric,
-            diffmean,
-            random,
-        )
+# DiffMean > random on the steering score is an empirical claim, not a property of the
+# code: the default comparison (README) measures it over 8 concepts with its interval
+# (0.18 [-0.17, 0.51], not separated), so no test asserts it on 4 features.
 
 
 def test_rows_carry_the_protocol(jobs):

@@ -35,6 +35,10 @@ RUN = {
     "task": "concept_detection",
     "seed": 42,
     "config_hash": "abc123",
+    "setting_hash": "def456",
+    "code_version": "featbench test",
+    "dataset_hash": "d0",
+    "dataset_version": "concepts-v2",
 }
 
 
