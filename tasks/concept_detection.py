@@ -52,7 +52,6 @@ from bench import stats
 from bench.contexts import encode_all, sentence_max
 from bench.datasets import NEUTRAL, ConceptDataset
 from bench.errors import ConfigError
-from bench.storage import sha256_json
 from methods.base import ActivationSet, Features
 from tasks.base import Task, TaskData
 
@@ -149,8 +148,9 @@ class ResampledAuroc:
 
 
 def units_hash(dataset: ConceptDataset, test: np.ndarray) -> str:
-    """Same dataset content and same test sentences in the same order <=> same hash."""
-    return sha256_json([dataset.content_hash, [int(i) for i in test]])
+    """Same dataset content and same test sentences in the same order <=> same hash (the
+    same id reconstruction gives the same units, through the one `bench.stats.units_hash`)."""
+    return stats.units_hash(dataset.content_hash, [int(i) for i in test])
 
 
 @dataclass
