@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from bench.datasets import ConceptDataset
 from bench.errors import ConfigError
 from bench.hooks import hook_name
-from bench.storage import atomic_write, cache_dir, entry_lock, sha256_json
+from bench.storage import (
+    atomic_write,
+    cache_dir,
+    entry_lock,
+    is_verified,
+    mark_verified,
+    sha256_json,
+)
 from methods.base import ActivationSet
 
 log = logging.getLogger(__name__)
@@ -234,6 +241,7 @@ def _write_entry(path: Path, acts: ActivationSet) -> None:
     tensors = {name: getattr(acts, name).contiguous() for name in TENSORS}
     metadata = {"hook": acts.hook, "format": str(FORMAT_VERSION), "sha256": _digest(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    mark_verified(path, metadata["sha256"])  # just written from these tensors
     log.info("activations at %s cached: %s (%d tokens x %d)", acts.hook, path, len(acts), acts.d)
 
 
@@ -245,8 +253,11 @@ def _read_entry(path: Path, labels: list[str]) -> ActivationSet | None:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        if metadata.get("sha256") != _digest(tensors):
-            raise ValueError("checksum mismatch")
+        checksum = metadata.get("sha256")
+        if not (checksum and is_verified(path, checksum)):  # hash only a new or changed file
+            if checksum != _digest(tensors):
+                raise ValueError("checksum mismatch")
+            mark_verified(path, checksum)
         return ActivationSet(
             acts=tensors["acts"],
             token_ids=tensors["token_ids"],

@@ -79,7 +79,10 @@ class Describer:
     judge request when a job resumes."""
 
     def __init__(self, kind: str, model: Any, features: Features, train: ActivationSet,
-                 judge: Any, chosen: list[int], unit: torch.Tensor, top: int) -> None:  # fmt: skip
+                 judge: Any, chosen: list[int], unit: torch.Tensor, top: int,
+                 codes: torch.Tensor | None = None) -> None:  # fmt: skip
+        """`codes`: the train rows' codes of every feature when the caller has them (the
+        job's shared encodings); None encodes them here."""
         check_kind(kind, judge)
         self.kind, self.model, self.hook, self.judge, self.unit, self.top = (
             kind, model, features.hook, judge, unit, top)  # fmt: skip
@@ -88,7 +91,7 @@ class Describer:
         self.column = {f: i for i, f in enumerate(chosen)}
         self.codes = self.contexts = None
         if kind in ("tokens", "summary") and chosen:
-            self.codes = encode_all(features, train)[:, chosen]
+            self.codes = (encode_all(features, train) if codes is None else codes)[:, chosen]
             self.train = train
         if kind == "summary" and chosen:
             self.contexts = top_contexts(features, train, model.tokenizer, codes=self.codes)

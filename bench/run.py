@@ -265,7 +265,14 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
     fit_seconds = stage.records[-1]["seconds"]
     features.info.setdefault("fit_seconds", fit_seconds)
     features.save(job_dir / "features")
-    contexts = top_contexts(features, train, model.tokenizer)
+    # Task checkpoints are keyed by the config and the code: a resumed job never takes
+    # another code version's partial results.
+    checkpoint_key = sha256_json([chash, code_version()])[:16]
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key)
+    with stage("encode"):  # once per job: the contexts and every task share these codes
+        encodings = data.encodings(features)
+        codes = encodings.tokens()[encodings.rows(dataset.indices("train"))]
+        contexts = top_contexts(features, train, model.tokenizer, codes=codes)
     atomic_write_text(
         job_dir / "features" / "contexts.json", json.dumps(contexts, indent=1, ensure_ascii=False)
     )
@@ -277,10 +284,6 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
         fit_seconds,
     )
 
-    # Task checkpoints are keyed by the config and the code: a resumed job never takes
-    # another code version's partial results.
-    checkpoint_key = sha256_json([chash, code_version()])[:16]
-    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key)
     run = {
         "run_id": f"{plugin_name(method)}-{chash[:10]}",
         "model": cfg.model.name,

@@ -84,6 +84,48 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+# --- checksums checked once ---------------------------------------------------------
+#
+# Verifying a cache entry means hashing all of it (hundreds of MB for activations). A
+# verified file gets a `<file>.verified` note of its checksum and its size, mtime and
+# inode and of its first and last MiB; while those are unchanged, later reads trust the
+# note instead of hashing again. A rewrite, truncation or replacement of the file changes
+# them, and the next read hashes it again. (Like `make` trusting timestamps: a change in
+# the middle of a file that also keeps its size, mtime and inode is not detected.)
+
+VERIFIED_SUFFIX = ".verified"
+
+
+EDGE = 1 << 20  # bytes at each end of a file hashed into its stamp: cheap, and catches
+# the usual damage (a truncated or rewritten tail) even within one timestamp tick
+
+
+def _stamp(path: Path) -> dict:
+    stat = Path(path).stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(EDGE))
+        handle.seek(max(0, stat.st_size - EDGE))
+        digest.update(handle.read(EDGE))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+            "edges": digest.hexdigest()[:16]}  # fmt: skip
+
+
+def is_verified(path: Path, checksum: str) -> bool:
+    """True when `path` was verified against `checksum` and has not changed since."""
+    try:
+        note = json.loads(Path(f"{path}{VERIFIED_SUFFIX}").read_text(encoding="utf-8"))
+        return note == {**_stamp(path), "checksum": checksum}
+    except (OSError, ValueError):
+        return False
+
+
+def mark_verified(path: Path, checksum: str) -> None:
+    """Record that `path`, as it is now, matches `checksum` (see `is_verified`)."""
+    atomic_write_text(Path(f"{path}{VERIFIED_SUFFIX}"),
+                      json.dumps({**_stamp(path), "checksum": checksum}))  # fmt: skip
+
+
 @contextlib.contextmanager
 def entry_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock on `<path>.lock`, held for the block.

@@ -10,11 +10,12 @@ columns. A missing value is `value=None` with a `reason`, never a 0.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from bench.datasets import NEUTRAL, ConceptDataset
+from bench.encodings import Encodings
 from bench.judges.base import Judge
 from methods.base import ActivationSet, Features
 
@@ -31,6 +32,14 @@ class TaskData:
     output_dir: Path  # the job's directory, for artifacts and checkpoints
     judge: Judge | None = None  # the configured judge (tasks that score text need one)
     config_hash: str = ""  # the job's config hash: keys task checkpoints in output_dir
+    _encodings: Encodings | None = field(default=None, init=False, repr=False)
+
+    def encodings(self, features: Features) -> Encodings:
+        """The codes of `features` for every row of `activations`, made once per job: every
+        task (and the job's contexts) asks here instead of encoding again."""
+        if self._encodings is None or self._encodings.features is not features:
+            self._encodings = Encodings(features, self.activations, len(self.dataset))
+        return self._encodings
 
 
 class Task(ABC):

@@ -45,14 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from scipy.stats import rankdata
 
 from bench import stats
-from bench.contexts import encode_all, sentence_max
 from bench.datasets import NEUTRAL, ConceptDataset
+from bench.encodings import ENCODERS
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features
+from methods.base import Features
 from tasks.base import Task, TaskData
 
 log = logging.getLogger(__name__)
@@ -61,27 +60,10 @@ PAIRED_OVER = "test sentence"
 BOOTSTRAP_SEED = 0  # one seed for every job: two methods on the same split get the same resamples
 
 
-def projection_codes(features: Features, acts: ActivationSet, chunk: int = 8192) -> torch.Tensor:
-    """n x k cosine of every row of `acts` with every unit direction (0 for a zero vector)."""
-    unit = torch.nn.functional.normalize(features.directions.float(), dim=1)
-    out = []
-    for i in range(0, len(acts), chunk):
-        x = torch.nn.functional.normalize(acts.acts[i : i + chunk].float(), dim=1)
-        out.append((x @ unit.T.to(x.device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(features))
-
-
-ENCODERS: dict[str, Callable[[Features, ActivationSet], torch.Tensor]] = {
-    "native": encode_all,
-    "projection": projection_codes,
-}
-
-
 def sentence_scores(features: Features, data: TaskData, encoder: str = "native") -> np.ndarray:
-    """S x k matrix: max over each sentence's tokens of the encoder's token score."""
-    acts = data.activations
-    codes = ENCODERS[encoder](features, acts)
-    return sentence_max(codes, acts.sentence_ids, len(data.dataset)).numpy()
+    """S x k matrix: max over each sentence's tokens of the encoder's token score (the job's
+    shared encodings, so a second caller encodes nothing)."""
+    return data.encodings(features).sentences(encoder)
 
 
 def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:

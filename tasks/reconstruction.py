@@ -39,21 +39,13 @@ from tasks.base import Task, TaskData
 log = logging.getLogger(__name__)
 
 
-def round_trip(features: Features, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """decode(encode(x)) in chunks, float32."""
-    parts = [
-        features.decode(features.encode(x[i : i + chunk].float())) for i in range(0, len(x), chunk)
-    ]
-    return torch.cat(parts) if parts else x.float()
-
-
 def splice(
-    activation: torch.Tensor, hook: Any, features: Features, mask: torch.Tensor
+    activation: torch.Tensor, hook: Any, replacement: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """TransformerLens hook: the round trip in place of the real tokens' activations."""
+    """TransformerLens hook: `replacement` (one row per True of `mask`, row-major) in place
+    of the real tokens' activations."""
     out = activation.clone()
-    replaced = round_trip(features, activation[mask].float().cpu())
-    out[mask] = replaced.to(activation.device, activation.dtype)
+    out[mask] = replacement.to(activation.device, activation.dtype)
     return out
 
 
@@ -85,15 +77,16 @@ class Reconstruction(Task):
             rng = np.random.default_rng(data.seed)
             test = np.sort(rng.choice(test, size=self.max_sentences, replace=False))
         acts = data.activations.subset(test)
-        x = acts.acts.float()
-        err = (x - round_trip(features, x)).pow(2).sum(1)  # per token
+        encodings = data.encodings(features)  # the job's codes: decoded here, not encoded again
+        x, x_hat = acts.acts.float(), encodings.decoded(encodings.rows(test))
+        err = (x - x_hat).pow(2).sum(1)  # per token
         dev = (x - x.mean(0)).pow(2).sum(1)
         local = torch.as_tensor(np.searchsorted(test, acts.sentence_ids.numpy()))
         sums = {
             "err": _per_sentence(err, local, len(test)),
             "dev": _per_sentence(dev, local, len(test)),
         }
-        sums.update(self._splice(model, features, data, test, cfg))
+        sums.update(self._splice(model, features.hook, x_hat, acts, data, test, cfg))
         ratios = {  # metric: (numerator, denominator), each summed over sentences
             "fvu": (sums["err"], sums["dev"]),
             "kl_spliced": (sums["kl"], sums["n_kl"]),
@@ -116,22 +109,33 @@ class Reconstruction(Task):
         return rows
 
     @torch.inference_mode()
-    def _splice(self, model, features, data, sentences, cfg) -> dict[str, np.ndarray]:
+    def _splice(self, model, hook, x_hat, acts, data, sentences, cfg) -> dict[str, np.ndarray]:
         """Per test sentence: summed KL(P_clean || P_spliced) over its real tokens, clean and
         spliced next-token cross-entropy over positions whose next token is real, and the
-        counts of each."""
+        counts of each. `x_hat` (rows of `acts`, the test sentences' cached activations) is
+        what replaces each sentence's real tokens at `hook`."""
         max_length = cfg.activations.max_length if cfg is not None else None
         token_ids, _ = tokenize(model, [data.dataset.sentences[i] for i in sentences], max_length)
+        ids = acts.sentence_ids
+        start = torch.searchsorted(ids, torch.as_tensor(sentences), side="left").tolist()
+        stop = torch.searchsorted(ids, torch.as_tensor(sentences), side="right").tolist()
         out = {
             k: np.zeros(len(sentences)) for k in ("kl", "n_kl", "ce_clean", "ce_spliced", "n_ce")
         }
         for batch, tokens, real in padded_batches(model, token_ids, self.batch_tokens):
             tokens = tokens.to(model.cfg.device)
             mask = real.to(model.cfg.device)
-
-            hook_fn = partial(splice, features=features, mask=mask)
+            rows = [x_hat[start[i] : stop[i]] for i in batch]  # row-major, as mask's True
+            counts = real.sum(1).tolist()
+            if [len(r) for r in rows] != counts:
+                raise RuntimeError(
+                    f"reconstruction: the cached activations hold {[len(r) for r in rows]} rows "
+                    f"for sentences {[int(sentences[i]) for i in batch]}, the tokenizer gives "
+                    f"{counts} real tokens (activations.max_length differs from extraction?)"
+                )
+            hook_fn = partial(splice, replacement=torch.cat(rows), mask=mask)
             clean = model(tokens).log_softmax(-1).float()
-            spliced = model.run_with_hooks(tokens, fwd_hooks=[(features.hook, hook_fn)])
+            spliced = model.run_with_hooks(tokens, fwd_hooks=[(hook, hook_fn)])
             spliced = spliced.log_softmax(-1).float()
             kl = (clean.exp() * (clean - spliced)).sum(-1) * mask  # batch x width
             # position t predicts token t+1; both real, so BOS (never spliced) is left out

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.checkpoints import Checkpoints
-from bench.descriptions import KINDS, Describer, Description, check_kind, label
+from bench.descriptions import INPUT_CENTRIC, KINDS, Describer, Description, check_kind, label
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement
 from bench.stats import RESAMPLES, units_hash
@@ -157,9 +157,13 @@ class Steering(Task):
         done = {i: store.load(keys[i], unit[feature_of[u]]) for i, u in enumerate(units)}
         todo = [feature_of[u] for i, u in enumerate(units) if done[i] is None]
         if described is None:  # describe (the feature protocol; concepts have their label)
-            train = data.activations.subset(data.dataset.indices("train"))
+            split = data.dataset.indices("train")
+            train = data.activations.subset(split)
+            encodings = data.encodings(features)  # the job's codes: nothing encoded twice
+            wanted = todo and self.description in INPUT_CENTRIC  # token-based kinds read codes
+            codes = encodings.tokens()[encodings.rows(split)] if wanted else None
             described = Describer(self.description, model, features, train, judge, todo, unit,
-                                  self.top_tokens)  # fmt: skip
+                                  self.top_tokens, codes=codes)  # fmt: skip
         baseline = self._baseline(model, features.hook, unit.shape[1], data.seed) if todo else []
         resumed: dict[str, float] = {}
         for i, u in enumerate(tqdm(units, desc="steering", unit=self.protocol, leave=False)):

@@ -108,3 +108,21 @@ def test_embedded_extraction_of_the_shipped_data(embedded):
     assert torch.isfinite(acts.acts).all()
     bos = embedded.model.tokenizer.bos_token_id
     assert bos not in acts.token_ids.tolist()
+
+
+def test_a_verified_entry_is_hashed_again_only_after_it_changes(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path))
+    data = _dataset(SENTENCES)
+    extract(tiny_model, data, 0, "mlp_post", model_fingerprint="tiny-verified-test")
+    [entry] = (tmp_path / "activations").glob("blocks.0.mlp.hook_post-*.safetensors")
+    hashed = []
+    digest = activations._digest
+    monkeypatch.setattr(activations, "_digest", lambda t: hashed.append(1) or digest(t))
+    assert activations._read_entry(entry, list(data.labels)) is not None
+    assert hashed == []  # written and noted as verified: read without hashing
+    raw = entry.read_bytes()
+    entry.unlink()
+    entry.write_bytes(raw)  # the same bytes in a new file: hashed once, then trusted again
+    assert activations._read_entry(entry, list(data.labels)) is not None
+    assert activations._read_entry(entry, list(data.labels)) is not None
+    assert hashed == [1]

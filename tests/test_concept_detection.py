@@ -11,13 +11,13 @@ import torch
 
 from bench import stats
 from bench.datasets import NEUTRAL, ConceptDataset
+from bench.encodings import projection_codes
 from methods.base import ActivationSet, Features
 from tasks.base import Task, TaskData
 from tasks.concept_detection import (
     ConceptDetection,
     ResampledAuroc,
     auroc_matrix,
-    projection_codes,
     units_hash,
 )
 
