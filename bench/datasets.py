@@ -98,7 +98,7 @@ def load(
     records = read_records(file, format)
     sentences, labels = validate(records, file)
     sentences, labels = _select(sentences, labels, concepts, max_per_concept, max_neutral, file)
-    splits = stratified_split(labels, test_fraction, split_seed)
+    splits = stratified_split(labels, test_fraction, split_seed, sentences)
     dataset = ConceptDataset(tuple(sentences), tuple(labels), tuple(splits), str(file))
     log.info(
         "dataset %s: %d sentences, %d concepts, %d neutral, %d train / %d test",
@@ -193,7 +193,7 @@ def validate(records: list[tuple[str, dict]], file: Path) -> tuple[list[str], li
             if not obj[field].strip():
                 raise DatasetError(f"{file}, {row}: empty {field!r}")
         sentence, label = obj["prompt"].strip(), obj["label"].strip()
-        key = " ".join(sentence.lower().split())
+        key = " ".join(sentence.lower().split())  # the same text up to case and spacing
         if key in seen:
             raise DatasetError(
                 f"{file}, {row}: duplicate sentence (same as {seen[key]}): {sentence!r}"
@@ -209,7 +209,18 @@ def validate(records: list[tuple[str, dict]], file: Path) -> tuple[list[str], li
         )
     if not counts:
         raise DatasetError(f"{file}: no concept labels besides {NEUTRAL!r}")
+    near: dict[str, list[str]] = {}
+    for (row, _), sentence in zip(records, sentences, strict=True):
+        near.setdefault(near_key(sentence), []).append(row)
+    for rows in (r for r in near.values() if len(r) > 1):
+        log.warning("%s: %s differ only in punctuation, case or spacing; the split keeps them "
+                    "on one side", file, " and ".join(rows))  # fmt: skip
     return sentences, labels
+
+
+def near_key(sentence: str) -> str:
+    """A sentence without case, punctuation and spacing: near-duplicates share it."""
+    return "".join(ch for ch in sentence.lower() if ch.isalnum())
 
 
 def _select(sentences, labels, concepts, max_per_concept, max_neutral, file):
@@ -239,20 +250,39 @@ def _select(sentences, labels, concepts, max_per_concept, max_neutral, file):
     return [s for s, _ in kept], [label for _, label in kept]
 
 
-def stratified_split(labels: list[str], test_fraction: float, seed: int) -> list[str]:
+def stratified_split(
+    labels: list[str], test_fraction: float, seed: int, sentences: list[str] | None = None
+) -> list[str]:
     """Assign "train"/"test" per sentence, the same fraction within every label.
 
-    Deterministic in (labels, test_fraction, seed). Each label with at least two
-    sentences gets at least one of each.
+    Keyed by sentence: each sentence draws a number from a hash of (seed, its text without
+    case, punctuation and spacing); within a label the sentences with the smallest numbers
+    go to the test split. So the split is a function of the seed and the sentences
+    themselves: renaming a label, reordering the file or adding other sentences does not
+    move a sentence, and near-duplicates (same key) land on the same side. Each label with
+    at least two distinct keys gets at least one sentence on each side. Without
+    `sentences`, a sentence is keyed by its position (for callers that have only labels).
     """
-    rng = np.random.default_rng(seed)
-    splits = ["train"] * len(labels)
+    keys = (
+        [near_key(s) for s in sentences]
+        if sentences is not None
+        else list(map(str, range(len(labels))))
+    )
+    draw = {k: int(sha256_json([seed, k])[:15], 16) for k in set(keys)}
+    side: dict[str, str] = {}  # key -> split: a key met again (near-duplicates) keeps its side
     for label in sorted(set(labels)):
-        members = np.array([i for i, x in enumerate(labels) if x == label])
-        order = members[rng.permutation(len(members))]
+        members = [i for i, x in enumerate(labels) if x == label]
+        groups = sorted(dict.fromkeys(keys[i] for i in members), key=lambda k: (draw[k], k))
         n_test = int(round(len(members) * test_fraction))
-        if len(members) >= 2:
+        if len(groups) >= 2:
             n_test = min(max(n_test, 1), len(members) - 1)
-        for i in order[:n_test]:
-            splits[i] = "test"
-    return splits
+        taken = sum(1 for i in members if side.get(keys[i]) == "test")
+        for key in groups:
+            if key in side:
+                continue
+            count = sum(1 for i in members if keys[i] == key)
+            side[key] = "test" if taken < n_test else "train"
+            taken += count if side[key] == "test" else 0
+        if len(groups) >= 2 and all(side[k] == "test" for k in groups):
+            side[groups[-1]] = "train"  # never a label without training sentences
+    return [side[k] for k in keys]

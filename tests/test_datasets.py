@@ -90,6 +90,36 @@ def test_stratified_split_is_a_function_of_its_seed():
         }  # fmt: skip
 
 
+def test_split_is_keyed_by_sentence_not_by_label_or_order(tmp_path, shipped):
+    """Renaming a label or reordering the file moves no sentence across the split."""
+    records = [{"prompt": s, "label": lab} for s, lab in zip(shipped.sentences, shipped.labels,
+                                                               strict=True)]  # fmt: skip
+    renamed = [{**r, "label": "cuisine" if r["label"] == "food" else r["label"]} for r in records]
+    shuffled = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+    for name, rows in (("renamed", renamed), ("shuffled", shuffled)):
+        file = tmp_path / f"{name}.jsonl"
+        file.write_text("\n".join(json.dumps(r) for r in rows))
+        other = datasets.load(str(file))
+        side = dict(zip(other.sentences, other.splits, strict=True))
+        assert [side[s] for s in shipped.sentences] == list(shipped.splits), name
+
+
+def test_near_duplicates_stay_on_one_side_of_the_split(tmp_path, caplog):
+    base = [f"Sentence {w} about the topic here" for w in "abcdefghijklmnopqrst"]
+    rows = [{"prompt": s, "label": "x" if i < 10 else "y"} for i, s in enumerate(base)]
+    rows += [{"prompt": s.replace(" here", ", here!").upper(), "label": r["label"]}
+             for s, r in zip(base, rows, strict=True)]  # fmt: skip
+    file = tmp_path / "near.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in rows))
+    for seed in range(5):
+        data = datasets.load(str(file), split_seed=seed)
+        side = {}
+        for sentence, split in zip(data.sentences, data.splits, strict=True):
+            assert side.setdefault(datasets.near_key(sentence), split) == split
+        assert {"train", "test"} <= set(data.splits)
+    assert "differ only in punctuation, case or spacing" in caplog.text
+
+
 def test_selection_caps_and_filters(shipped):
     small = datasets.load(concepts=["food", "french"], max_per_concept=5, max_neutral=7)
     counts = Counter(small.labels)
