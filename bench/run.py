@@ -298,10 +298,10 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
         "dataset_version": dataset.version,
     }
     tables, replicates = [], {}
-    for task in tasks.values():
-        with stage(f"task:{plugin_name(task)}"):
+    for key, task in tasks.items():  # key: the config's task key (one task may run twice)
+        with stage(f"task:{key}"):
             rows = task.evaluate(model, features, data, cfg)
-        replicates.update(pop_replicates(rows, plugin_name(task)))
+        replicates.update(pop_replicates(rows, key))
         tables.append(finalize(rows, {**run, "task": plugin_name(task)}))
     frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
     meta = {

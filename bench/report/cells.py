@@ -33,7 +33,9 @@ HEADLINES = {  # task -> (title, headline summary metrics, first = the headline)
     "reconstruction": ("Reconstruction", ["fvu", "kl_spliced", "ce_delta"]),
     "synthetic_recovery": ("Synthetic recovery (lowest noise of each generator)", ["mcc", "recovered_fraction"]),
 }  # fmt: skip
-DIMS = ("encoder", "description", "generator", "noise")  # summary-row dimensions a cell keeps
+# summary-row dimensions a cell keeps (protocol: steering's concept | feature | paper)
+DIMS = ("encoder", "protocol", "description", "generator", "noise")
+DEFAULT_PROTOCOL = "concept"  # the comparison's steering protocol: its columns are unlabelled
 BLOCK = ["model", "layer", "hook"]  # one table per block
 CELL_COLUMNS = [
     "place", *BLOCK, "setting_hash", "setting", "method", "task", "metric", *DIMS, "label",
@@ -174,7 +176,10 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]]) -> d
     units_hash = hashes.pop() if len(hashes) == 1 else None
     task, metric = str(first["task"]), str(first["metric"])
     gen, noise, encoder = first["generator"], first["noise"], first["encoder"]
+    protocol = first["protocol"]
     label = metric if pd.isna(encoder) else f"{metric} ({encoder})"
+    if pd.notna(protocol) and protocol != DEFAULT_PROTOCOL:
+        label = f"{label} ({protocol} protocol)"
     label = label if pd.isna(gen) else f"{label} ({gen}, noise {float(noise):g})"
     index = _headlines(task, metric).index(metric)
     n = int(counts.min()) if len(counts) else None
@@ -183,7 +188,8 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]]) -> d
         "setting_hash": first["setting_hash"], "setting": first["setting"],
         "method": first["method"], "task": task, "metric": metric,
         **{d: first[d] for d in DIMS}, "label": label,
-        "order": f"{'' if pd.isna(gen) else gen}:{index:03d}:{'' if pd.isna(encoder) else encoder}",
+        "order": f"{'' if pd.isna(gen) else gen}:{_protocol_rank(protocol)}:{index:03d}:"
+                 f"{'' if pd.isna(encoder) else encoder}",
         "value": value, "ci_low": _float(low), "ci_high": _float(high), "n": n,
         "seeds": len(cell), "defined": len(defined),
         "paired_over": _first(cell, "paired_over"), "units_hash": _none(units_hash),
@@ -192,6 +198,11 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]]) -> d
         "supervised": False,  # set per method by headline_cells
         "text": cell_text(value, low, high, n, len(cell), len(defined)),
     }  # fmt: skip
+
+
+def _protocol_rank(protocol: Any) -> str:
+    """The default protocol's columns first, then the others by name."""
+    return "0" if pd.isna(protocol) or protocol == DEFAULT_PROTOCOL else f"1{protocol}"
 
 
 def _versions(rows: pd.DataFrame) -> list[str]:

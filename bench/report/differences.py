@@ -19,14 +19,14 @@ from itertools import combinations
 
 import pandas as pd
 
-from bench.report.cells import BLOCK, estimate
+from bench.report.cells import BLOCK, DEFAULT_PROTOCOL, estimate
 from bench.report.common import MISSING, md_table, num
 from bench.stats import difference, holm
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "model", "layer", "hook", "metric", "encoder", "method_a", "setting_a", "method_b",
+    "model", "layer", "hook", "metric", "encoder", "protocol", "method_a", "setting_a", "method_b",
     "setting_b", "delta", "ci_low", "ci_high", "p_holm", "n_pairs", "paired_over", "paired",
     "n_for_power",
 ]  # fmt: skip
@@ -45,9 +45,11 @@ def differences(cells: pd.DataFrame) -> pd.DataFrame:
     cells = cells.assign(_rank=cells["task"].map(TASKS.index))  # the headline task first
     for _, block in cells.groupby(BLOCK, dropna=False, sort=False):
         family = []
-        keys = ["task", "metric", "encoder", "dataset_hash"]
+        keys = ["task", "metric", "encoder", "protocol", "dataset_hash"]
         block = block.sort_values(["_rank", "order"]) if len(block) else block
-        for (task, metric, encoder, dataset), part in block.groupby(keys, dropna=False, sort=False):
+        for (task, metric, encoder, protocol, dataset), part in block.groupby(
+            keys, dropna=False, sort=False
+        ):
             if pd.isna(dataset):
                 if part["setting_hash"].nunique() > 1:
                     log.warning("%s: %d settings lack one dataset_hash (older code or mixed "
@@ -66,6 +68,7 @@ def differences(cells: pd.DataFrame) -> pd.DataFrame:
                 family.append({
                     **{k: a[k] for k in BLOCK}, "metric": metric,
                     "encoder": None if pd.isna(encoder) else encoder,
+                    "protocol": None if pd.isna(protocol) else protocol,
                     "method_a": a["method"], "setting_a": a["setting"],
                     "method_b": b["method"], "setting_b": b["setting"],
                     "delta": d.delta, "ci_low": d.ci_low, "ci_high": d.ci_high, "_p": d.p,
@@ -129,6 +132,8 @@ def differences_section(diffs: pd.DataFrame, cells: pd.DataFrame) -> str:
 
 def _md_row(row: dict) -> list[str]:
     metric = row["metric"] if pd.isna(row["encoder"]) else f"{row['metric']} ({row['encoder']})"
+    if pd.notna(row["protocol"]) and row["protocol"] != DEFAULT_PROTOCOL:
+        metric += f" ({row['protocol']} protocol)"
     delta = num(row["delta"])
     if pd.notna(row["ci_low"]):
         delta += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"
@@ -165,8 +170,9 @@ def _kind(cell: dict) -> str | None:
 
 
 def mark_key(row: dict, setting: str) -> tuple[str, ...]:
-    """A cell's (model, layer, hook, metric, encoder, setting) as text, to find its marks."""
-    values = [*(row[k] for k in BLOCK), row["metric"], row["encoder"], setting]
+    """A cell's (model, layer, hook, metric, encoder, protocol, setting) as text, to find its
+    marks."""
+    values = [*(row[k] for k in BLOCK), row["metric"], row["encoder"], row["protocol"], setting]
     return tuple("" if v is None or pd.isna(v) else str(v) for v in values)
 
 
