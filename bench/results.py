@@ -31,7 +31,6 @@ import importlib.metadata
 import json
 import logging
 import platform
-import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -45,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.errors import FeatbenchError
+from bench.secrets import redact
 from bench.storage import atomic_write, sha256_json
 
 log = logging.getLogger(__name__)
@@ -84,39 +84,9 @@ NOT_COMPUTED = ("paths", "logger", "force", "hydra")
 SEED_PLACEHOLDER = "<seed>"
 FAILED_FILE = "failed.json"  # marks a sweep job that failed; the end-of-sweep callback counts them
 
-# A name is secret when its last word is one of these (api_key, hf_token, client_secret,
-# password, apikey); bos_token_id, max_new_tokens or token_position are not.
-_SECRET_LAST_WORDS = {
-    "key",
-    "apikey",
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "credentials",
-    "authorization",
-}
-REDACTED = "***REDACTED***"
-
 
 class ResultsError(FeatbenchError, OSError):
     """Results could not be written; what was there before is untouched."""
-
-
-def is_secret_name(name: str) -> bool:
-    """True for `api_key`, `hf_token`, `client_secret`, `password`, `WANDB_API_KEY`, ...:
-    the name's last word is a secret word (`bos_token_id`, `max_new_tokens` are not)."""
-    words = re.split(r"[_\-.]+", str(name).lower())
-    return bool(words) and words[-1] in _SECRET_LAST_WORDS
-
-
-def redact(obj: object) -> object:
-    """Copy of a config tree with the values of secret-named keys replaced."""
-    if isinstance(obj, Mapping):
-        return {k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact(v) for v in obj]
-    return obj
 
 
 def config_hash(config: Mapping) -> str:

@@ -44,21 +44,19 @@ from bench.models import load_model, resolve_device
 from bench.results import (
     FAILED_FILE,
     METRICS_FILE,
-    REDACTED,
     REPLICATES_FILE,
     SEED_PLACEHOLDER,
     code_version,
     config_hash,
     finalize,
-    is_secret_name,
     pop_replicates,
     read_metrics,
-    redact,
     setting_hash,
     setting_of,
     write_metrics,
     write_replicates,
 )
+from bench.secrets import REDACTED, is_secret_name, looks_like_secret, redact, redact_text
 from bench.storage import atomic_write_text, sha256_json
 from methods.base import Method
 from tasks.base import Task, TaskData
@@ -329,7 +327,7 @@ def _overrides() -> list[str]:
     for item in overrides:
         key, sep, _ = item.partition("=")
         secret = sep and is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1])
-        redacted.append(f"{key}={REDACTED}" if secret else item)
+        redacted.append(f"{key}={REDACTED}" if secret else redact_text(item))
     return redacted
 
 
@@ -386,24 +384,25 @@ def main(cfg: DictConfig) -> None:
 
 def _mark_failed(job_dir: Path, err: BaseException, exit_code: int) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
-    record = {"error": f"{type(err).__name__}: {err}", "exit_code": exit_code}
+    record = {"error": redact_text(f"{type(err).__name__}: {err}"), "exit_code": exit_code}
     atomic_write_text(job_dir / FAILED_FILE, json.dumps(record))
 
 
 def secret_overrides(argv: list[str]) -> list[str]:
-    """Command-line overrides that set a secret-named key to a literal value.
+    """Command-line overrides that put a secret in a literal value: a secret-named key
+    (`judge.api_key=...`), a value that looks like a key (`judge.api_key_env=sk-...`, a
+    plausible slip), or a URL with credentials in it (`https://user:key@host/v1`).
 
-    Hydra writes the command line to disk (multirun.yaml) and to its logs, so
-    a secret given there would leak; `${oc.env:NAME}` keeps it in the
-    environment, where it belongs.
+    Hydra writes the command line to disk (multirun.yaml) and to its logs, so a secret
+    given there would leak; `${oc.env:NAME}` keeps it in the environment, where it belongs.
     """
     found = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("-"):
+        if not sep or arg.startswith("-") or value.strip().startswith("${"):
             continue
         name = key.lstrip("+~").rsplit(".", 1)[-1]
-        if is_secret_name(name) and not value.strip().startswith("${"):
+        if is_secret_name(name) or looks_like_secret(value):
             found.append(key)
     return found
 
@@ -413,9 +412,11 @@ def cli() -> None:
     leaked = secret_overrides(sys.argv[1:])
     if leaked:
         sys.stderr.write(
-            f"featbench: {', '.join(leaked)} set on the command line; Hydra would save the value in "
-            "its logs and sweep files. Put the secret in an environment variable and name the "
-            "variable instead, e.g. 'judge.api_key_env=OPENAI_API_KEY' (the openai judge reads it).\n"
+            f"featbench: {', '.join(leaked)} set on the command line to a secret (a key, a "
+            "token, or a URL with credentials); Hydra would save it in its logs and sweep "
+            "files. Keep it in an environment variable: name the variable where a key is "
+            "read (e.g. 'judge.api_key_env=OPENAI_API_KEY'), or interpolate it "
+            "(e.g. 'judge.base_url=${oc.env:JUDGE_URL}').\n"
         )
         sys.exit(2)
     main()

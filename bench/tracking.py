@@ -10,7 +10,7 @@ network; runs land in `<job_dir>/wandb/offline-run-*/` and `wandb sync DIR`
 uploads them later. `logger.mode=online` uploads live with the user's own
 credentials (WANDB_API_KEY or a `wandb login` netrc entry).
 
-Secrets: the config is redacted (`bench.results.redact`) before it reaches
+Secrets: the config is redacted (`bench.secrets.redact`) before it reaches
 W&B; W&B's system metadata (which records the command line, where a Hydra
 override such as `judge.api_key=...` would sit) is switched off; environment
 variables are never logged.
@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from bench.errors import ConfigError
-from bench.results import redact
+from bench.secrets import redact
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,14 @@ import torch
 
 from bench.hooks import hook_name
 from bench.results import (
-    REDACTED,
     SCHEMA,
     ResultsError,
     config_hash,
     finalize,
-    is_secret_name,
     read_metrics,
-    redact,
     write_metrics,
 )  # fmt: skip
+from bench.secrets import REDACTED, is_secret_name, redact
 from bench.storage import atomic_write, atomic_write_text
 from methods.base import ActivationSet, ArtifactError, Features
 from methods.diffmean import DiffMean

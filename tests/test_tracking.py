@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 
 from bench.errors import ConfigError
-from bench.results import REDACTED, finalize
+from bench.results import finalize
+from bench.secrets import REDACTED
 from bench.tracking import WandbLogger, summary_metrics, table_rows
 
 SECRET = "sk-FAKE-SECRET-123"
