@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -419,7 +420,38 @@ def cli() -> None:
             "(e.g. 'judge.base_url=${oc.env:JUDGE_URL}').\n"
         )
         sys.exit(2)
-    main()
+    sys.exit(run_main())
+
+
+def run_main() -> int:
+    """Run the Hydra app; a configuration error (a bad override, an unknown option or key, a
+    value of the wrong type) is exit code 2 with Hydra's message, as featbench's own config
+    checks are; exit code 1 stays for bugs, which keep their traceback.
+
+    Hydra reports its own errors and exits 1; HYDRA_FULL_ERROR=1 makes it raise them
+    instead, so it is set for the duration of the call (and restored): this is the entry
+    point of the process, and the user's own HYDRA_FULL_ERROR=1 still gets the full trace.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    wanted = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        if wanted == "1":
+            raise
+        cause = err.__cause__
+        more = f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else ""
+        sys.stderr.write(f"featbench: configuration error: {err}{more}\n")
+        return 2
+    finally:
+        if wanted is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = wanted
+    return 0
 
 
 if __name__ == "__main__":

@@ -138,3 +138,17 @@ def test_non_editable_install_finds_config_from_any_directory(tmp_path):
     )
     assert (site / "bench" / "data" / "concepts.jsonl").is_file()
     assert pd.read_json(site / "bench" / "data" / "concepts.jsonl", lines=True).shape[0] >= 660
+
+
+def test_configuration_errors_are_exit_code_2(tmp_path):
+    """Hydra's own configuration errors (a value of the wrong type, an unknown option or
+    key, a bad override) exit 2 as featbench's checks do; 1 is kept for bugs."""
+    for args, message in [
+        (["seed=abc"], "full_key: seed"),
+        (["model=nope"], "Could not find 'model/nope'"),
+        (["unknownfield=1"], "Could not override 'unknownfield'"),
+        (["layer=["], "no viable alternative"),
+    ]:
+        out = _run([*args, "hydra.mode=RUN", f"paths.results_dir={tmp_path}"], tmp_path, 120)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
