@@ -31,6 +31,7 @@ class Checkpoints:
         # version: the task's checkpoint format; a task bumps it when what it saves
         # changes meaning, so checkpoints written by older code are not reused
         self.folder, self.config_hash, self.version = folder, config_hash, version
+        self.failed = False  # set when the folder refused a write: no more attempts
 
     def _key(self, direction: torch.Tensor) -> str:
         data = direction.detach().cpu().float().contiguous().numpy().tobytes()
@@ -57,7 +58,15 @@ class Checkpoints:
         return saved["result"]
 
     def save(self, feature: int, direction: torch.Tensor, result: dict) -> None:
-        if not self.config_hash:
+        """Save one finished item. A folder that takes no file (a full or read-only disk)
+        only loses the ability to resume: it is logged once, and the job goes on with its
+        results in memory (bench.run saves them elsewhere if the folder still refuses)."""
+        if not self.config_hash or self.failed:
             return
         record = {"key": self._key(direction), "result": result}
-        atomic_write_text(self.folder / f"feature_{feature}.json", json.dumps(record))
+        try:
+            atomic_write_text(self.folder / f"feature_{feature}.json", json.dumps(record))
+        except OSError as err:
+            self.failed = True
+            log.warning("cannot checkpoint to %s (%s); the job goes on without checkpoints, "
+                        "its results kept in memory", self.folder, err.strerror or err)  # fmt: skip

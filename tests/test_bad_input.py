@@ -42,7 +42,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 import bench.config  # registers the featbench_schema the config composes on)
-import bench.run
+import bench.job
 from bench.activations import extract
 from bench.datasets import NEUTRAL, ConceptDataset
 from bench.errors import ConfigError, FeatbenchError
@@ -118,8 +118,8 @@ def no_expensive_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the bad value was rejected")
 
-    monkeypatch.setattr(bench.run, "load_model", forbidden)
-    monkeypatch.setattr(bench.run.activations, "extract", forbidden)
+    monkeypatch.setattr(bench.job, "load_model", forbidden)
+    monkeypatch.setattr(bench.job.activations, "extract", forbidden)
 
 
 # A small, judge-free base, so each case reaches only the check it is about; a case that
@@ -176,7 +176,7 @@ def _with_base(overrides: list[str]) -> list[str]:
 def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expensive_work, tmp_path):
     cfg = _compose(_with_base(overrides))
     with pytest.raises(FeatbenchError, match=message):
-        bench.run.run_job(cfg, tmp_path / "job")
+        bench.job.run_job(cfg, tmp_path / "job")
     assert not list(tmp_path.rglob("metrics.parquet"))
 
 
@@ -187,7 +187,7 @@ def test_one_concept_with_an_unsupervised_method_fails_before_the_model_loads(
     with pytest.raises(
         ConfigError, match=r"task concept_detection needs at least 2 concepts.*\['food'\]"
     ):
-        bench.run.run_job(cfg, tmp_path / "job")
+        bench.job.run_job(cfg, tmp_path / "job")
 
 
 # -- rank larger than the tokens or the width: at fit, before any iteration --------------------

@@ -122,6 +122,24 @@ def test_concurrent_jobs_build_one_cache_entry_once(tmp_path, fresh_activations)
 
 
 @pytest.mark.integration
+def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, embedded):
+    """The second sweep waits on the job's lock, then finds its results and skips it."""
+    results = tmp_path / "results"
+    args = ["-m", *SMOKE, "method=diffmean,random", f"paths.results_dir={results}"]
+    cache = Path(os.environ["FEATBENCH_CACHE"])
+    procs = [subprocess.Popen(featbench_cmd() + args, cwd=tmp_path, env=_env(cache),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    printed = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], printed
+    both = "".join(printed)
+    lines = both.splitlines()
+    written = [line for line in lines if "metrics.parquet (" in line and " rows) in " in line]
+    skipped = [line for line in lines if "already holds these results" in line]
+    assert len(written) == 2 and len(skipped) == 2, both[-4000:]  # each job: computed once
+
+
+@pytest.mark.integration
 def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
     tmp_path, fresh_activations
 ):
@@ -160,3 +178,72 @@ def test_kill_during_sae_training_then_the_sweep_rerun_matches(tmp_path, fresh_a
     assert not list(results.rglob("metrics.parquet"))
     _run(args, tmp_path, fresh_activations)
     pd.testing.assert_frame_equal(_table(results), _table(reference))
+
+
+# --- output that stops taking writes ----------------------------------------------------
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.integration
+def test_a_job_folder_that_fills_up_after_the_fit_keeps_its_results(
+    tmp_path, monkeypatch, embedded
+):
+    """A full disk in the job folder from the first steering checkpoint on (simulated:
+    every later write there raises ENOSPC): the job finishes with its results in memory,
+    the error names the folder and the reason, and the results land in the rescue folder,
+    equal to an undisturbed run's."""
+    import bench.checkpoints
+    import bench.results
+    from bench.job import rescue_dir, run_job
+
+    cfg = _compose(["experiment=smoke", "task=[concept_detection,steering]", "logger=none",
+                    "hydra.mode=RUN"])  # fmt: skip
+    undisturbed = run_job(cfg, tmp_path / "undisturbed")
+    full = tmp_path / "full"
+
+    def refusing(writer):
+        def write(path, *args, **kwargs):
+            if Path(path).is_relative_to(full):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return writer(path, *args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(bench.checkpoints, "atomic_write_text",
+                        refusing(bench.checkpoints.atomic_write_text))  # fmt: skip
+    monkeypatch.setattr(bench.results, "atomic_write", refusing(bench.results.atomic_write))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(ResultsError) as info:
+        run_job(cfg, full)
+    message = str(info.value)
+    rescue = rescue_dir(full, undisturbed["config_hash"].iloc[0])
+    assert str(full) in message and "No space left on device" in message
+    assert str(rescue) in message and rescue.is_relative_to(tmp_path / "tmp")
+    assert not (full / "metrics.parquet").exists()
+    saved, _ = read_metrics(rescue / "metrics.parquet")
+    expected, _ = read_metrics(tmp_path / "undisturbed" / "metrics.parquet")
+    columns = [c for c in expected.columns if c != "created_at"]
+    pd.testing.assert_frame_equal(saved[columns], expected[columns])
+
+
+def test_a_results_folder_that_takes_no_folder_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the results folder should be")
+    for mode in ("RUN", "MULTIRUN"):
+        out = subprocess.run(
+            featbench_cmd() + ["experiment=smoke", f"paths.results_dir={blocker}/results",
+                               f"hydra.mode={mode}", "logger=none"],
+            cwd=tmp_path, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 2, (mode, (out.stdout + out.stderr)[-3000:])
+        assert "Traceback" not in out.stderr and f"cannot write {blocker}" in out.stderr, mode

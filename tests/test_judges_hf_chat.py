@@ -15,7 +15,7 @@ from bench.errors import FeatbenchError
 from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judge, Judgement
 from bench.judges.hf_chat import HFChatJudge
 from bench.models import EMBEDDED_NAME, ModelUnavailable
-from bench.run import build
+from bench.job import build
 from tests.conftest import REPO
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from bench.errors import ConfigError
 from bench.hooks import HOOKS
 from bench.judges.base import Judge
 from bench.results import read_metrics
-from bench.run import build
+from bench.job import build
 from methods.base import Method
 from tasks.base import Task
 from tests.conftest import REPO, featbench_cmd

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from bench import results
+from bench.job import completed, job_identity
 from bench.results import (
     code_version,
     finalize,
@@ -20,7 +21,6 @@ from bench.results import (
     write_metrics,
     write_replicates,
 )
-from bench.run import completed, job_identity
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
        "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
@@ -66,7 +66,7 @@ def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, capl
     frame = finalize([{"metric": "a", "value": 1.0}], RUN)
     write_metrics(frame, job / "metrics.parquet")
     assert completed(job, "abc", "featbench 0.1.0+gold") is not None  # same code: skipped
-    with caplog.at_level(logging.INFO, logger="bench.run"):
+    with caplog.at_level(logging.INFO, logger="bench.job"):
         assert completed(job, "abc", "featbench 0.1.0+gnew") is None
     assert "results from featbench 0.1.0+gold, code is now featbench 0.1.0+gnew" in caplog.text
     assert completed(job, "other", "featbench 0.1.0+gold") is None  # another config

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import bench.config  # noqa: F401  (registers the schema the config composes on)
-from bench.run import run_job
+from bench.job import run_job
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

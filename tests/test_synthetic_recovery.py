@@ -16,7 +16,7 @@ from sae_lens.synthetic import mean_correlation_coefficient
 
 import bench.config  # noqa: F401  (registers the featbench_schema the config composes on)
 from bench.errors import ConfigError
-from bench.run import build
+from bench.job import build
 from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from methods.sae_pretrained import SAEPretrained
 from methods.snmf import SNMF as SNMFMethod

@@ -1,0 +1,378 @@
+"""One featbench job: model x layer x hook x method x seed, from config to metrics.parquet.
+
+`run_job` is the order of work: validate the config and build the method and task objects
+(cheap, so mistakes surface before anything slow), skip the job when its folder already
+holds this config's results from this code (under a per-job lock, so two identical sweeps
+started together compute each job once), load the dataset, the model and the cached
+activations, fit the method on the train split, encode once (`TaskData.encodings`), run
+each task, and write `metrics.parquet` (atomically) beside a redacted `config.yaml` and
+the fitted features. A folder that refuses the results keeps nothing half-written: the
+finished results go to `rescue_dir` and the error names it.
+
+The command line around it (Hydra, exit codes, secrets on the command line) is
+`bench.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import hydra
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bench import activations, datasets
+from bench.config import validate
+from bench.contexts import top_contexts
+from bench.errors import ConfigError
+from bench.judges.base import Judge
+from bench.models import load_model, resolve_device
+from bench.results import (
+    METRICS_FILE,
+    REPLICATES_FILE,
+    SEED_PLACEHOLDER,
+    ResultsError,
+    code_version,
+    config_hash,
+    finalize,
+    pop_replicates,
+    read_metrics,
+    setting_hash,
+    setting_of,
+    write_metrics,
+    write_replicates,
+)
+from bench.secrets import REDACTED, is_secret_name, redact, redact_text
+from bench.storage import atomic_write_text, entry_lock, sha256_json
+from methods.base import Method
+from tasks.base import Task, TaskData
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"  # per-job folder of partial task results (steering, per feature)
+JOB_LOCK = ".featbench-job"  # entry_lock's `<name>.lock` in the job folder: one runner at a time
+
+
+def plugin_name(obj: object) -> str:
+    """A plugin's `name` class attribute, else its class name in lower case."""
+    return getattr(type(obj), "name", None) or type(obj).__name__.lower()
+
+
+def build(node: DictConfig, kind: str, base: type) -> Any:
+    """Instantiate a `_target_` node and check it implements the contract."""
+    try:
+        obj = hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{kind} {node.get('_target_')!r} could not be built: {err}") from None
+    if not isinstance(obj, base):
+        raise ConfigError(
+            f"{kind} {node.get('_target_')!r} is not a {base.__module__}.{base.__name__} subclass"
+        )
+    return obj
+
+
+class Stages:
+    """Wall time and peak memory of each stage of a job, for the job's metadata
+    (`featbench.meta` in metrics.parquet) and `benchmarks/default_job.py`."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        self.records.append(
+            {"stage": stage, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_kb / 1024}
+        )
+
+
+@cache
+def _load_model_once(*args: Any) -> Any:
+    """`load_model`, memoized per process: a sweep on the basic launcher runs every
+    job in one process and loads the model once."""
+    return load_model(*args)
+
+
+def completed(job_dir: Path, chash: str, version: str) -> pd.DataFrame | None:
+    """The job's table when `metrics.parquet` holds results of this config hash made
+    by this code version, else None (with a log line saying why it runs again)."""
+    path = job_dir / METRICS_FILE
+    if not path.exists():
+        return None
+    try:
+        frame, _ = read_metrics(path)
+    except Exception as err:  # unreadable: log it and run the job again (the file is replaced)
+        log.warning("%s is unreadable (%s); running the job again", path, err)
+        return None
+    if frame.empty or set(frame["config_hash"].dropna().unique()) != {chash}:
+        log.info("%s holds another configuration's results; running the job again", path)
+        return None
+    found = sorted(frame["code_version"].dropna().unique()) if "code_version" in frame else []
+    if found != [version]:
+        log.info(
+            "%s: results from %s, code is now %s; running the job again",
+            path, ", ".join(found) or "code that recorded no version", version,
+        )  # fmt: skip
+        return None
+    return frame
+
+
+class Identity(NamedTuple):
+    """What a job is: its resolved config, its setting (the config without the seed,
+    as flat keys) and their hashes."""
+
+    config: dict
+    setting: dict
+    config_hash: str
+    setting_hash: str
+
+
+def job_identity(cfg: DictConfig) -> Identity:
+    """The job's identity, with `device=auto` resolved to the device actually used
+    (so a CPU result is never taken for a GPU run's). The setting resolves the config
+    with the seed replaced by a placeholder, so values interpolated from it drop out."""
+    with open_dict(cfg):
+        cfg.device = resolve_device(cfg.device)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    seedless = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # untyped copy
+    seedless.seed = SEED_PLACEHOLDER
+    setting = OmegaConf.to_container(seedless, resolve=True)
+    return Identity(container, setting_of(setting), config_hash(container), setting_hash(setting))
+
+
+def run_job(
+    cfg: DictConfig, job_dir: Path, group: str = "runs", name: str | None = None
+) -> pd.DataFrame:
+    """Run one job into `job_dir`; returns the tidy metrics table it wrote.
+
+    A job whose `metrics.parquet` already holds this configuration's results is
+    not run again unless `force=true`; W&B (or another tracker) gets one run per
+    job in `group`.
+    """
+    started = time.perf_counter()
+    validate(cfg)
+    method: Method = build(cfg.method, "method", Method)
+    tasks: dict[str, Task] = {}
+    for key, node in cfg.task.items():
+        if node is not None and "_target_" not in node:  # e.g. experiment=smoke's steering
+            log.info("task.%s has settings but is not selected (task=...); ignored", key)
+            continue
+        tasks[key] = build(node, f"task {key}", Task)
+    if not tasks:
+        raise ConfigError("no task selected; choose at least one, e.g. task=[concept_detection]")
+    judge = build(cfg.judge, "judge", Judge) if cfg.judge and cfg.judge.get("_target_") else None
+    for key, task in tasks.items():
+        if task.needs_judge and judge is None:
+            raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
+        task.check_judge(judge)
+    tracker = _build_tracker(cfg)
+    identity = job_identity(cfg)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    # One process at a time per job folder: a second identical sweep waits here, then
+    # finds the results and skips (force=true reruns after the wait, as asked).
+    with entry_lock(job_dir / JOB_LOCK):
+        return _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, name,
+                           started)  # fmt: skip
+
+
+def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, name, started):
+    container, chash = identity.config, identity.config_hash
+    if cfg.force:
+        shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
+    elif (done := completed(job_dir, chash, code_version())) is not None:
+        log.info("skipped: %s already holds these results (force=true runs it again)", job_dir)
+        return done
+    atomic_write_text(
+        job_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redact(container)))
+    )
+    if tracker is not None:
+        tracker.start(redact(container), job_dir, group, name or job_dir.name)
+    try:
+        frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(failed=True)
+        raise
+    if tracker is not None:
+        from bench.report import plot_job
+
+        try:
+            tracker.log_results(frame, plot_job(frame, job_dir / "plots", info))
+        finally:
+            tracker.finish(failed=False)
+    return frame
+
+
+def _build_tracker(cfg: DictConfig) -> Any:
+    if not cfg.logger or not cfg.logger.get("_target_"):
+        return None
+    from bench.tracking import Tracker
+
+    return build(cfg.logger, "logger", Tracker)
+
+
+def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, started) -> tuple:
+    """The job's work, stage by stage: its table, and the method's fit report."""
+    chash = identity.config_hash
+    stage = Stages()
+    torch.manual_seed(cfg.seed)
+    dataset = datasets.load(
+        **{k: v for k, v in OmegaConf.to_container(cfg.dataset).items() if k != "name"}
+    )
+    if method.requires_labels and len(dataset.concepts) < 2:
+        raise ConfigError(
+            f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
+        )
+    for task in tasks.values():
+        for warning in task.check_dataset(dataset):
+            log.warning("task %s: %s", plugin_name(task), warning)
+        need = task.min_concepts
+        if len(dataset.concepts) < need:
+            raise ConfigError(
+                f"task {plugin_name(task)} needs at least {need} concepts besides neutral; "
+                f"dataset has {dataset.concepts}"
+            )
+    with stage("load_model"):
+        loaded = _load_model_once(
+            cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype, cfg.model.n_ctx
+        )
+    model = loaded.model
+    with stage("extract"):
+        acts = activations.extract(
+            model,
+            dataset,
+            cfg.layer,
+            cfg.hook,
+            model_fingerprint=loaded.fingerprint,
+            batch_tokens=cfg.activations.batch_tokens,
+            max_length=cfg.activations.max_length,
+            dtype=cfg.activations.dtype,
+        )
+    train = acts.subset(dataset.indices("train"))
+    with stage("fit"):
+        features = method.fit(train)
+    fit_seconds = stage.records[-1]["seconds"]
+    features.info.setdefault("fit_seconds", fit_seconds)
+    features.save(job_dir / "features")
+    # Task checkpoints are keyed by the config and the code: a resumed job never takes
+    # another code version's partial results.
+    checkpoint_key = sha256_json([chash, code_version()])[:16]
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key)
+    with stage("encode"):  # once per job: the contexts and every task share these codes
+        encodings = data.encodings(features)
+        codes = encodings.tokens()[encodings.rows(dataset.indices("train"))]
+        contexts = top_contexts(features, train, model.tokenizer, codes=codes)
+    atomic_write_text(
+        job_dir / "features" / "contexts.json", json.dumps(contexts, ensure_ascii=False)
+    )
+    log.info(
+        "%s: %d features fitted on %d tokens in %.1f s",
+        plugin_name(method),
+        len(features),
+        len(train),
+        fit_seconds,
+    )
+
+    run = {
+        "run_id": f"{plugin_name(method)}-{chash[:10]}",
+        "model": cfg.model.name,
+        "layer": cfg.layer,
+        "hook": acts.hook,
+        "method": plugin_name(method),
+        "seed": cfg.seed,
+        "config_hash": chash,
+        "setting_hash": identity.setting_hash,
+        "code_version": code_version(),
+        "dataset_hash": dataset.content_hash[:16],
+        "dataset_version": dataset.version,
+    }
+    tables, replicates = [], {}
+    for key, task in tasks.items():  # key: the config's task key (one task may run twice)
+        with stage(f"task:{key}"):
+            rows = task.evaluate(model, features, data, cfg)
+        replicates.update(pop_replicates(rows, key))
+        tables.append(finalize(rows, {**run, "task": plugin_name(task)}))
+    frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
+    meta = {
+        "setting": identity.setting,
+        "overrides": _overrides(),
+        "seconds": time.perf_counter() - started,
+        "model_load_seconds": loaded.load_seconds,
+        "stages": stage.records,
+    }
+    try:
+        _write_results(job_dir, frame, replicates, meta)
+    except (ResultsError, OSError) as err:  # a full or read-only disk: keep the finished work
+        rescue = rescue_dir(job_dir, chash)
+        _write_results(rescue, frame, replicates, meta)
+        raise ResultsError(
+            f"cannot write the results of {job_dir}: {getattr(err, 'strerror', None) or err}. "
+            f"The finished results were saved to {rescue} instead; copy that folder into place "
+            "(or free space) and run the sweep again to find them"
+        ) from err
+    shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)  # the results hold it all now
+    log.info("wrote %s (%d rows) in %.1f s", job_dir / METRICS_FILE, len(frame), meta["seconds"])
+    return frame, features.info
+
+
+def _write_results(folder: Path, frame: pd.DataFrame, replicates: dict, meta: dict) -> None:
+    """The replicates, then the metrics that point at them, atomically, into `folder`."""
+    (folder / REPLICATES_FILE).unlink(missing_ok=True)  # never beside another run's metrics
+    write_replicates(folder / REPLICATES_FILE, replicates)
+    write_metrics(frame, folder / METRICS_FILE, meta)
+
+
+def rescue_dir(job_dir: Path, chash: str) -> Path:
+    """Where a job's finished results go when its own folder cannot take them: the system's
+    temporary folder, named by the job and its config hash."""
+    return Path(tempfile.gettempdir()) / "featbench-rescued" / f"{job_dir.name}-{chash[:10]}"
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides, with the values of secret-named keys redacted."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests calling run_job directly)
+        return []
+    redacted = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        secret = sep and is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1])
+        redacted.append(f"{key}={REDACTED}" if secret else redact_text(item))
+    return redacted
+
+
+def headline(frame: pd.DataFrame) -> str:
+    """The job's summary rows (no feature, no concept) as text: one block per task,
+    one line per metric (and generator/noise where the task has them), with the
+    95% interval where the task gives one."""
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()]
+    if summary.empty:
+        return "(no summary rows)"
+    blocks = []
+    for task, rows in summary.groupby("task", sort=False):
+        dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
+        lines = []
+        for _, row in rows.iterrows():
+            label = " ".join(str(row[c]) for c in ["metric", *dims])
+            value = "missing" if pd.isna(row["value"]) else f"{row['value']:.4f}"
+            if "ci_low" in row and pd.notna(row["ci_low"]):
+                value += f"  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            lines.append(f"  {label:<34} {value}")
+        blocks.append(f"{task}\n" + "\n".join(lines))
+    return "\n".join(blocks)
