@@ -2,8 +2,9 @@
 with +-15 tokens of their sentence around them.
 
 These are the input of feature descriptions (the steering task's
-`input_centric` description) and of the per-feature pages of the report.
-One context per sentence, so a feature that fires on every token of one
+`input_centric` description) and of the per-feature pages of the report
+(features.md, and index.html, which shades each token by the feature's
+activation there). One context per sentence, so a feature that fires on every token of one
 sentence still shows several sentences.
 """
 
@@ -17,6 +18,8 @@ import torch
 from methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
+
+INCOMPLETE = "\ufffd"  # what a tokenizer decodes an unfinished UTF-8 character to
 
 
 def encode_all(features: Features, acts: ActivationSet, chunk: int = 8192) -> torch.Tensor:
@@ -42,7 +45,13 @@ def top_contexts(
     window: int = 15,
     codes: torch.Tensor | None = None,
 ) -> list[list[dict]]:
-    """Per feature, up to `top` contexts (distinct sentences), strongest first."""
+    """Per feature, up to `top` contexts (distinct sentences), strongest first.
+
+    A context holds its sentence, the top token's position, its `score` and `token`, the
+    `context` text with the top token marked as [[token]], and, for shading each token by
+    the feature's activation, the window's `tokens` (texts that join to the window's text),
+    their `acts` (the feature's code at each token) and `top`, the top token's index in them.
+    """
     codes = encode_all(features, acts) if codes is None else codes
     n_sentences = int(acts.sentence_ids.max()) + 1 if len(acts) else 0
     best = sentence_max(codes, acts.sentence_ids, n_sentences)
@@ -69,7 +78,28 @@ def top_contexts(
                     "token": tokenizer.decode([ids[local]]),
                     "context": tokenizer.decode(ids[lo:local]) + "[[" + tokenizer.decode([ids[local]]) + "]]"
                     + tokenizer.decode(ids[local + 1 : hi]),
+                    "tokens": token_texts(tokenizer, ids[lo:hi]),
+                    "acts": [float(f"{v:.4g}") for v in codes[rows[lo:hi], f].tolist()],
+                    "top": local - lo,
                 }
             )  # fmt: skip
         result.append(contexts)
     return result
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """One text per token that together spell `tokenizer.decode(ids)`: each token decoded
+    alone when that joins up, else what each token adds to the decoded prefix, so that a
+    character split over several byte-level tokens goes to the token that completes it."""
+    alone = [tokenizer.decode([i]) for i in ids]
+    whole = tokenizer.decode(ids)
+    if "".join(alone) == whole:
+        return alone
+    texts, before = [], ""
+    for end in range(1, len(ids) + 1):
+        done = tokenizer.decode(ids[:end]).rstrip(INCOMPLETE)  # an unfinished character
+        texts.append(done[len(before) :] if done.startswith(before) else alone[end - 1])
+        before = done if done.startswith(before) else before + alone[end - 1]
+    if texts and whole.startswith(before):
+        texts[-1] += whole[len(before) :]  # the window ends inside a character
+    return texts

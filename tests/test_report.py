@@ -236,12 +236,27 @@ def test_module_entry_point_exits_2_on_an_empty_folder(tmp_path):
     )
 
 
-def test_corrupt_parquet_is_named_and_earlier_outputs_survive(sweep):
+def test_a_corrupt_job_is_named_and_the_good_jobs_are_reported(sweep):
+    root, _ = sweep
+    report(root)
+    good = pd.read_parquet(root / "summary.parquet")
+    (root / "more" / "2" / "metrics.parquet").write_bytes(b"not a parquet file")
+    text = report(root).read_text()
+    assert "1 job(s) left out" in text and "`more/2/metrics.parquet`: unreadable" in text
+    summary = pd.read_parquet(root / "summary.parquet")
+    assert set(summary["job_dir"]) == set(good["job_dir"]) - {"more/2"}
+    assert len(summary) == (good["job_dir"] != "more/2").sum()
+
+
+def test_no_readable_job_is_an_error_and_earlier_outputs_survive(sweep):
     root, _ = sweep
     report(root)
     before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
-    (root / "more" / "2" / "metrics.parquet").write_bytes(b"not a parquet file")
-    with pytest.raises(ReportError, match=r"more/2/metrics\.parquet: unreadable"):
+    for path in root.rglob("metrics.parquet"):
+        path.write_bytes(b"not a parquet file")
+    with pytest.raises(
+        ReportError, match=r"no readable metrics\.parquet \(.*more/2/metrics\.parquet"
+    ):
         report(root)
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 

@@ -18,7 +18,9 @@ Every input is read first; then each output is written atomically into DIR:
 - `steering_vs_kl.png`, `auroc_by_method.png`, `snmf_loss.png`, each skipped with one
   log line when its data is absent; hierarchical SNMF trees as indented lists;
 - `features.md`: per job, its top features with their description, top-activating
-  contexts (the job's `features/contexts.json`) and steered samples.
+  contexts (the job's `features/contexts.json`) and steered samples;
+- `index.html`: the same as one self-contained page that loads nothing (bench.report.html):
+  the comparison, the concept view, a feature gallery per job and the SNMF trees.
 
 The data flows one way: `build` reads the jobs (`collect`), names their settings and makes
 the cells (`cells`) and their differences (`differences`); `write_report` renders them
@@ -49,6 +51,7 @@ from bench.report.common import (
     supervised_methods,
 )
 from bench.report.differences import differences, differences_section
+from bench.report.html import write_html
 from bench.report.pages import features_page
 from bench.report.paper import compare_section, packaged_reference
 from bench.report.paper import read_reference as _read_reference
@@ -90,6 +93,7 @@ class Built(NamedTuple):
     cells: pd.DataFrame  # bench.report.cells.headline_cells
     differences: pd.DataFrame  # bench.report.differences.COLUMNS
     jobs: list[Job]
+    unreadable: tuple[tuple[str, str], ...] = ()  # (metrics file, why) left out of the report
 
 
 def report(directory: Path, compare: str | None = None, top: int = 5) -> Path:
@@ -102,7 +106,7 @@ def report(directory: Path, compare: str | None = None, top: int = 5) -> Path:
 def build(directory: Path) -> Built:
     """Read every job under `directory` and compute the cells and their differences."""
     directory = Path(directory)
-    summary, metas = collect(directory, with_meta=True)
+    summary, metas, unreadable = collect(directory, with_meta=True)
     summary, settings = assign_settings(summary, metas)
     replicates = {}
     for name in summary["job_dir"].unique():
@@ -113,7 +117,8 @@ def build(directory: Path) -> Built:
                         name, one_line(err))  # fmt: skip
             replicates[str(name)] = {}
     cells = headline_cells(summary, replicates)
-    return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory))
+    return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory),
+                 tuple(unreadable))  # fmt: skip
 
 
 def write_report(
@@ -128,17 +133,18 @@ def write_report(
         compare_section(cells, summary, built.settings, reference) if reference is not None else ""
     )
     sections = [
-        _intro(summary, directory, supervised),
+        _intro(summary, directory, supervised, built.unreadable),
         headline_tables(cells, diffs),
         differences_section(diffs, cells),
         compared,
-        plot_section(summary, built.jobs, directory, supervised),
+        plots := plot_section(summary, built.jobs, directory, supervised),
         tree_section(built.jobs),
     ]
     meta = {"report_of": sorted(summary["job_dir"].unique())}
     write_metrics(summary, directory / "summary.parquet", meta)
     write_metrics(diffs, directory / "differences.parquet", meta)
     atomic_write_text(directory / "features.md", features_page(built.jobs, top))
+    write_html(built, directory, plots)
     path = atomic_write_text(directory / "report.md", "\n\n".join(filter(None, sections)) + "\n")
     log.info("wrote %s, features.md, summary.parquet (%d rows) and differences.parquet (%d)",
              path, len(summary), len(diffs))  # fmt: skip
@@ -146,27 +152,35 @@ def write_report(
 
 
 def collect(directory: Path, with_meta: bool = False):
-    """Every metrics.parquet under `directory` in one table, with a `job_dir` column (and,
-    `with_meta`, job_dir -> that file's featbench meta)."""
+    """Every readable metrics.parquet under `directory` in one table, with a `job_dir` column
+    (and, `with_meta`, job_dir -> that file's featbench meta, and the (file, reason) of each
+    unreadable one). An unreadable file is left out with a warning naming it; the report is
+    refused only when no file is readable."""
     if not directory.is_dir():
         raise ReportError(f"{directory}: {'not a' if directory.exists() else 'no such'} directory")
     paths = sorted(directory.rglob(METRICS_FILE), key=natural)
     if not paths:
         raise ReportError(f"{directory}: no {METRICS_FILE} under it; run featbench into it first")
-    frames, metas = [], {}
+    frames, metas, unreadable = [], {}, []
     for path in paths:
+        name = path.parent.relative_to(directory).as_posix()
         try:
             frame, meta = read_metrics(path)
         except (pa.ArrowException, OSError, ValueError) as err:
-            raise ReportError(f"{path}: unreadable metrics file ({one_line(err)})") from None
-        name = path.parent.relative_to(directory).as_posix()
+            why = f"unreadable metrics file ({one_line(err)})"
+            log.warning("%s: %s; left out of the report", path, why)
+            unreadable.append((f"{name}/{METRICS_FILE}", why))
+            continue
         frame["job_dir"] = name
         metas[name] = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
         frames.append(frame)
+    if not frames:
+        listing = "; ".join(f"{file}: {why}" for file, why in unreadable)
+        raise ReportError(f"{directory}: no readable {METRICS_FILE} ({listing})")
     summary = pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True)
-    log.info("%s: %d jobs, %d rows", directory, len(paths), len(summary))
+    log.info("%s: %d jobs, %d rows", directory, len(frames), len(summary))
     summary = arrow_safe(summary)
-    return (summary, metas) if with_meta else summary
+    return (summary, metas, unreadable) if with_meta else summary
 
 
 def load_jobs(summary: pd.DataFrame, directory: Path) -> list[Job]:
@@ -187,8 +201,13 @@ def read_reference(compare: str) -> pd.DataFrame:
     return _read_reference(compare, PAPER_REFERENCE)
 
 
-def _intro(summary: pd.DataFrame, directory: Path, supervised: set[str]) -> str:
-    """report.md's heading and how to read its cells."""
+def _intro(
+    summary: pd.DataFrame,
+    directory: Path,
+    supervised: set[str],
+    unreadable: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """report.md's heading, the jobs left out, and how to read its cells."""
     text = (
         f"# featbench report\n\n`{directory}`: {summary['job_dir'].nunique()} jobs, "
         f"{len(summary)} result rows, all in [summary.parquet](summary.parquet). "
@@ -201,6 +220,9 @@ def _intro(summary: pd.DataFrame, directory: Path, supervised: set[str]) -> str:
         f"{MISSING} is a missing value (its `reason` is in summary.parquet); `*` marks a cell "
         "whose difference from the `random` setting excludes 0."
     )
+    if unreadable:
+        text += f"\n\n**{len(unreadable)} job(s) left out, their results unreadable:**\n\n"
+        text += "\n".join(f"- `{file}`: {why}" for file, why in unreadable)
     if supervised:
         text += (
             f"\n\n† supervised ({', '.join(sorted(supervised))}): DiffMean is fitted with the "
