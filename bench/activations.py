@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bench.datasets import ConceptDataset
-from bench.errors import ConfigError
+from bench.dtypes import torch_dtype
 from bench.hooks import hook_name
 from bench.storage import (
     atomic_write,
@@ -45,7 +45,6 @@ from methods.base import ActivationSet
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: the checksum covers every tensor
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def tokenize(
@@ -100,8 +99,7 @@ def extract(
 ) -> ActivationSet:
     """Activations of every dataset sentence at `hook` of `layer` (cached)."""
     name = hook_name(layer, hook, model.cfg.n_layers)
-    if dtype not in DTYPES:
-        raise ConfigError(f"activation dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+    storage = torch_dtype(dtype, "activations.dtype")
     token_ids, settings = tokenize(model, list(dataset.sentences), max_length)
     key = sha256_json(
         {
@@ -121,10 +119,10 @@ def extract(
             if acts is not None:
                 log.info("activations at %s: cache hit (%s, %d tokens)", name, path.name, len(acts))
             else:
-                acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+                acts = _forward(model, token_ids, name, layer, batch_tokens, storage, labels)
                 _write_entry(path, acts)
     else:
-        acts = _forward(model, token_ids, name, layer, batch_tokens, DTYPES[dtype], labels)
+        acts = _forward(model, token_ids, name, layer, batch_tokens, storage, labels)
     acts.meta["truncated_sentences"] = settings["truncated"]  # counted, as the warning says
     return acts
 

@@ -17,13 +17,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.datasets import FORMATS
+from bench.dtypes import DTYPES
 from bench.errors import ConfigError
 from bench.hooks import HOOKS
 from bench.secrets import check_env_name
 
 SOURCES = ("embedded", "hub", "local")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-MODEL_DTYPES = ("float32", "float16", "bfloat16")
+MODEL_DTYPES = tuple(DTYPES)  # bench.dtypes: one map for weights, activations and judges
 
 
 @dataclass

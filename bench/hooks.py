@@ -29,9 +29,3 @@ def hook_name(layer: int, hook: str, n_layers: int | None = None) -> str:
     if n_layers is not None and not 0 <= layer < n_layers:
         raise ConfigError(f"layer={layer} is outside the model: valid layers are 0..{n_layers - 1}")
     return HOOKS[hook].format(layer=layer)
-
-
-def hook_width(hook: str, d_model: int, d_mlp: int) -> int:
-    """Width of the activation vectors at `hook`."""
-    hook_name(0, hook)  # validates the name
-    return d_mlp if hook == "mlp_post" else d_model

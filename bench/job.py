@@ -15,6 +15,7 @@ The command line around it (Hydra, exit codes, secrets on the command line) is
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import resource
@@ -63,6 +64,7 @@ from tasks.base import Task, TaskData
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # per-job folder of partial task results (steering, per feature)
+HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")  # instantiate's
 JOB_LOCK = ".featbench-job"  # entry_lock's `<name>.lock` in the job folder: one runner at a time
 
 
@@ -170,6 +172,7 @@ def run_job(
     tasks: dict[str, Task] = {}
     for key, node in cfg.task.items():
         if node is not None and "_target_" not in node:  # e.g. experiment=smoke's steering
+            _refuse_misspelled_target(node, f"task.{key}")
             log.info("task.%s has settings but is not selected (task=...); ignored", key)
             continue
         tasks[key] = build(node, f"task {key}", Task)
@@ -216,6 +219,19 @@ def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, na
         finally:
             tracker.finish(failed=False)
     return frame
+
+
+def _refuse_misspelled_target(node: DictConfig, where: str) -> None:
+    """A node without `_target_` is settings for a task that is not selected, and is
+    ignored; but a key that looks like a misspelled `_target_` means a task YAML that would
+    be dropped silently: that is an error."""
+    for name in map(str, node):
+        looks = difflib.SequenceMatcher(None, name.strip("_").lower(), "target").ratio() >= 0.8
+        if looks or (name.startswith("_") and name not in HYDRA_KEYS):
+            raise ConfigError(
+                f"{where} has no _target_ but has {name!r}: a misspelled _target_? A task's "
+                "YAML names its class with _target_ (e.g. _target_: tasks.steering.Steering)"
+            )
 
 
 def _build_tracker(cfg: DictConfig) -> Any:

@@ -180,6 +180,17 @@ def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expens
     assert not list(tmp_path.rglob("metrics.parquet"))
 
 
+def test_a_misspelled_task_target_is_an_error_not_dropped(no_expensive_work, tmp_path):
+    """Settings of an unselected task are ignored; a task node whose `_target_` is
+    misspelled would be dropped the same way, so it is refused, naming the key."""
+    cfg = _compose(_with_base(["+task.extra._taget_=tasks.steering.Steering"]))
+    with pytest.raises(ConfigError, match=r"task.extra has no _target_ but has '_taget_'"):
+        bench.job.run_job(cfg, tmp_path / "job")
+    leftover = _compose(_with_base(["experiment=smoke", "task=[concept_detection]"]))
+    assert "_target_" not in leftover.task.steering  # smoke's steering settings: still ignored
+    assert "kl_targets" in leftover.task.steering
+
+
 def test_one_concept_with_an_unsupervised_method_fails_before_the_model_loads(
     no_expensive_work, tmp_path
 ):
