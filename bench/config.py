@@ -1,4 +1,4 @@
-"""Typed schemas behind the Hydra config (registered as `featbench_schema`).
+"""Typed schemas behind the Hydra config (`register_schema` stores them as `featbench_schema`).
 
 Hydra merges the YAML groups onto these dataclasses, so a misspelled key or
 a value of the wrong type is rejected with Hydra's own message before any
@@ -6,6 +6,11 @@ work starts. Method, task, judge and logger nodes are plugins: their keys are
 the constructor arguments of the `_target_` class, checked when instantiated.
 Values a type cannot express (allowed hook names, ranges) are checked in
 `validate`, also before any model is loaded.
+
+Importing this module stores nothing: `conf/config.yaml` names `featbench_schema` in
+its defaults, so whoever composes it calls `register_schema()` first (the entry point,
+`bench.run`; the tests, through `tests/conftest.py`). A launcher's worker processes get
+the schema with Hydra's singletons, which the launcher copies to them.
 """
 
 from __future__ import annotations
@@ -95,7 +100,13 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-ConfigStore.instance().store(name="featbench_schema", node=Config)
+SCHEMA_NAME = "featbench_schema"  # the name conf/config.yaml's defaults list starts from
+
+
+def register_schema() -> None:
+    """Store the typed schema in Hydra's ConfigStore (a process-wide singleton) as
+    `featbench_schema`. Idempotent: storing it again replaces it with the same node."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
 
 
 def validate(cfg: DictConfig) -> None:

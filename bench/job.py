@@ -206,7 +206,8 @@ def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, na
     if tracker is not None:
         tracker.start(redact(container), job_dir, group, name or job_dir.name)
     try:
-        frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
+        with seeded(cfg.seed, cfg.device):  # the job's randomness, scoped to the job
+            frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
     except BaseException:
         if tracker is not None:
             tracker.finish(failed=True)
@@ -234,6 +235,28 @@ def _refuse_misspelled_target(node: DictConfig, where: str) -> None:
             )
 
 
+@contextmanager
+def seeded(seed: int, device: str) -> Iterator[None]:
+    """torch's global random generators seeded with `seed` for the block, then put back.
+
+    Inside, a job draws what `torch.manual_seed(seed)` would give it (methods or tasks
+    that call `torch.randn` without a generator rely on that, and results stay those of
+    a process-wide seed); after it, the caller's random state is as it was (the next job
+    of a sweep, a notebook, a test). A CPU job seeds only the CPU generator, so a GPU the
+    job never uses is neither initialised nor reseeded; a CUDA job seeds and restores
+    every visible GPU's, as `torch.manual_seed` seeds them all. Other accelerators (MPS)
+    are seeded as `torch.manual_seed` does but not restored: torch has no fork for them.
+    """
+    kind = str(device).split(":", 1)[0]
+    gpus = list(range(torch.cuda.device_count())) if kind == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"):
+        if kind == "cpu":
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        yield
+
+
 def _build_tracker(cfg: DictConfig) -> Any:
     if not cfg.logger or not cfg.logger.get("_target_"):
         return None
@@ -246,7 +269,6 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
     """The job's work, stage by stage: its table, and the method's fit report."""
     chash = identity.config_hash
     stage = Stages()
-    torch.manual_seed(cfg.seed)
     dataset = datasets.load(
         **{k: v for k, v in OmegaConf.to_container(cfg.dataset).items() if k != "name"}
     )
@@ -284,7 +306,12 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
         features = method.fit(train)
     fit_seconds = stage.records[-1]["seconds"]
     features.info.setdefault("fit_seconds", fit_seconds)
-    features.save(job_dir / "features")
+    features.save(job_dir / "features", provenance={
+        "model": cfg.model.name, "model_fingerprint": loaded.fingerprint, "layer": cfg.layer,
+        "hook": acts.hook, "dataset_hash": dataset.content_hash[:16],
+        "dataset_version": dataset.version, "config_hash": chash,
+        "setting_hash": identity.setting_hash, "code_version": code_version(),
+    })  # fmt: skip
     # Task checkpoints are keyed by the config and the code: a resumed job never takes
     # another code version's partial results.
     checkpoint_key = sha256_json([chash, code_version()])[:16]

@@ -2,14 +2,33 @@
 
 A sweep's folder under `results/multirun/` is its overrides, sorted, so running
 the same sweep again finds its finished jobs; a job's subfolder is its own
-overrides. `conf/config.yaml` uses them through the resolvers `fb_sweep_name`
-and `fb_job_name`, registered when this module is imported (by `bench.run`).
+overrides. `conf/config.yaml` uses them through the OmegaConf resolvers
+`fb_sweep_name` and `fb_job_name`:
+
+    sweep.dir:    ${paths.results_dir}/multirun/${fb_sweep_name:${hydra.overrides.task}}
+    sweep.subdir: ${fb_job_name:${hydra.overrides.task}}
+
+Importing this module registers nothing. `register_resolvers()` does, and the entry
+point calls it before Hydra composes (`bench.run`; tests through `tests/conftest.py`).
+It must run in every process that resolves a job's config: a launcher's worker
+processes (joblib, submitit) import `bench.run` to unpickle the task function, so the
+entry module registers them when it is imported.
+
+Where a sweep's name comes from: the overrides Hydra hands the resolver, never
+`sys.argv`. In a sweep's own (master) config `hydra.overrides.task` is the command
+line's overrides as typed (`method=snmf,topk_sae`); in each job's config it is that
+job's (`method=snmf`). `fb_sweep_name` is cached (`use_cache=True`), and OmegaConf keys
+the cache by the argument's text (`${hydra.overrides.task}`), not by its value: the
+master config resolves it first (Hydra makes the sweep folder before any job), and
+Hydra copies the master's resolver cache into every job's config
+(`ConfigLoader.load_sweep_config`, as for `${now:...}`; the cache travels with the
+pickled config to a launcher's workers), so every job reads the sweep's folder, not a
+name built from its own overrides.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -38,17 +57,13 @@ def _slug(text: str, limit: int = 100) -> str:
     return slug if len(slug) <= limit else f"{slug[: limit - 17]}-{sha256_json(text)[:16]}"
 
 
-def sweep_name() -> str:
-    """The sweep's folder under results/multirun/: its command-line overrides,
-    sorted, so running the same sweep again finds its finished jobs.
-
-    Read from the command line when the sweep's own config is first resolved,
-    and cached: Hydra copies the resolver cache into every job's config (as it
-    does for `${now:...}`), so all jobs of a sweep, in any launcher's worker
-    processes, share the folder.
-    """
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    kept = sorted(o for o in overrides if _keep(o) and not o.lstrip("+~").startswith("hydra"))
+def sweep_name(overrides: Any) -> str:
+    """The sweep's folder under results/multirun/: its command-line overrides (the
+    master config's `hydra.overrides.task`), sorted, so running the same sweep again
+    finds its finished jobs. Overrides of Hydra itself never reach this list (Hydra keeps
+    them in `hydra.overrides.hydra`); one that did would be left out here too."""
+    texts = [str(o) for o in (overrides or [])]
+    kept = sorted(o for o in texts if _keep(o) and not o.lstrip("+~").startswith("hydra"))
     return _slug("__".join(kept)) if kept else "default"
 
 
@@ -58,5 +73,9 @@ def job_name(overrides: Any) -> str:
     return _slug(",".join(kept)) if kept else "defaults"
 
 
-OmegaConf.register_new_resolver("fb_sweep_name", sweep_name, replace=True, use_cache=True)
-OmegaConf.register_new_resolver("fb_job_name", job_name, replace=True)
+def register_resolvers() -> None:
+    """Register `fb_sweep_name` and `fb_job_name` with OmegaConf (process-wide, as every
+    OmegaConf resolver is). Idempotent: calling it again replaces them with the same
+    functions. `fb_sweep_name` is cached (see the module's docstring for why)."""
+    OmegaConf.register_new_resolver("fb_sweep_name", sweep_name, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("fb_job_name", job_name, replace=True)

@@ -25,14 +25,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from bench import naming as _naming  # noqa: F401  (registers the folder-name resolvers)
+from bench.config import register_schema
 from bench.errors import FeatbenchError
 from bench.job import headline, run_job
+from bench.naming import register_resolvers
 from bench.results import FAILED_FILE
 from bench.secrets import is_secret_name, looks_like_secret, redact_text
 from bench.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# The one place featbench changes Hydra's and OmegaConf's process-wide registries: this is
+# the entry module, and a launcher's worker processes import it to unpickle the job, so
+# they register the typed schema and the folder-name resolvers too (both idempotent).
+register_schema()
+register_resolvers()
 
 # Errors a user can fix: shown as one line, no traceback (anything else is a bug).
 USER_ERRORS = (FeatbenchError, FloatingPointError)

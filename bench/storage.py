@@ -22,16 +22,36 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _process_umask() -> int:
-    mask = os.umask(0)
+PROC_STATUS = "/proc/self/status"  # Linux (4.7+) reports the umask here as `Umask:\t0022`
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    Linux reports it in /proc/self/status. Elsewhere (macOS, or /proc not mounted)
+    `os.umask` is the only reader, and it reads by setting: the fallback sets 0o077 and
+    puts the old mask back at once. That flip is process-wide and not thread-safe (a
+    file another thread creates in between gets the stricter 0o077), so it happens only
+    here, at write time, never at import.
+    """
+    try:
+        with open(PROC_STATUS, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
 
-# Files are created by mkstemp (mode 0600) and renamed into place; they get the
-# mode an ordinary open() would give (0666 minus the umask), so results on a
-# shared cluster are as readable as the user's other files.
-FILE_MODE = 0o666 & ~_process_umask()
+def file_mode() -> int:
+    """The mode an ordinary open() gives a new file now: 0666 minus the umask.
+
+    Files are created by mkstemp (mode 0600) and renamed into place; they get this
+    mode, so results on a shared cluster are as readable as the user's other files."""
+    return 0o666 & ~process_umask()
 
 
 def cache_dir() -> Path:
@@ -72,7 +92,7 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
         writer(tmp_path)
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp_path, FILE_MODE)
+        os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

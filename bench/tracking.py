@@ -6,9 +6,24 @@ built for browsing many runs. A tracker failure after construction is logged
 as a warning and never fails the job.
 
 `WandbLogger` defaults to W&B's offline mode: no account, no key and no
-network; runs land in `<job_dir>/wandb/offline-run-*/` and `wandb sync DIR`
-uploads them later. `logger.mode=online` uploads live with the user's own
-credentials (WANDB_API_KEY or a `wandb login` netrc entry).
+network; runs land in `<job_dir>/wandb/offline-run-*/`. `logger.mode=online` uploads
+live with the user's own credentials (WANDB_API_KEY or a `wandb login` netrc entry).
+
+Finished and unfinished runs: a run that featbench closed gets `featbench-finished.json`
+in its folder, written after W&B's `finish` returns. A job killed mid-run (SIGKILL, the
+OOM killer, a cluster's time limit) leaves a W&B folder without it: a partial run that
+`wandb sync` would upload as if it were a result. `featbench-wandb-sync DIR...`
+(`sync_cli`) uploads only the finished offline runs under DIR and names the others; the
+same by hand:
+
+    wandb sync $(find DIR -path '*/offline-run-*/featbench-finished.json' -printf '%h ')
+
+Process-wide state: W&B's service process starts with the first run of a process and
+serves every later one; it reads `WANDB_ERROR_REPORTING` when it starts. Offline runs
+set that variable to `false` only while W&B is called (`_quiet`) and put it back, so the
+process's environment is the caller's again afterwards. W&B itself sets `WANDB_SERVICE`
+(the service's address, for child processes) for the rest of the process: its own state,
+left alone.
 
 Secrets: the config is redacted (`bench.secrets.redact`) before it reaches
 W&B; W&B's system metadata (which records the command line, where a Hydra
@@ -18,12 +33,17 @@ variables are never logged.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import netrc
 import os
+import subprocess
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +52,7 @@ import pandas as pd
 
 from bench.errors import ConfigError
 from bench.secrets import redact
+from bench.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +62,28 @@ MAX_TABLE_ROWS = 20_000
 # Dimensions that tell apart summary rows of one task and metric (steering's grid).
 _KEY_DIMENSIONS = ("kl_target", "sign")
 _DEFAULT_HOST = "https://api.wandb.ai"  # W&B's own server, used when WANDB_BASE_URL is unset
+# Written into a W&B run's folder once featbench has closed the run: its absence marks a
+# partial run (the job was killed), which `featbench-wandb-sync` never uploads.
+FINISHED_MARKER = "featbench-finished.json"
+OFFLINE_RUN_GLOB = "offline-run-*"  # W&B's name for an offline run's folder under wandb/
+# wandb-core's error reporting looks up its server even offline; the service reads this
+# variable when it starts (inside the first `wandb.init` of a process).
+ERROR_REPORTING_ENV = "WANDB_ERROR_REPORTING"
+
+
+@contextmanager
+def scoped_env(name: str, value: str) -> Iterator[None]:
+    """`os.environ[name] = value` for the block only; the old value (or its absence) is put
+    back after it, also when the block raises."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 class Tracker(ABC):
@@ -91,8 +134,14 @@ class WandbLogger(Tracker):
         self.tags = [str(tag) for tag in (tags or [])]
         self.dir = None if dir is None else str(dir)
         self._run: Any = None
+        self._run_dir: Path | None = None  # the open run's W&B folder (gets FINISHED_MARKER)
         if mode == "online":
             _require_credentials()
+
+    def _quiet(self) -> Any:
+        """The scope of a call into W&B: offline (and disabled) runs turn W&B's error
+        reporting off for the call only; online runs leave the user's setting alone."""
+        return nullcontext() if self.mode == "online" else scoped_env(ERROR_REPORTING_ENV, "false")
 
     def start(self, config: dict, job_dir: Path, group: str, name: str) -> None:
         if self._run is not None:
@@ -100,10 +149,6 @@ class WandbLogger(Tracker):
             self.finish(failed=False)
         if self.mode == "online":
             _require_credentials()
-        else:
-            # wandb-core's error reporting looks up its server even offline; a process-wide
-            # setting, read when W&B's service process starts (the first run of the process).
-            os.environ["WANDB_ERROR_REPORTING"] = "false"
         import wandb
 
         clean = redact(_plain_config(config))
@@ -119,26 +164,28 @@ class WandbLogger(Tracker):
                 disable_git=True,  # the config already carries the git commit
                 save_code=False,  # the code is in git; never copy files into the run
             )
-            self._run = wandb.init(
-                mode=self.mode,
-                project=self.project,
-                entity=self.entity,
-                group=group,
-                name=name,
-                job_type="featbench",
-                tags=self.tags or None,
-                config=clean,
-                dir=str(root),
-                reinit="create_new",  # Hydra multirun: several jobs, one process
-                settings=settings,
-            )
+            with self._quiet():
+                self._run = wandb.init(
+                    mode=self.mode,
+                    project=self.project,
+                    entity=self.entity,
+                    group=group,
+                    name=name,
+                    job_type="featbench",
+                    tags=self.tags or None,
+                    config=clean,
+                    dir=str(root),
+                    reinit="create_new",  # Hydra multirun: several jobs, one process
+                    settings=settings,
+                )
+            self._run_dir = _run_folder(self._run)
         except Exception as err:  # the side channel never fails the job
             log.warning(
                 "W&B run for %s did not start (%s: %s); continuing without W&B, "
                 "metrics.parquet is unaffected",
                 name, type(err).__name__, err,
             )  # fmt: skip
-            self._run = None
+            self._run, self._run_dir = None, None
             return
         log.info("W&B %s run %s started under %s", self.mode, self._run.id, root / "wandb")
 
@@ -151,7 +198,8 @@ class WandbLogger(Tracker):
             summary, missing = summary_metrics(frame)
             summary["featbench/missing_summary_values"] = missing
             summary["featbench/rows"] = len(frame)
-            run.summary.update(summary)
+            with self._quiet():
+                run.summary.update(summary)
         except Exception as err:
             log.warning("W&B summary not logged: %s", err, exc_info=True)
         payload: dict[str, Any] = {}
@@ -174,18 +222,95 @@ class WandbLogger(Tracker):
                 else:
                     log.warning("plot %s not found; not sent to W&B", path)
             if payload:
-                run.log(payload)
+                with self._quiet():
+                    run.log(payload)
         except Exception as err:
             log.warning("W&B tables/plots not logged: %s", err, exc_info=True)
 
     def finish(self, failed: bool) -> None:
         run, self._run = self._run, None
+        run_dir, self._run_dir = self._run_dir, None
         if run is None:
             return
+        exit_code = 1 if failed else 0
         try:
-            run.finish(exit_code=1 if failed else 0)
+            with self._quiet():
+                run.finish(exit_code=exit_code)
         except Exception as err:
             log.warning("W&B run %s did not finish cleanly: %s", getattr(run, "id", "?"), err)
+            return
+        if run_dir is not None and run_dir.is_dir():
+            try:
+                record = {"run_id": getattr(run, "id", None), "exit_code": exit_code}
+                atomic_write_text(run_dir / FINISHED_MARKER, json.dumps(record))
+            except OSError as err:
+                log.warning("W&B run %s: cannot mark it finished (%s); featbench-wandb-sync "
+                            "will skip it", getattr(run, "id", "?"), err)  # fmt: skip
+
+
+def _run_folder(run: Any) -> Path | None:
+    """The folder W&B writes a run into (`<dir>/wandb/offline-run-*`), or None where the
+    run has none (mode=disabled) or this W&B version does not say."""
+    try:
+        folder = Path(run.settings.sync_dir)
+    except (AttributeError, TypeError):
+        return None
+    return folder if folder.is_dir() else None
+
+
+def offline_runs(*roots: Path) -> tuple[list[Path], list[Path]]:
+    """The offline W&B run folders under `roots` (searched recursively): those featbench
+    finished (they hold FINISHED_MARKER) and those it did not (killed or still running)."""
+    finished: list[Path] = []
+    unfinished: list[Path] = []
+    for root in roots:
+        for folder in sorted(Path(root).rglob(OFFLINE_RUN_GLOB)):
+            if folder.is_dir() and any(folder.glob("*.wandb")):
+                (finished if (folder / FINISHED_MARKER).is_file() else unfinished).append(folder)
+    return finished, unfinished
+
+
+def sync_cli(argv: list[str] | None = None) -> None:
+    """Console-script entry point: `featbench-wandb-sync DIR... [-- WANDB-SYNC-OPTIONS]`.
+
+    Runs `wandb sync` on the finished offline runs under each DIR, never on a partial
+    one (a job killed mid-run); arguments after `--` go to `wandb sync` as they are
+    (e.g. `-- -p myproject --dry-run`). Exit code: wandb's, or 2 for a DIR that does not
+    exist.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        prog="featbench-wandb-sync",
+        description="Upload the finished offline W&B runs under DIR (wandb sync), never "
+        "the partial runs of killed jobs. Arguments after -- go to wandb sync.",
+    )
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="job or sweep folders (searched recursively)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the runs; upload nothing")
+    args = parser.parse_args(ours)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        sys.stderr.write(f"featbench-wandb-sync: no such folder: {', '.join(missing)}\n")
+        sys.exit(2)
+    finished, unfinished = offline_runs(*args.dirs)
+    for folder in unfinished:
+        log.warning("skipped %s: a partial run (its job was killed, or is still running)",
+                    folder)  # fmt: skip
+    if args.list:
+        sys.stdout.write("".join(f"finished {f}\n" for f in finished))
+        sys.stdout.write("".join(f"partial {f}\n" for f in unfinished))
+        return
+    if not finished:
+        log.info("no finished offline W&B run under %s; nothing to sync",
+                 ", ".join(map(str, args.dirs)))  # fmt: skip
+        return
+    command = [sys.executable, "-m", "wandb", "sync", *extra, *map(str, finished)]
+    log.info("wandb sync: %d finished run(s), %d partial skipped", len(finished), len(unfinished))
+    sys.exit(subprocess.run(command, check=False).returncode)
 
 
 def summary_metrics(frame: pd.DataFrame) -> tuple[dict[str, float], int]:
@@ -291,5 +416,5 @@ def _require_credentials() -> None:
     raise ConfigError(
         "logger.mode=online needs W&B credentials: set WANDB_API_KEY (or run `wandb login`, "
         f"which stores a key for {host} in {path}); logger.mode=offline needs none and "
-        "`wandb sync` uploads offline runs later"
+        "`featbench-wandb-sync DIR` uploads its finished offline runs later"
     )

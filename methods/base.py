@@ -127,6 +127,7 @@ class Features:
         self.labels = list(labels) if labels is not None else None
         self.info = dict(info or {})
         self.extra = {k: v.contiguous() for k, v in (extra or {}).items()}
+        self.provenance: dict[str, Any] = {}  # set by save(..., provenance) or load
 
     def __len__(self) -> int:
         return self.directions.shape[0]
@@ -147,8 +148,13 @@ class Features:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.method} features have no decoder")
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """Write the tensors and the JSON; `provenance` (what the features were fitted on:
+        model and fingerprint, layer, hook, dataset hash, config hash, code version) goes
+        into the JSON, so the artifact says where it came from."""
         directory = Path(directory)
+        if provenance is not None:
+            self.provenance = dict(provenance)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
             "directions": self.directions,
@@ -166,6 +172,7 @@ class Features:
             "labels": self.labels,
             "extra": sorted(self.extra),
             "info": self.info,
+            "provenance": self.provenance,
         }
         atomic_write_text(directory / FEATURES_JSON, json.dumps(meta, indent=2, default=str))
         return directory
@@ -210,7 +217,7 @@ class Features:
         if not torch.isfinite(directions).all():
             raise ArtifactError(f"{tensor_path}: directions contain NaN or Inf")
         try:
-            return feature_cls(
+            features = feature_cls(
                 directions,
                 method=meta["method"],
                 hook=meta["hook"],
@@ -220,6 +227,9 @@ class Features:
             )
         except (ValueError, TypeError, KeyError) as err:  # a field the class rejects
             raise ArtifactError(f"{meta_path}: inconsistent with {meta['class']} ({err})") from None
+        provenance = meta.get("provenance")
+        features.provenance = dict(provenance) if isinstance(provenance, dict) else {}
+        return features
 
 
 def _features_class(path: str, meta_path: Path) -> type[Features]:

@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,8 +57,8 @@ class HierarchicalFeatures(SNMFFeatures):
         a, b = self._levels()[0]
         return codes[:, a:b].float() @ self.extra["Z"][:, a:b].T
 
-    def save(self, directory: str | Path) -> Path:
-        directory = super().save(directory)
+    def save(self, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        directory = super().save(directory, provenance)
         tree = {"levels": self.info["levels"], "edges": self.info["edges"]}
         atomic_write_text(directory / "tree.json", json.dumps(tree, indent=1))
         atomic_write(directory / "tree.png", lambda tmp: _draw_tree(tree, tmp))

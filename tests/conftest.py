@@ -22,6 +22,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Hydra's typed schema and featbench's folder-name resolvers, for the tests that compose
+    the config (the command line registers them in bench.run)."""
+    from bench.config import register_schema
+    from bench.naming import register_resolvers
+
+    register_schema()
+    register_resolvers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     if not os.environ.get("FEATBENCH_CACHE"):

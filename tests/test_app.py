@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -73,6 +74,14 @@ def test_smoke_experiment_writes_tidy_results(tmp_path, embedded):
     assert meta["versions"]["transformer-lens"] and meta["versions"]["torch"]
     job = metrics.parent
     assert (job / "config.yaml").is_file() and (job / "features" / "features.json").is_file()
+    # The artifact says where it came from.
+    provenance = json.loads((job / "features" / "features.json").read_text())["provenance"]
+    assert provenance["model"] == "smollm2-135m" and provenance["layer"] == 3
+    assert provenance["config_hash"] == frame["config_hash"].iloc[0]
+    assert provenance["dataset_hash"] == frame["dataset_hash"].iloc[0]
+    assert (
+        len(provenance["model_fingerprint"]) == 16 and provenance["hook"] == frame["hook"].iloc[0]
+    )
     # The secret never lands in any output file (config, parquet metadata, logs, W&B).
     assert list(job.glob("wandb/offline-run-*")), "the default W&B logger wrote no run"
     for file in (tmp_path / "res").rglob("*"):

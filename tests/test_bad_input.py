@@ -41,7 +41,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-import bench.config  # registers the featbench_schema the config composes on)
 import bench.job
 from bench.activations import extract
 from bench.datasets import NEUTRAL, ConceptDataset

@@ -162,8 +162,9 @@ def test_diffmean_matches_closed_form():
 def test_features_round_trip_and_tampering(tmp_path):
     feats = Features(torch.randn(5, 7), method="demo", hook="blocks.1.hook_mlp_out", labels=list("abcde"),
                      info={"loss": [3.0, 2.0]}, extra={"bias": torch.randn(7)})  # fmt: skip
-    feats.save(tmp_path)
+    feats.save(tmp_path, provenance={"model": "m", "layer": 1, "dataset_hash": "d0"})
     back = Features.load(tmp_path)
+    assert back.provenance == {"model": "m", "layer": 1, "dataset_hash": "d0"}
     assert torch.equal(back.directions, feats.directions) and torch.equal(
         back.extra["bias"], feats.extra["bias"]
     )

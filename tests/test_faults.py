@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,11 +87,14 @@ def _run(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess
     return out
 
 
-def _kill_when(args: list[str], cwd: Path, cache: Path, ready, timeout: float = 600) -> None:
-    """Start featbench, SIGKILL its process group as soon as `ready()` is true."""
+def _kill_when(args: list[str], cwd: Path, cache: Path, ready, timeout: float = 600,
+               command: list[str] | None = None) -> None:  # fmt: skip
+    """Start featbench (or `command`), SIGKILL its process group as soon as `ready()` is
+    true."""
     with open(cwd / "killed.log", "w") as log:
-        proc = subprocess.Popen(featbench_cmd() + args, cwd=cwd, env=_env(cache), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen((command or featbench_cmd()) + args, cwd=cwd, env=_env(cache),
+                                stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + timeout
             while not ready():
@@ -139,6 +143,31 @@ def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, e
     assert len(written) == 2 and len(skipped) == 2, both[-4000:]  # each job: computed once
 
 
+# `featbench` with safetensors' file writer paused half-way: it writes the first half of
+# the file's bytes, flushes them, and waits, so the kill lands while the activation cache
+# entry's temporary file (bench/storage.atomic_write: `.<name>.*.tmp` beside the entry) is
+# half-written, every time. (Unpaused, the write of the smoke entry's few MB takes
+# milliseconds, and a kill timed by polling mostly lands before or after it.) The bytes,
+# the file and the code path are the real ones; only the moment is held open.
+HALF_WRITTEN = """
+import sys, time
+import safetensors.torch
+
+def save_file(tensors, filename, metadata=None):
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    with open(filename, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        time.sleep(600)  # killed here
+        handle.write(data[len(data) // 2 :])
+
+safetensors.torch.save_file = save_file  # before bench.activations imports it
+from bench.run import cli
+sys.argv[0] = "featbench"
+cli()
+"""
+
+
 @pytest.mark.integration
 def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
     tmp_path, fresh_activations
@@ -149,13 +178,30 @@ def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
 
     job = tmp_path / "job"
     args = [*SMOKE, "hydra.mode=RUN", f"hydra.run.dir={job}"]
-    lock = fresh_activations / "activations"
-    _kill_when(args, tmp_path, fresh_activations,
-               lambda: lock.is_dir() and any(lock.glob("*.lock")))  # fmt: skip
+    folder = fresh_activations / "activations"
+    at_kill: dict[Path, int] = {}
+
+    def half_written() -> bool:  # the entry's temporary file exists and holds bytes
+        for tmp in folder.glob(".*.safetensors.*.tmp") if folder.is_dir() else []:
+            try:
+                size = tmp.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size > 0:
+                at_kill[tmp] = size
+                return True
+        return False
+
+    _kill_when(args, tmp_path, fresh_activations, half_written,
+               command=[sys.executable, "-c", HALF_WRITTEN])  # fmt: skip
+    [(tmp, size)] = at_kill.items()
+    assert tmp.stat().st_size == size  # the kill left it as it was: half a file
     assert not _entries(fresh_activations)  # nothing half-written under the entry's name
     assert not (job / "metrics.parquet").exists()
     _run(args, tmp_path, fresh_activations)
-    assert len(_entries(fresh_activations)) == 1
+    [entry] = _entries(fresh_activations)
+    assert tmp.name.startswith(f".{entry.name}.")  # it was this entry's write
+    assert 0 < size < entry.stat().st_size  # killed mid-write, not before, not after
     pd.testing.assert_frame_equal(_table(job), _table(reference))
 
 

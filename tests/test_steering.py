@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-import bench.config  # noqa: F401  (registers the schema the config composes on)
 from bench.job import run_job
 from tests.conftest import REPO
 

@@ -14,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from sae_lens.synthetic import mean_correlation_coefficient
 
-import bench.config  # noqa: F401  (registers the featbench_schema the config composes on)
 from bench.errors import ConfigError
 from bench.job import build
 from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable

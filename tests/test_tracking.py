@@ -4,13 +4,19 @@ Runs are read back from the `.wandb` transaction log with W&B's own protobuf
 `Record` messages. wandb 0.31 no longer ships a Python reader for the file's
 framing (the leveldb log format: 7-byte ":W&B" header, 32 KiB blocks, records
 with a crc32/length/type header), so `_records` below reads it.
+
+A job killed mid-run is a real process killed with SIGKILL; `featbench-wandb-sync`
+then runs the real `wandb sync --dry-run`, which needs no network.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -22,7 +28,14 @@ import pytest
 from bench.errors import ConfigError
 from bench.results import finalize
 from bench.secrets import REDACTED
-from bench.tracking import WandbLogger, summary_metrics, table_rows
+from bench.tracking import (
+    FINISHED_MARKER,
+    WandbLogger,
+    offline_runs,
+    summary_metrics,
+    sync_cli,
+    table_rows,
+)
 
 SECRET = "sk-FAKE-SECRET-123"
 ARGV_SECRET = "sk-ARGV-SECRET-456"
@@ -232,6 +245,95 @@ def test_failed_job_exits_1_and_runs_stay_separate_in_one_process(wandb_env, tmp
     assert got0["config"]["method"] == {"k": 1} and got1["config"]["method"] == {"k": 2}
     assert got0["run"].run_id != got1["run"].run_id
     assert "concept_detection/mean_feature_auroc" not in got1["summary"]
+    # both closed by featbench, so both marked finished, each with its exit code
+    marks = [json.loads((run / FINISHED_MARKER).read_text()) for run in (run0, run1)]
+    assert [(m["run_id"], m["exit_code"]) for m in marks] == [
+        (got0["run"].run_id, 0), (got1["run"].run_id, 1),
+    ]  # fmt: skip
+
+
+def test_error_reporting_is_off_for_wandbs_calls_only(wandb_env, tmp_path, monkeypatch):
+    """Offline runs switch W&B's error reporting off while W&B is called (its service
+    reads the variable when it starts, inside wandb.init) and leave the process's
+    environment as they found it: unset stays unset, a user's own value stays."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_ERROR_REPORTING", raising=False)
+    seen = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        seen.append(os.environ.get("WANDB_ERROR_REPORTING"))
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    before = dict(os.environ)
+    tracker = WandbLogger()
+    tracker.start({"seed": 1}, tmp_path / "job0", group="g", name="job0")
+    tracker.log_results(_frame(), [])
+    tracker.finish(failed=False)
+    after = dict(os.environ)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert seen == ["false"]
+    # WANDB_SERVICE: W&B's own, the address of its service for child processes (set by
+    # the first run of the process, which may have been an earlier test's)
+    assert changed <= {"WANDB_SERVICE"}, changed
+
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "true")
+    tracker.start({"seed": 2}, tmp_path / "job1", group="g", name="job1")
+    tracker.finish(failed=True)
+    assert seen == ["false", "false"] and os.environ["WANDB_ERROR_REPORTING"] == "true"
+
+
+# A job killed mid-run, for real: one job's run finished, the next one's open when the
+# process gets SIGKILL (as from the OOM killer or a cluster's time limit).
+KILLED_JOB = """
+import os, signal, sys
+from pathlib import Path
+from bench.tracking import WandbLogger
+done = WandbLogger()
+done.start({"seed": 1}, Path(sys.argv[1]), group="sweep", name="done")
+done.finish(failed=False)
+killed = WandbLogger()
+killed.start({"seed": 2}, Path(sys.argv[2]), group="sweep", name="killed")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_jobs_partial_run_is_never_synced(wandb_env, tmp_path, capfd):
+    done_dir, killed_dir = tmp_path / "sweep" / "done", tmp_path / "sweep" / "killed"
+    out = subprocess.run([sys.executable, "-c", KILLED_JOB, str(done_dir), str(killed_dir)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    (done,), (killed,) = _offline_runs(done_dir), _offline_runs(killed_dir)
+    assert "exit" in _read_run(done)["kinds"]
+    (killed_log,) = killed.glob("run-*.wandb")
+    assert "exit" not in [r.WhichOneof("record_type") for r in _records(killed_log)]
+    assert offline_runs(tmp_path) == ([done], [killed])
+    assert not (killed / FINISHED_MARKER).exists()
+
+    # The old recipe, `wandb sync <job>/wandb/offline-run-*`, would upload the partial run:
+    plain = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(killed)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "Would sync 1 run(s)" in plain.stdout + plain.stderr
+
+    sync_cli([str(tmp_path), "--list"])
+    assert capfd.readouterr().out == f"finished {done}\npartial {killed}\n"
+    with pytest.raises(SystemExit) as exited:  # the real `wandb sync`, as a dry run
+        sync_cli([str(tmp_path), "--", "--dry-run"])
+    assert exited.value.code == 0
+    printed = capfd.readouterr()
+    wandb_lines = [line for line in (printed.out + printed.err).splitlines()
+                   if line.startswith("wandb:")]  # fmt: skip
+    assert "wandb: Would sync 1 run(s):" in wandb_lines
+    assert any(str(done) in line for line in wandb_lines)
+    assert not any(str(killed) in line for line in wandb_lines)
+
+
+def test_sync_refuses_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        sync_cli([str(tmp_path / "nowhere")])
+    assert exited.value.code == 2 and "no such folder" in capsys.readouterr().err
 
 
 def test_finish_and_log_without_start_do_nothing(wandb_env):
