@@ -353,6 +353,8 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
     frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
     meta = {
         "setting": identity.setting,
+        # what the report needs to know about each task (bench.report reads it from here)
+        "tasks": {plugin_name(task): type(task).declaration() for task in tasks.values()},
         "overrides": _overrides(),
         "seconds": time.perf_counter() - started,
         "model_load_seconds": loaded.load_seconds,

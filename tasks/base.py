@@ -42,8 +42,25 @@ class TaskData:
         return self._encodings
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A summary metric the report tabulates for a task, and which way is better."""
+
+    metric: str
+    higher_is_better: bool | None = True  # None: a count or diagnostic with no better side
+
+
 class Task(ABC):
-    """An evaluation. Subclasses are dataclasses of their config."""
+    """An evaluation. Subclasses are dataclasses of their config.
+
+    Besides `evaluate`, a task declares what the report needs to know about it, so a new
+    task never edits `bench/report`: its table's `title`, its `headlines` (the summary
+    metrics to tabulate, the task's headline first, each with its direction), its place in
+    the report (`report_order`), and whether settings are compared on its headlines
+    (`compared`: paired differences need units every setting shares). The job writes the
+    declaration into metrics.parquet's metadata (`declaration()`), and the report reads it
+    from there.
+    """
 
     #: value of the results' `task` column (None: the class name in lower case)
     name: ClassVar[str | None] = None
@@ -53,6 +70,27 @@ class Task(ABC):
     min_concepts: ClassVar[int] = 0
     #: True when some metric needs `neutral` sentences in the test split (e.g. S_CD)
     needs_neutral: ClassVar[bool] = False
+    #: the title of the task's table in the report (None: the task's name)
+    title: ClassVar[str | None] = None
+    #: summary metrics the report tabulates, the headline first (empty: every summary metric)
+    headlines: ClassVar[tuple[Headline, ...]] = ()
+    #: the report's order of tasks, lowest first (its tables and its comparison columns)
+    report_order: ClassVar[int] = 100
+    #: whether the report computes differences between settings on the headlines
+    compared: ClassVar[bool] = True
+
+    @classmethod
+    def declaration(cls) -> dict[str, Any]:
+        """What the report reads about this task, as JSON-able data (see the class doc)."""
+        name = cls.name or cls.__name__.lower()
+        return {
+            "title": cls.title or name,
+            "headlines": [
+                {"metric": h.metric, "higher_is_better": h.higher_is_better} for h in cls.headlines
+            ],
+            "report_order": cls.report_order,
+            "compared": cls.compared,
+        }
 
     def check_judge(self, judge: Judge | None) -> None:
         """Refuse a judge this task's settings cannot use, before anything is loaded

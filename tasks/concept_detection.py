@@ -52,7 +52,7 @@ from bench.datasets import NEUTRAL, ConceptDataset
 from bench.encodings import ENCODERS
 from bench.errors import ConfigError
 from methods.base import Features
-from tasks.base import Task, TaskData
+from tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,13 @@ def units_hash(dataset: ConceptDataset, test: np.ndarray) -> str:
 @dataclass
 class ConceptDetection(Task):
     name: ClassVar[str] = "concept_detection"
+    title: ClassVar[str] = "Concept detection"
+    headlines: ClassVar[tuple[Headline, ...]] = (
+        Headline("mean_feature_auroc"),
+        Headline("concept_coverage"),
+        Headline("frac_s_cd_positive"),
+    )
+    report_order: ClassVar[int] = 1
     #: one-vs-rest AUROC and per-concept matching need at least this many concepts
     min_concepts: ClassVar[int] = 2
     #: S_CD's denominator is the mean score on neutral test sentences

@@ -34,7 +34,7 @@ from bench import stats
 from bench.activations import padded_batches, tokenize
 from bench.errors import ConfigError
 from methods.base import Features
-from tasks.base import Task, TaskData
+from tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ def splice(
 @dataclass
 class Reconstruction(Task):
     name: ClassVar[str] = "reconstruction"
+    title: ClassVar[str] = "Reconstruction"
+    headlines: ClassVar[tuple[Headline, ...]] = (
+        Headline("fvu", higher_is_better=False),
+        Headline("kl_spliced", higher_is_better=False),
+        Headline("ce_delta", higher_is_better=False),
+    )
+    report_order: ClassVar[int] = 2  # after steering and concept detection
 
     max_sentences: int | None = (
         None  # test sentences spliced (null = all); the split is ~250 sentences

@@ -54,7 +54,7 @@ from bench.steering_scores import (
     aggregate,
 )
 from methods.base import Features
-from tasks.base import Task, TaskData
+from tasks.base import Headline, Task, TaskData
 from tasks.concept_detection import auroc_matrix, sentence_scores
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ EMPTY_REASON = "empty generation"
 class Steering(Task):
     name: ClassVar[str] = "steering"
     needs_judge: ClassVar[bool] = True
+    title: ClassVar[str] = "Steering"
+    headlines: ClassVar[tuple[Headline, ...]] = (
+        Headline("heldout_steering_score"),  # chosen on one half, reported on the other
+        Headline("best_kl_steering_score"),  # the paper's best over KL targets: optimistic
+        Headline("concept_score"),
+        Headline("fluency_score"),
+    )
+    report_order: ClassVar[int] = 0  # the causal test leads the comparison
 
     prompts: list[str] = field(default_factory=lambda: ["I think that"])  # the paper's prompt
     kl_targets: list[float] = field(  # the paper's KL grid

@@ -93,7 +93,7 @@ from bench import stats
 from bench.errors import ConfigError, FeatbenchError
 from bench.storage import sha256_json
 from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
-from tasks.base import Task, TaskData
+from tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ INFORMED = ("capacity", "capacity_and_sparsity")  # what at_capacity is told (mo
 @dataclass
 class SyntheticRecovery(Task):
     name: ClassVar[str] = "synthetic_recovery"
+    title: ClassVar[str] = "Synthetic recovery (lowest noise of each generator)"
+    headlines: ClassVar[tuple[Headline, ...]] = (Headline("mcc"), Headline("recovered_fraction"))
+    report_order: ClassVar[int] = 3
+    # Each fit plants its own features: no units are shared between settings to pair on.
+    compared: ClassVar[bool] = False
 
     # Both families: SNMF's own story and sae-lens's, so neither kind of method is favoured.
     generators: list[str] = field(default_factory=lambda: list(GENERATORS))

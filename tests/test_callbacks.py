@@ -21,9 +21,14 @@ from bench.report import build, comparison_table, plot_job
 from bench.report.tables import LEGEND, MARK
 from bench.results import finalize, write_metrics
 from bench.stats import mean_estimate
+from tasks.concept_detection import ConceptDetection
+from tasks.reconstruction import Reconstruction
+from tasks.steering import Steering
 from tests.test_report import write_job
 
 HOOK = "blocks.3.mlp.hook_post"
+# What a job of this code records about its tasks (tasks.base.Task.declaration).
+META = {"tasks": {c.name: c.declaration() for c in (ConceptDetection, Steering, Reconstruction)}}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,9 +63,9 @@ def _reconstruction_only(method: str) -> pd.DataFrame:
 def sweep(tmp_path: Path) -> Path:
     """Three jobs: diffmean (supervised), snmf and pca (reconstruction only)."""
     root = tmp_path / "sweep"
-    write_metrics(_job("diffmean", supervised=True), root / "0" / "metrics.parquet")
-    write_metrics(_job("snmf"), root / "1" / "metrics.parquet")
-    write_metrics(_reconstruction_only("pca"), root / "2" / "metrics.parquet")
+    write_metrics(_job("diffmean", supervised=True), root / "0" / "metrics.parquet", META)
+    write_metrics(_job("snmf"), root / "1" / "metrics.parquet", META)
+    write_metrics(_reconstruction_only("pca"), root / "2" / "metrics.parquet", META)
     return root
 
 
@@ -73,8 +78,8 @@ def test_comparison_table_leads_with_heldout_steering_and_shows_missing_cells(sw
     lines = _table(sweep).splitlines()
     assert lines[0] == f"smollm2-135m · layer 3 · {HOOK}"
     header = lines[1].split()
-    assert header == ["setting", "heldout_steering_score", "mean_feature_auroc", "(native)",
-                      "concept_coverage", "(native)", "fvu", "kl_spliced"]  # fmt: skip
+    assert header == ["setting", "heldout_steering_score", "↑", "mean_feature_auroc", "(native)",
+                      "↑", "concept_coverage", "(native)", "↑", "fvu", "↓", "kl_spliced", "↓"]  # fmt: skip
     assert set(lines[2]) == {"-", " "}
     diffmean = next(line for line in lines if line.startswith("diffmean †"))
     assert "0.93 [0.90, 0.95]" in diffmean and "0.50" in diffmean and "0.35" in diffmean
@@ -88,9 +93,9 @@ def test_comparison_table_leads_with_heldout_steering_and_shows_missing_cells(sw
 
 
 def test_comparison_table_has_one_block_per_model_layer_and_hook(tmp_path):
-    write_metrics(_job("snmf"), tmp_path / "0" / "metrics.parquet")
+    write_metrics(_job("snmf"), tmp_path / "0" / "metrics.parquet", META)
     other = _job("snmf").assign(layer=5, hook="blocks.5.mlp.hook_post", setting_hash="snmf5")
-    write_metrics(other, tmp_path / "1" / "metrics.parquet")
+    write_metrics(other, tmp_path / "1" / "metrics.parquet", META)
     blocks = _table(tmp_path).split("\n\n")
     assert [b.splitlines()[0] for b in blocks] == [
         f"smollm2-135m · layer 3 · {HOOK}",

@@ -229,3 +229,48 @@ def test_a_plugin_outside_the_repo_runs_end_to_end(tmp_path, embedded):
     assert set(frame["method"]) == {"first_coordinates"}
     assert frame[frame["metric"] == "auroc"]["feature"].nunique() == 4
     assert np.isfinite(frame[frame["metric"] == "mean_feature_auroc"]["value"]).all()
+
+
+TASK_PLUGIN = textwrap.dedent(
+    '''
+    from dataclasses import dataclass
+    from typing import ClassVar
+    from tasks.base import Headline, Task
+
+    @dataclass
+    class DirectionNorms(Task):
+        """Toy plugin task: the mean norm of the features' directions (one summary row)."""
+        name: ClassVar[str] = "direction_norms"
+        title: ClassVar[str] = "Direction norms (a plugin task)"
+        headlines: ClassVar[tuple] = (Headline("mean_norm", higher_is_better=None),)
+        compared: ClassVar[bool] = False  # one number per job: no units to pair on
+        scale: float = 1.0
+
+        def evaluate(self, model, features, data, cfg):
+            norm = float(features.directions.norm(dim=1).mean()) * self.scale
+            return [{"metric": "mean_norm", "value": norm},
+                    {"metric": "not_a_headline", "value": 0.0}]
+    '''
+)
+
+
+@pytest.mark.integration
+def test_a_task_plugin_outside_the_repo_reaches_the_report(tmp_path, embedded):
+    """A task is one class named by _target_; the report shows its declared title and
+    headline from the job's metadata, with no file of bench/report touched."""
+    plugin_dir = tmp_path / "plugins"
+    (plugin_dir / "my_tasks").mkdir(parents=True)
+    (plugin_dir / "my_tasks" / "__init__.py").write_text(TASK_PLUGIN)
+    env = {**__import__("os").environ, "PYTHONPATH": str(plugin_dir)}
+    args = ["experiment=smoke", "task=[concept_detection]", "logger=none",
+            "+task.norms._target_=my_tasks.DirectionNorms", "+task.norms.scale=2.0",
+            f"paths.results_dir={tmp_path / 'res'}"]  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    [report] = list((tmp_path / "res").rglob("report.md"))
+    text = report.read_text()
+    assert "### Direction norms (a plugin task)" in text and "| setting | mean_norm |" in text
+    assert "not_a_headline" not in text  # only the declared headlines are tabulated
+    assert "| diffmean † | 2.00 |" in text  # DiffMean's unit directions, scaled by 2

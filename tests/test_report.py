@@ -31,6 +31,10 @@ from bench.results import (
 from methods.base import ActivationSet
 from methods.snmf import SNMF
 from methods.snmf_hier import HierarchicalSNMF
+from tasks.concept_detection import ConceptDetection
+from tasks.reconstruction import Reconstruction
+from tasks.steering import Steering
+from tasks.synthetic_recovery import SyntheticRecovery
 from tests.conftest import REPO, featbench_cmd
 
 HOOK = "blocks.3.mlp.hook_post"
@@ -50,6 +54,11 @@ def setting(method: str, **keys) -> dict:
     }
 
 
+DECLARED = {
+    cls.name: cls for cls in (ConceptDetection, Steering, Reconstruction, SyntheticRecovery)
+}
+
+
 def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], keys: dict | None = None,
               code: str = CODE, dataset: str = "d0", meta: bool = True, **extra) -> int:  # fmt: skip
     """A job folder as bench.run writes it: metrics.parquet (with meta["setting"]) and
@@ -66,7 +75,9 @@ def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]]
     frame = pd.concat(frames, ignore_index=True).assign(**extra)
     if not meta:  # a job written by older code: no setting_hash, no meta["setting"]
         frame = frame.drop(columns=["setting_hash"])
-    write_metrics(frame, folder / "metrics.parquet", {"setting": keys} if meta else {})
+    declared = {task: DECLARED[task].declaration() for task in tasks if task in DECLARED}
+    write_metrics(frame, folder / "metrics.parquet",
+                  {"setting": keys, "tasks": declared} if meta else {})  # fmt: skip
     write_replicates(folder / REPLICATES_FILE, reps)
     return len(frame)
 
@@ -165,14 +176,14 @@ def test_report_merges_every_job_into_tables_per_setting(sweep):
         assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == tables
     assert text.index("### Steering") < text.index("### Concept detection")  # headline first
     assert (
-        "| setting | heldout_steering_score | best_kl_steering_score | description | judge |"
+        "| setting | heldout_steering_score ↑ | best_kl_steering_score ↑ | description | judge |"
         in text
     )
     assert "| diffmean † | 0.73 [0.42, 1.04] n=12 | — | tokens | offline |" in text
     assert "| snmf | 0.35 n=12 · 2 seeds | — | tokens | offline |" in text  # mean of two seeds
     assert "| snmf | 0.30 · 2 seeds | 0.02 · 2 seeds | 0.10 · 2 seeds |" in text
     assert "| snmf_hier | 0.30 | 0.02 | 0.10 |" in text
-    assert "mean_feature_auroc (native)" in text
+    assert "mean_feature_auroc (native) ↑" in text and "| fvu ↓ |" in text  # declared directions
     assert "mcc (snmf, noise 0)" in text and "| snmf | 0.90 · 2 seeds | 0.25 · 2 seeds |" in text
     assert "upper reference" in text
     assert "[features.md](features.md)" in text

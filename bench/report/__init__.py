@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from bench.errors import FeatbenchError
-from bench.report.cells import HEADLINES, assign_settings, headline_cells
+from bench.report.cells import assign_settings, declarations, headline_cells
 from bench.report.common import (
     MISSING,
     Job,
@@ -61,7 +61,6 @@ from bench.results import METRICS_FILE, read_metrics, read_replicates, write_met
 from bench.storage import atomic_write_text
 
 __all__ = [
-    "HEADLINES",
     "MISSING",
     "PAPER_REFERENCE",
     "Built",
@@ -116,7 +115,7 @@ def build(directory: Path) -> Built:
             log.warning("%s: replicates unreadable, its cells have no replicates (%s)",
                         name, one_line(err))  # fmt: skip
             replicates[str(name)] = {}
-    cells = headline_cells(summary, replicates)
+    cells = headline_cells(summary, replicates, declarations(metas, settings))
     return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory),
                  tuple(unreadable))  # fmt: skip
 

@@ -27,19 +27,13 @@ from bench.stats import Estimate, percentile_interval
 
 log = logging.getLogger(__name__)
 
-HEADLINES = {  # task -> (title, headline summary metrics, first = the headline); others show all
-    "steering": ("Steering", ["heldout_steering_score", "best_kl_steering_score", "concept_score", "fluency_score"]),
-    "concept_detection": ("Concept detection", ["mean_feature_auroc", "concept_coverage", "frac_s_cd_positive"]),
-    "reconstruction": ("Reconstruction", ["fvu", "kl_spliced", "ce_delta"]),
-    "synthetic_recovery": ("Synthetic recovery (lowest noise of each generator)", ["mcc", "recovered_fraction"]),
-}  # fmt: skip
 # summary-row dimensions a cell keeps (protocol: steering's concept | feature | paper)
 DIMS = ("encoder", "protocol", "description", "generator", "noise")
 DEFAULT_PROTOCOL = "concept"  # the comparison's steering protocol: its columns are unlabelled
 BLOCK = ["model", "layer", "hook"]  # one table per block
 CELL_COLUMNS = [
-    "place", *BLOCK, "setting_hash", "setting", "method", "task", "metric", *DIMS, "label",
-    "order", "value", "ci_low", "ci_high", "n", "seeds", "defined", "paired_over",
+    "place", *BLOCK, "setting_hash", "setting", "method", "task", "title", "task_order",
+    "compared", "higher_is_better", "metric", *DIMS, "label", "order", "value", "ci_low", "ci_high", "n", "seeds", "defined", "paired_over",
     "units_hash", "replicates", "dataset_hash", "code_version", "judge", "supervised", "text",
 ]  # fmt: skip
 
@@ -103,16 +97,52 @@ def setting_labels(entries: dict[str, tuple[Any, str, dict | None]]) -> dict[str
     return labels
 
 
+def declarations(metas: dict[str, dict], settings: dict[str, dict | None] | None = None) -> dict:
+    """task name -> its declaration (`tasks.base.Task.declaration`), as the jobs recorded
+    them in their metadata. A job from code that recorded none: the declaration of the
+    task class its setting names (`task.<key>._target_`), when it still imports; else the
+    task has none, and the report shows every summary metric it wrote."""
+    found: dict[str, dict] = {}
+    for meta in metas.values():
+        for task, declared in ((meta or {}).get("tasks") or {}).items():
+            found.setdefault(str(task), declared)
+    for setting in (settings or {}).values():
+        for key, target in (setting or {}).items():
+            if key.startswith("task.") and key.endswith("._target_") and target:
+                declared = _declared_by(str(target))
+                if declared is not None:
+                    found.setdefault(declared.pop("name"), declared)
+    return found
+
+
+def _declared_by(target: str) -> dict | None:
+    """The declaration of the task class `target` names, or None when it does not import."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+        declared = cls.declaration()
+    except Exception as err:  # older or foreign code: the report goes on without it
+        log.debug("no declaration from %s (%s)", target, err)
+        return None
+    return {**declared, "name": cls.name or cls.__name__.lower()}
+
+
 def headline_cells(
-    summary: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]] | None = None
+    summary: pd.DataFrame,
+    replicates: dict[str, dict[str, np.ndarray]] | None = None,
+    tasks: dict[str, dict] | None = None,
 ) -> pd.DataFrame:
     """One row per cell (columns CELL_COLUMNS; `replicates` holds each cell's array or None).
 
     `summary`: rows with `setting_hash` and `setting` (see `assign_settings`);
-    `replicates`: job_dir -> replicates_id -> array (bench.results.read_replicates)."""
-    replicates = replicates or {}
+    `replicates`: job_dir -> replicates_id -> array (bench.results.read_replicates);
+    `tasks`: task name -> its declaration (`declarations`): which summary metrics are
+    tabulated, in what order, with what title; a task without one shows all of its."""
+    replicates, tasks = replicates or {}, tasks or {}
     rows = summary[summary["feature"].isna() & summary["concept"].isna()].copy()
-    keep = [m in _headlines(t, m) for t, m in zip(rows["task"], rows["metric"], strict=True)]
+    keep = [_headline(tasks, t, m) is not None
+            for t, m in zip(rows["task"], rows["metric"], strict=True)]  # fmt: skip
     rows = rows[pd.Series(keep, index=rows.index, dtype=bool)]
     for dim in DIMS:
         if dim not in rows:
@@ -122,7 +152,8 @@ def headline_cells(
                            dropna=False).transform("min")  # fmt: skip
     rows = rows[noise.isna() | noise.eq(lowest)]
     keys = ["setting_hash", "task", "metric", *DIMS]
-    out = [_cell(cell, replicates) for _, cell in rows.groupby(keys, dropna=False, sort=False)]
+    out = [_cell(cell, replicates, tasks)
+           for _, cell in rows.groupby(keys, dropna=False, sort=False)]  # fmt: skip
     cells = pd.DataFrame(out, columns=CELL_COLUMNS)
     cells["supervised"] = cells["method"].isin(supervised_methods(summary))
     return cells
@@ -157,7 +188,7 @@ def cell_text(value: Any, low: Any, high: Any, n: Any, seeds: int, defined: int)
     return text
 
 
-def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]]) -> dict:
+def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]], tasks: dict) -> dict:
     first = cell.iloc[0]
     defined = cell[cell["value"].notna()]
     reps = [_replicates(row, replicates) for row in cell.to_dict("records")]
@@ -181,12 +212,16 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]]) -> d
     if pd.notna(protocol) and protocol != DEFAULT_PROTOCOL:
         label = f"{label} ({protocol} protocol)"
     label = label if pd.isna(gen) else f"{label} ({gen}, noise {float(noise):g})"
-    index = _headlines(task, metric).index(metric)
+    index, higher = _headline(tasks, task, metric)
+    declared = tasks.get(task, {})
     n = int(counts.min()) if len(counts) else None
     return {
         "place": place(cell).iloc[0], **{k: first[k] for k in BLOCK},
         "setting_hash": first["setting_hash"], "setting": first["setting"],
-        "method": first["method"], "task": task, "metric": metric,
+        "method": first["method"], "task": task, "title": declared.get("title", task),
+        "task_order": int(declared.get("report_order", 100)),
+        "compared": bool(declared.get("compared", True)), "higher_is_better": higher,
+        "metric": metric,
         **{d: first[d] for d in DIMS}, "label": label,
         "order": f"{'' if pd.isna(gen) else gen}:{_protocol_rank(protocol)}:{index:03d}:"
                  f"{'' if pd.isna(encoder) else encoder}",
@@ -221,8 +256,16 @@ def _replicates(row: dict, replicates: dict[str, dict[str, np.ndarray]]) -> np.n
     return None if found is None else np.asarray(found, dtype=float)
 
 
-def _headlines(task: str, metric: str) -> list[str]:
-    return HEADLINES[task][1] if task in HEADLINES else [metric]
+def _headline(tasks: dict, task: str, metric: str) -> tuple[int, bool | None] | None:
+    """(position, higher_is_better) of `metric` among the task's declared headlines; None
+    when the task declares headlines and this is not one; (0, None) when it declares none."""
+    declared = (tasks.get(task) or {}).get("headlines") or []
+    if not declared:
+        return 0, None
+    for i, headline in enumerate(declared):
+        if headline.get("metric") == metric:
+            return i, headline.get("higher_is_better")
+    return None
 
 
 def _varying(settings: list[dict | None], method: bool) -> list[str]:

@@ -45,6 +45,12 @@ def supervised_methods(summary: pd.DataFrame) -> set[str]:
     return set(summary.loc[summary["supervised"].eq(True), "method"].dropna().astype(str))
 
 
+def task_order(cells: pd.DataFrame) -> list[str]:
+    """The tasks of `cells` in their declared report order (`task_order`), then by name."""
+    first = cells.drop_duplicates("task")
+    return first.sort_values(["task_order", "task"], kind="stable")["task"].astype(str).tolist()
+
+
 def place(rows: pd.DataFrame) -> pd.Series:
     """Each row's (model, layer, hook) as text: the title of the tables it appears in."""
     layer = rows["layer"].astype("string").fillna(MISSING)

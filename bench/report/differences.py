@@ -33,7 +33,6 @@ COLUMNS = [
 TYPES = {"layer": "Int64", "delta": "Float64", "ci_low": "Float64", "ci_high": "Float64",
          "p_holm": "Float64", "n_pairs": "Int64", "paired": "boolean", "n_for_power": "Int64"}  # fmt: skip
 POWER_CAP = 10**12  # n_for_power above this (a delta of rounding size) is stored as missing
-TASKS = ("steering", "concept_detection", "reconstruction")  # synthetic recovery: no data units
 CONTROL = "random"  # the control every method is compared with, put as b
 UNPAIRED = "unpaired (bootstrap of independent units)"
 
@@ -41,8 +40,8 @@ UNPAIRED = "unpaired (bootstrap of independent units)"
 def differences(cells: pd.DataFrame) -> pd.DataFrame:
     """The difference table (columns COLUMNS) of `cells` (bench.report.cells.headline_cells)."""
     out = []
-    cells = cells[cells["task"].isin(TASKS)]
-    cells = cells.assign(_rank=cells["task"].map(TASKS.index))  # the headline task first
+    cells = cells[cells["compared"].astype(bool)]  # tasks whose units settings share
+    cells = cells.assign(_rank=cells["task_order"])  # the tasks in their declared order
     for _, block in cells.groupby(BLOCK, dropna=False, sort=False):
         family = []
         keys = ["task", "metric", "encoder", "protocol", "dataset_hash"]

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from bench.report.cells import HEADLINES
-from bench.report.common import MISSING, num, supervised_methods
+from bench.report.common import MISSING, num, supervised_methods, task_order
 from bench.report.differences import UNPAIRED, differs_from_control, mark_key, separates
 from bench.report.html_assets import SCRIPT, STYLE
 from bench.report.html_features import complete, gallery_section, setting_of
@@ -123,7 +122,7 @@ def comparison_section(built: Built, directory: Path, plots: list[tuple[str, str
     for where, block in cells.groupby("place", sort=False):
         parts.append(f"<h3>{escape(str(where).replace('`', ''))}</h3>")
         for task in _tasks(block):
-            title = HEADLINES.get(task, (task,))[0]
+            title = str(block.loc[block["task"] == task, "title"].iloc[0])
             parts.append(f"<h4>{escape(title)}</h4>{_warnings(block[block['task'] == task])}"
                          f"{_headline_table(block[block['task'] == task], block, marks, supervised)}")  # fmt: skip
     parts.append(differences_html(diffs))
@@ -251,9 +250,8 @@ def _plots(directory: Path, plots: list[tuple[str, str]]) -> str:
 
 
 def _tasks(cells: pd.DataFrame) -> list[str]:
-    """The tasks present: those in HEADLINES in its order, then the rest by name."""
-    known = [t for t in HEADLINES if t in set(cells["task"])]
-    return known + sorted(set(cells["task"]) - set(known))
+    """The tasks present, in their declared report order."""
+    return task_order(cells)
 
 
 def _warnings(part: pd.DataFrame) -> str:

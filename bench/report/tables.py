@@ -14,8 +14,7 @@ import logging
 
 import pandas as pd
 
-from bench.report.cells import HEADLINES
-from bench.report.common import MISSING, md_table
+from bench.report.common import MISSING, md_table, task_order
 from bench.report.differences import differs_from_control, mark_key
 
 log = logging.getLogger(__name__)
@@ -25,6 +24,7 @@ MARK = "*"
 LEGEND = f"{MARK} differs from random: 95% CI of the paired difference excludes 0"
 LEGEND += " (unpaired where the two were not scored on the same units)"
 SUPERVISED = "† supervised: fitted with the concept labels, an upper reference"
+ARROWS = {True: " ↑", False: " ↓"}  # a column's declared direction: which way is better
 
 
 def headline_tables(cells: pd.DataFrame, diffs: pd.DataFrame) -> str:
@@ -37,7 +37,7 @@ def headline_tables(cells: pd.DataFrame, diffs: pd.DataFrame) -> str:
             part = block[block["task"] == task]
             header, body = _rows(part, marks, rows=block)
             notes = _notes(part)
-            title = f"### {HEADLINES.get(task, (task,))[0]}"
+            title = f"### {part['title'].iloc[0]}"
             parts.append("\n\n".join([title, *notes, md_table(header, body)]))
     if marks:
         parts.append(LEGEND)
@@ -69,14 +69,17 @@ def _rows(
     part: pd.DataFrame, marks: set, describe: bool = True, rows: pd.DataFrame | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and body: a row per setting of `rows` (default: of `part`), a column per
-    (task, label) of `part` in HEADLINES order; steering tables (report.md) also show the
+    (task, label) of `part` in the tasks' declared order; steering tables (report.md) also show the
     description kind and the judge."""
-    columns = []
+    columns, arrows = [], {}
     for task in _tasks(part):
         mine = part[part["task"] == task].sort_values("order")
         columns += [(task, label) for label in dict.fromkeys(mine["label"])]
+        arrows.update({(task, c["label"]): ARROWS.get(c["higher_is_better"], "")
+                       for c in mine.to_dict("records")})  # fmt: skip
     steering = describe and set(part["task"]) == {"steering"}
-    header = ["setting", *(label for _, label in columns)]
+    header = ["setting", *(label + arrows.get(key, "") for key, (_, label) in
+                           zip(columns, columns, strict=True))]  # fmt: skip
     header += ["description", "judge"] if steering else []
     rows = part if rows is None else rows
     settings = rows.drop_duplicates("setting_hash").sort_values(["method", "setting"])
@@ -114,9 +117,8 @@ def _notes(part: pd.DataFrame) -> list[str]:
 
 
 def _tasks(cells: pd.DataFrame) -> list[str]:
-    """The tasks present in `cells`: those in HEADLINES in its order, then the rest by name."""
-    known = [t for t in HEADLINES if t in set(cells["task"])]
-    return known + sorted(set(cells["task"]) - set(known))
+    """The tasks present in `cells`, in their declared report order (then by name)."""
+    return task_order(cells)
 
 
 def _fixed_width(header: list[str], body: list[list[str]]) -> str:
