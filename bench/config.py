@@ -28,6 +28,7 @@ from bench.hooks import HOOKS
 from bench.secrets import check_env_name
 
 SOURCES = ("embedded", "hub", "local")
+PROMPT_FORMATS = ("plain", "chat")  # a base model's raw text | an instruction-tuned chat model
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODEL_DTYPES = tuple(DTYPES)  # bench.dtypes: one map for weights, activations and judges
 
@@ -116,6 +117,7 @@ def validate(cfg: DictConfig) -> None:
         "device": (cfg.device, DEVICES),
         "dtype": (cfg.dtype, MODEL_DTYPES),
         "model.source": (cfg.model.source, SOURCES),
+        "model.prompt_format": (cfg.model.prompt_format, PROMPT_FORMATS),
         "dataset.format": (cfg.dataset.format, FORMATS),
         "activations.dtype": (cfg.activations.dtype, MODEL_DTYPES),
     }

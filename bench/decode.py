@@ -16,11 +16,23 @@ runs the same computation over the same weights with:
 
 Supported: the decoder-only pre-norm architectures with RMSNorm or LayerNorm, rotary or
 learned absolute positions, gated or plain MLPs, multi-head or grouped-query attention
-(Llama, SmolLM2, Mistral, Qwen2, GPT-2, Pythia-style without parallel blocks).
-`unsupported(model)` says why another model (Gemma's extra norms, soft caps, local
-attention, ...) is not, and `bench.steer.generate` then uses TransformerLens's own path.
-Logits match TransformerLens's forward with the same hooks to about 1e-5
-(`tests/test_decode.py`, `benchmarks/steering.py`).
+(Llama, SmolLM2, Mistral, Qwen2, GPT-2, Pythia-style without parallel blocks), and
+Gemma 3's additions:
+
+- a second norm after attention and after the MLP (`ln1_post`, `ln2_post`), applied
+  where TransformerLens applies them: before `hook_attn_out` and `hook_mlp_out`;
+- QK-norm (an RMSNorm over each head's query and key, before the rotation);
+- sliding-window layers beside global ones (`attn_types`, `window_size`), each layer
+  rotating with its own attention module's tables (Gemma 3: base 10k local, 1M global);
+- the embedding scale sqrt(d_model), which TransformerLens keeps inside `W_E` (its
+  Gemma conversion multiplies the embedding by it), so there is nothing to add;
+- Gemma's RMSNorm weight is `1 + w` in Hugging Face's module and stored already
+  added in TransformerLens's `ln*.w`, so every norm here multiplies by the stored weight.
+
+`unsupported(model)` says why another model (soft caps, parallel blocks, ...) is not,
+and `bench.steer.generate` then uses TransformerLens's own path. Logits match
+TransformerLens's forward with the same hooks to about 1e-5 (`tests/test_decode.py`,
+`benchmarks/steering.py`).
 """
 
 from __future__ import annotations
@@ -57,27 +69,28 @@ class HookPoint:
 def unsupported(model: Any) -> str | None:
     """Why the lean decoder cannot run `model` exactly, or None when it can."""
     cfg = model.cfg
+    local = cfg.use_local_attn
     checks = {
         "normalization_type": cfg.normalization_type in ("RMS", "LN"),
         "positional_embedding_type": cfg.positional_embedding_type in ("rotary", "standard"),
         "final norm": cfg.final_rms or cfg.normalization_type == "LN",
         "act_fn": cfg.act_fn in ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"),
-        "use_normalization_before_and_after": not cfg.use_normalization_before_and_after,
+        "post-norms other than RMS": not (cfg.use_normalization_before_and_after
+                                          and cfg.normalization_type != "RMS"),
         "attn_scores_soft_cap": cfg.attn_scores_soft_cap <= 0,
         "output_logits_soft_cap": cfg.output_logits_soft_cap <= 0,
-        "use_qk_norm": not getattr(cfg, "use_qk_norm", False),
         "parallel_attn_mlp": not cfg.parallel_attn_mlp,
         "attn_only": not cfg.attn_only,
         "post_embedding_ln": not cfg.post_embedding_ln,
         "attention_dir": cfg.attention_dir == "causal",
         "rotary scaling": not (cfg.use_NTK_by_parts_rope or getattr(cfg, "use_dynamic_ntk_rope", False)),
-        "use_local_attn": not cfg.use_local_attn,
+        "use_local_attn without attn_types/window_size": not local or (
+            cfg.attn_types is not None and isinstance(cfg.window_size, int)),
         "use_attn_in/split_qkv": not (cfg.use_attn_in or cfg.use_split_qkv_input),
         "logn/sinks/clip": not (getattr(cfg, "use_logn_attn", False)
                                 or getattr(cfg, "use_attention_sinks", False)
                                 or getattr(cfg, "clip_qkv", None) is not None),
         "original_architecture": "Olmo" not in str(cfg.original_architecture),
-        "scaled embeddings": str(cfg.original_architecture) not in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"),
     }  # fmt: skip
     failed = [name for name, ok in checks.items() if not ok]
     return f"{cfg.original_architecture}: {', '.join(failed)} not supported" if failed else None
@@ -102,21 +115,19 @@ class LeanDecoder:
         self.d_head = cfg.d_head
         self.gated = cfg.gated_mlp
         self.act = _activation(cfg.act_fn)
-        self.layers = [self._layer(block) for block in model.blocks]
-        self.ln_final = _norm_weights(model.ln_final)
-        self.w_u = model.unembed.W_U.T.contiguous()
-        self.b_u = model.unembed.b_U
-        attn = model.blocks[0].attn
         self.rotary = cfg.positional_embedding_type == "rotary"
         if self.rotary:
             self.rotary_dim = cfg.rotary_dim
             self.adjacent = cfg.rotary_adjacent_pairs
+        self.layers = [self._layer(block) for block in model.blocks]
+        self.ln_final = _norm_weights(model.ln_final)
+        self.w_u = model.unembed.W_U.T.contiguous()
+        self.b_u = model.unembed.b_U
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
         self.length = 0
-        self._attn = attn
 
-    def _layer(self, block: Any) -> dict[str, torch.Tensor]:
+    def _layer(self, block: Any) -> dict[str, Any]:
         attn, mlp = block.attn, block.mlp
         grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
         w_k = attn._W_K if grouped else attn.W_K
@@ -132,12 +143,21 @@ class LeanDecoder:
             "w_out": mlp.W_out.T.contiguous(),
             "b_out": mlp.b_out,
             "b_in": mlp.b_in,
-        }
+            "attn": attn,  # its own rotary tables: local and global layers rotate differently
+            # sliding-window layers attend to the last `window_size` positions only
+            "window": self.cfg.window_size if getattr(attn, "attn_type", "global") == "local" else None,
+        }  # fmt: skip
         if self.gated:
             layer["w_gate_in"] = torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous()
         else:
             layer["w_in"] = mlp.W_in.T.contiguous()
         layer["ln1"], layer["ln2"] = _norm_weights(block.ln1), _norm_weights(block.ln2)
+        # Gemma 2/3: a norm on each sublayer's output too, before its hook (as in TransformerLens)
+        layer["ln1_post"] = _norm_weights(block.ln1_post) if hasattr(block, "ln1_post") else None
+        layer["ln2_post"] = _norm_weights(block.ln2_post) if hasattr(block, "ln2_post") else None
+        qk = getattr(self.cfg, "use_qk_norm", False)
+        layer["q_norm"] = _norm_weights(attn.q_norm) if qk else None
+        layer["k_norm"] = _norm_weights(attn.k_norm) if qk else None
         return layer
 
     # --- the forward pass ---------------------------------------------------------
@@ -152,6 +172,11 @@ class LeanDecoder:
             raise ValueError(
                 f"prompt of {width} tokens + {max_new} new exceeds n_ctx {self.cfg.n_ctx}"
             )
+        if self.rotary:
+            for layer in self.layers:  # TransformerLens grows its tables the same way
+                attn = layer["attn"]
+                if attn.rotary_cos.shape[0] < total:
+                    attn._extend_rotary_embeddings(total)
         shape = (len(self.layers), rows, self.n_kv, total, self.d_head)
         dtype, device = self.w_u.dtype, self.w_u.device
         self.cache_k = torch.empty(shape, dtype=dtype, device=device)
@@ -167,17 +192,17 @@ class LeanDecoder:
     def _forward(self, tokens: torch.Tensor, hooks: Sequence[Hook]) -> torch.Tensor:
         table = _hook_table(hooks, len(self.layers))
         start, width = self.length, tokens.shape[1]
-        x = self.model.embed.W_E[tokens]
+        x = self.model.embed.W_E[tokens]  # Gemma's sqrt(d_model) scale is inside W_E
         if self.cfg.positional_embedding_type == "standard":
             x = x + self.model.pos_embed.W_pos[start : start + width]
-        cos = sin = None
-        if self.rotary:
-            cos = self._attn.rotary_cos[start : start + width][None, None].to(x.dtype)
-            sin = self._attn.rotary_sin[start : start + width][None, None].to(x.dtype)
+        angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per distinct rotary table
         for index, layer in enumerate(self.layers):
             hook = table.get(index, {})
             x = _call(hook, "hook_resid_pre", x)
-            attn = self._attention(index, layer, _norm(x, layer["ln1"], self.cfg), cos, sin, start)
+            rotation = self._angles(layer["attn"], start, width, x.dtype, angles)
+            attn = self._attention(index, layer, _norm(x, layer["ln1"], self.cfg), rotation, start)
+            if layer["ln1_post"] is not None:
+                attn = _norm(attn, layer["ln1_post"], self.cfg)
             attn = _call(hook, "hook_attn_out", attn)
             x = x + attn
             h = _norm(x, layer["ln2"], self.cfg)
@@ -187,33 +212,57 @@ class LeanDecoder:
             else:
                 post = self.act(F.linear(h, layer["w_in"], layer["b_in"]))
             post = _call(hook, "mlp.hook_post", post)
-            out = _call(hook, "hook_mlp_out", F.linear(post, layer["w_out"], layer["b_out"]))
+            out = F.linear(post, layer["w_out"], layer["b_out"])
+            if layer["ln2_post"] is not None:
+                out = _norm(out, layer["ln2_post"], self.cfg)
+            out = _call(hook, "hook_mlp_out", out)
             x = _call(hook, "hook_resid_post", x + out)
         self.length = start + width
         return F.linear(_norm(x, self.ln_final, self.cfg), self.w_u, self.b_u)
 
-    def _attention(self, index, layer, h, cos, sin, start) -> torch.Tensor:
+    def _angles(self, attn, start, width, dtype, seen) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cos/sin rows of this layer's rotary tables for the positions in hand."""
+        if not self.rotary:
+            return None
+        key = id(attn.rotary_cos)
+        if key not in seen:
+            seen[key] = (
+                attn.rotary_cos[start : start + width][None, None].to(dtype),
+                attn.rotary_sin[start : start + width][None, None].to(dtype),
+            )
+        return seen[key]
+
+    def _attention(self, index, layer, h, rotation, start) -> torch.Tensor:
         rows, width, _ = h.shape
         qkv = F.linear(h, layer["w_qkv"], layer["b_qkv"])
         q, k, v = qkv.split(
             [self.n_heads * self.d_head, self.n_kv * self.d_head, self.n_kv * self.d_head], dim=-1
         )
-        q = q.view(rows, width, self.n_heads, self.d_head).transpose(1, 2)
-        k = k.view(rows, width, self.n_kv, self.d_head).transpose(1, 2)
+        q = q.view(rows, width, self.n_heads, self.d_head)
+        k = k.view(rows, width, self.n_kv, self.d_head)
+        if layer["q_norm"] is not None:  # QK-norm: per head, before the rotation
+            q, k = _norm(q, layer["q_norm"], self.cfg), _norm(k, layer["k_norm"], self.cfg)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(rows, width, self.n_kv, self.d_head).transpose(1, 2)
-        if self.rotary:
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if rotation is not None:
+            q, k = self._rotate(q, *rotation), self._rotate(k, *rotation)
         end = start + width
         self.cache_k[index, :, :, start:end] = k
         self.cache_v[index, :, :, start:end] = v
-        keys, values = self.cache_k[index, :, :, :end], self.cache_v[index, :, :, :end]
+        if width > 1 and start > 0:  # a multi-token chunk after a cache: not used by generate
+            raise NotImplementedError("lean decoder: prefill once, then one token per step")
+        window = layer["window"]
+        first = 0 if window is None or width > 1 else max(0, end - window)  # a step's window
+        keys, values = self.cache_k[index, :, :, first:end], self.cache_v[index, :, :, first:end]
+        mask, causal = None, width > 1
+        if causal and window is not None and width > window:  # the prompt outruns the window
+            query, key = torch.arange(width)[:, None], torch.arange(width)[None, :]
+            mask, causal = ((key <= query) & (key > query - window)).to(h.device), False
         z = F.scaled_dot_product_attention(
-            q, keys, values, is_causal=width > 1 and start == 0,
+            q, keys, values, attn_mask=mask, is_causal=causal,
             scale=1.0 / self.cfg.attn_scale if self.cfg.use_attn_scale else 1.0,
             enable_gqa=self.n_kv != self.n_heads,
         )  # fmt: skip
-        if width > 1 and start > 0:  # a multi-token chunk after a cache: not used by generate
-            raise NotImplementedError("lean decoder: prefill once, then one token per step")
         z = z.transpose(1, 2).reshape(rows, width, self.n_heads * self.d_head)
         return F.linear(z, layer["w_o"], layer["b_o"])
 

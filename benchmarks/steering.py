@@ -11,7 +11,7 @@
    same run); how many texts are identical under the same per-sample seeds, and the
    first divergence; and a few rows generated one at a time (batching changes no text).
 
-    python benchmarks/steering.py [--features 2] [--rows 128] [--layer 12] [--json out.json]
+    python benchmarks/steering.py [--model smollm2-135m] [--features 2] [--rows 128] [--layer L] [--json out.json]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
 Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
@@ -30,6 +30,7 @@ import torch
 from bench.activations import extract
 from bench.datasets import load
 from bench.decode import LeanDecoder
+from bench.model_sources import embedded_model
 from bench.models import load_model
 from bench.steer import generate, next_token_kl, search_alpha, unsteered
 from methods.diffmean import DiffMean
@@ -120,13 +121,16 @@ def main() -> None:
         "--rows", type=int, default=None, help="rows in the batch (default: the task's 128)"
     )
     parser.add_argument("--single", type=int, default=8, help="rows also generated one at a time")
-    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded model (conf/model/)")
+    parser.add_argument("--layer", type=int, default=None, help="default: the model's own")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the task's 50")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    lm = load_model("smollm2-135m")
+    entry = embedded_model(args.model)  # the model's YAML: its context length and layer
+    lm = load_model(args.model, n_ctx=entry.n_ctx)
+    args.layer = entry.default_layer if args.layer is None else args.layer
     model, ds = lm.model, load()
     acts = extract(model, ds, args.layer, "mlp_post", model_fingerprint=lm.fingerprint)
     feats = DiffMean().fit(acts.subset(ds.indices("train")))
@@ -203,6 +207,7 @@ def main() -> None:
 
     if args.json:
         result = {
+            "model": args.model,
             "features": args.features,
             "layer": args.layer,
             "kl_targets": list(task.kl_targets),

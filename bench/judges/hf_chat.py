@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from bench.dtypes import DTYPES
 from bench.errors import ConfigError
 from bench.judges.base import ChatJudge
 from bench.models import (
-    DTYPES,
     EMBEDDED_NAME,
     ModelUnavailable,
     hub_reachable,
