@@ -93,8 +93,11 @@ def load(
 ) -> ConceptDataset:
     """Read, validate, optionally subsample, and split a concept dataset."""
     file = Path(path).expanduser() if path else shipped_path()
-    if not 0.0 < test_fraction < 1.0:
-        raise DatasetError(f"test_fraction={test_fraction!r}: must be strictly between 0 and 1")
+    if not 0.0 <= test_fraction < 1.0:
+        raise DatasetError(
+            f"test_fraction={test_fraction!r}: must be in [0, 1) (0: every sentence in train, "
+            "as the SNMF paper fits on all tokens)"
+        )
     records = read_records(file, format)
     sentences, labels = validate(records, file)
     sentences, labels = _select(sentences, labels, concepts, max_per_concept, max_neutral, file)
@@ -274,7 +277,7 @@ def stratified_split(
         members = [i for i, x in enumerate(labels) if x == label]
         groups = sorted(dict.fromkeys(keys[i] for i in members), key=lambda k: (draw[k], k))
         n_test = int(round(len(members) * test_fraction))
-        if len(groups) >= 2:
+        if len(groups) >= 2 and test_fraction > 0:
             n_test = min(max(n_test, 1), len(members) - 1)
         taken = sum(1 for i in members if side.get(keys[i]) == "test")
         for key in groups:
@@ -283,6 +286,6 @@ def stratified_split(
             count = sum(1 for i in members if keys[i] == key)
             side[key] = "test" if taken < n_test else "train"
             taken += count if side[key] == "test" else 0
-        if len(groups) >= 2 and all(side[k] == "test" for k in groups):
+        if len(groups) >= 2 and all(side[k] == "test" for k in groups) and n_test:
             side[groups[-1]] = "train"  # never a label without training sentences
     return [side[k] for k in keys]

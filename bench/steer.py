@@ -1,23 +1,23 @@
-"""Steering mechanics: add vectors at a hook, measure the next-token KL, search
-alpha for KL targets in batched passes, and sample continuations with a KV cache.
+"""Steering mechanics: add vectors at a hook, measure the next-token KL, and sample
+continuations with a KV cache (the alpha searches are in bench/alpha_search.py, the
+sampler in bench/sampling.py).
 
 `tasks/steering.py` runs the protocol with these; `benchmarks/steering.py`
 measures them against sequential bisection and single-sequence generation.
-The `task` arguments are any object with the steering task's fields
-(`prompts`, `kl_targets`, `tolerance`, `search_points`, `search_rounds`,
-`batch_size`, `max_new_tokens`, `top_k`, `top_p`, `temperature`).
+Settings arguments are typed by the protocols `GenerationSettings` here and
+`bench.alpha_search.SearchSettings`; the steering task satisfies both.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from bench.decode import LeanDecoder, unsupported
+from bench.sampling import SamplingSettings, sample_next, uniforms
 
 log = logging.getLogger(__name__)
 
@@ -66,69 +66,29 @@ def next_token_kl(
     return (total / len(base)).numpy(), passes
 
 
-def search_alpha(model, hook: str, direction: torch.Tensor, task: Any, signs=(1, -1)):
-    """For each (target index, sign in `signs`): (alpha, achieved KL, reason if not found).
+def search_alpha(model, hook: str, direction: torch.Tensor, settings, signs=(1, -1)):
+    """featbench's batched alpha search: `bench.alpha_search.search_alpha` (kept here for
+    existing callers; the searches live in bench/alpha_search.py)."""
+    from bench.alpha_search import search_alpha as batched
 
-    Round 0 evaluates a geometric grid of magnitudes (relative to the typical
-    activation norm at the hook) for every sign in one batched pass. Each later
-    round puts `search_points` candidates inside the brackets of the targets
-    not yet within tolerance, again in one pass, so every round shrinks every
-    bracket about tenfold. Returns the results and the forward passes spent.
-    """
-    base = unsteered(model, hook, task.prompts)  # once per search, not once per round
-    scale = float(np.mean([norm for _, _, norm in base])) or 1.0
-    targets = np.asarray(task.kl_targets, dtype=float)
-    seen = {sign: [(0.0, 0.0)] for sign in signs}  # sign -> [(magnitude, kl)]
-    passes = 0
-
-    def evaluate(cands: list[tuple[int, float]]) -> None:
-        nonlocal passes
-        vecs = torch.stack([sign * m * direction for sign, m in cands])
-        kls, n = next_token_kl(
-            model, hook, task.prompts, vecs, max(task.batch_size, len(cands)), base
-        )
-        passes += n
-        for (sign, m), kl in zip(cands, kls.tolist(), strict=True):
-            seen[sign].append((m, kl))
-
-    grid = scale * np.logspace(-2, 2, task.search_points // 2)
-    evaluate([(sign, float(m)) for sign in signs for m in grid])
-    found: dict[tuple[int, int], tuple[float | None, float | None, str | None]] = {}
-    for _ in range(task.search_rounds + 1):
-        brackets = []
-        for sign in signs:
-            pts = sorted(seen[sign])
-            for t, target in enumerate(targets):
-                if (t, sign) in found:
-                    continue
-                m_best, kl_best = min(pts, key=lambda p: abs(p[1] - target))
-                if abs(kl_best - target) <= task.tolerance:
-                    found[(t, sign)] = (sign * m_best, kl_best, None)
-                    continue
-                upper = next((i for i, (_, kl) in enumerate(pts) if kl >= target), None)
-                if upper is None:
-                    m_max, kl_max = max(pts, key=lambda p: p[1])
-                    found[(t, sign)] = (None, kl_max, f"KL target {target} not reachable: "
-                                        f"largest KL {kl_max:.4g} at alpha {sign * m_max:.4g}")  # fmt: skip
-                    continue
-                brackets.append((sign, pts[upper - 1][0], pts[upper][0]))
-        if not brackets:
-            break
-        brackets = list(dict.fromkeys(brackets))  # targets sharing a bracket refine it once
-        per = max(1, task.search_points // len(brackets))
-        evaluate([(sign, float(m)) for sign, lo, hi in brackets
-                  for m in np.linspace(lo, hi, per + 2)[1:-1]])  # fmt: skip
-    for sign in signs:
-        pts = sorted(seen[sign])
-        for t, target in enumerate(targets):
-            if (t, sign) not in found:
-                m_best, kl_best = min(pts, key=lambda p: abs(p[1] - target))
-                found[(t, sign)] = (None, kl_best, f"KL target {target} not within tolerance "
-                                    f"{task.tolerance} after {passes} passes (closest {kl_best:.4g})")  # fmt: skip
-    return found, passes
+    return batched(model, hook, direction, settings, signs)
 
 
 # --- generation ------------------------------------------------------------------
+
+#: what `generate` returns per row: the continuation alone (special tokens skipped, cut
+#: at the first EOS when generation stops there), or the reference's string: the BOS
+#: text, the prompt and every sampled token, special tokens kept
+JUDGED_TEXTS = ("continuation", "bos_prompt_continuation")
+
+
+class GenerationSettings(SamplingSettings, Protocol):
+    """What `generate` reads (the steering task has these fields)."""
+
+    batch_size: int  # rows per batched forward
+    max_new_tokens: int
+    stop_at_eos: bool  # True: a row stops at its first EOS; False: always max_new_tokens
+    judged_text: str  # one of JUDGED_TEXTS
 
 
 @torch.no_grad()
@@ -136,22 +96,26 @@ def generate(
     model,
     hook: str,
     specs: list[tuple[str, torch.Tensor, tuple]],
-    task,
+    settings: GenerationSettings,
     stats: dict | None = None,
     engine: str | None = None,
 ) -> list[str]:
-    """One continuation per (prompt, steering vector, seed key), in batches of
-    `task.batch_size` rows sharing a prompt, with a KV cache. Each row's random
+    """One text per (prompt, steering vector, seed key), in batches of
+    `settings.batch_size` rows sharing a prompt, with a KV cache. Each row's random
     numbers come from its own seed key, so results do not depend on batching.
-    `stats["tokens"]` counts the tokens generated (up to and including EOS).
+    `stats["tokens"]` counts the tokens generated (up to and including EOS when
+    generation stops there). The text is `settings.judged_text` (JUDGED_TEXTS).
 
-    `engine` (default `task.engine`, else `lean`): `lean` decodes with `bench.decode`
+    `engine` (default `settings.engine`, else `lean`): `lean` decodes with `bench.decode`
     (same weights, same hook, a preallocated cache; about 1e-5 from TransformerLens's
     logits) where the model is supported, else falls back to `reference`,
     TransformerLens's own forward with its KV cache."""  # fmt: skip
-    engine = engine or getattr(task, "engine", "lean")
+    engine = engine or getattr(settings, "engine", "lean")
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
+    stop, judged = settings.stop_at_eos, settings.judged_text
+    if judged not in JUDGED_TEXTS:
+        raise ValueError(f"judged_text={judged!r}: choose one of {list(JUDGED_TEXTS)}")
     decoder = None
     if engine == "lean":
         reason = unsupported(model)
@@ -160,40 +124,93 @@ def generate(
         else:
             log.info("lean decoder unavailable (%s); using TransformerLens's forward", reason)
     eos = model.tokenizer.eos_token_id
+    new = settings.max_new_tokens
     texts: list[str | None] = [None] * len(specs)
     order = sorted(range(len(specs)), key=lambda i: specs[i][0])  # group by prompt
-    batches = [order[i : i + task.batch_size] for i in range(0, len(order), task.batch_size)]
-    bar = tqdm(total=len(specs) * task.max_new_tokens, desc="steering: generate", unit="tok",
-               leave=False)  # fmt: skip
+    batches = [
+        order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
+    ]
+    bar = tqdm(total=len(specs) * new, desc="steering: generate", unit="tok", leave=False)
     for rows in batches:
         prompts = {specs[i][0] for i in rows}
         groups = [[i for i in rows if specs[i][0] == p] for p in sorted(prompts)]
         for group in groups:
             tokens = model.to_tokens(specs[group[0]][0]).expand(len(group), -1)
             vectors = torch.stack([specs[i][1] for i in group]).to(tokens.device)
-            uniform = torch.stack([_uniforms(specs[i][2], task.max_new_tokens) for i in group])
+            uniform = torch.stack([uniforms(specs[i][2], new) for i in group])
             step = _lean_steps if decoder is not None else _reference_steps
-            out = torch.full((len(group), task.max_new_tokens), eos, dtype=torch.long)
+            out = torch.full((len(group), new), eos, dtype=torch.long)
             done = torch.zeros(len(group), dtype=torch.bool)
-            steps = step(decoder or model, tokens, [(hook, _steer(vectors))], task.max_new_tokens)
+            steps = step(decoder or model, tokens, [(hook, _steer(vectors))], new)
             logits = next(steps)
-            for t in range(task.max_new_tokens):
-                nxt = sample_next(logits.float().cpu(), uniform[:, t], task)
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            for t in range(new):
+                nxt = sample_next(logits.float().cpu(), uniform[:, t], settings)
+                if stop:
+                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                    done |= nxt == eos
                 out[:, t] = nxt
-                done |= nxt == eos
                 bar.update(len(group))
-                if done.all() or t == task.max_new_tokens - 1:
+                if (stop and done.all()) or t == new - 1:
                     break
                 logits = steps.send(nxt.to(tokens.device))
             steps.close()
+            prefix = tokens[0].tolist()
             for i, row in zip(group, out.tolist(), strict=True):
-                cut = row.index(eos) if eos in row else len(row)
+                cut = row.index(eos) if stop and eos in row else len(row)
                 if stats is not None:
                     stats["tokens"] = stats.get("tokens", 0) + min(cut + 1, len(row))
-                texts[i] = model.tokenizer.decode(row[:cut], skip_special_tokens=True)
+                texts[i] = _text(model.tokenizer, prefix, row[:cut], judged)
     bar.close()
     return texts  # type: ignore[return-value]
+
+
+def _text(tokenizer, prefix: list[int], row: list[int], judged: str) -> str:
+    if judged == "continuation":
+        return tokenizer.decode(row, skip_special_tokens=True)
+    # TransformerLens's to_string: every token, special ones included, spaces as decoded
+    return tokenizer.decode(prefix + row, clean_up_tokenization_spaces=False)
+
+
+def mlp_out_image(model, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """What an MLP-hidden vector z writes to the residual stream in a model with a norm
+    after the MLP (Gemma's `ln2_post`): ln2_post(b_out + z W_out), the vector the SNMF
+    reference adds at `hook_mlp_out` for its Gemma features. Raises for a model without
+    that norm (there the image is just z W_out and the hook can stay at mlp_post)."""
+    block = model.blocks[layer]
+    norm = getattr(block, "ln2_post", None)
+    if norm is None:
+        raise ValueError(f"{model.cfg.model_name}: block {layer} has no norm after its MLP")
+    w_out = block.mlp.W_out
+    out = block.mlp.b_out + z.to(w_out.device, w_out.dtype) @ w_out
+    return norm(out[None, None])[0, 0].detach()
+
+
+def post_norm_targets(model, features, unit: torch.Tensor, feats: list[int]) -> dict:
+    """feature -> (unit vector, hook) for the paper's Gemma steering: on a model with a
+    norm after the MLP, an mlp_post direction z is steered as ln2_post(b_out + z W_out)
+    at hook_mlp_out. z is the feature's decoder column (decode(e_f) - decode(0): for SNMF
+    the reference's raw column, whose scale matters next to b_out) where the method
+    decodes, else its unit direction. Empty where that does not apply (another hook, a
+    model without the norm: there the reference steers at mlp_post too)."""
+    hook = features.hook
+    if not (feats and hook.endswith("mlp.hook_post") and has_post_mlp_norm(model)):
+        return {}
+    layer = int(hook.split(".")[1])
+    raw = unit[feats]
+    if features.has_decoder:
+        eye = torch.eye(len(features))[feats]
+        raw = features.decode(eye) - features.decode(torch.zeros(1, len(features)))
+    log.info("steering %d features at blocks.%d.hook_mlp_out through ln2_post", len(feats), layer)
+    out = {}
+    for f, z in zip(feats, raw, strict=True):
+        v = mlp_out_image(model, layer, z.float()).float().cpu()
+        out[f] = (v / v.norm().clamp_min(1e-12), f"blocks.{layer}.hook_mlp_out")
+    return out
+
+
+def has_post_mlp_norm(model) -> bool:
+    """True for models that normalize the MLP's output before adding it (Gemma 2 and 3)."""
+    return getattr(model.blocks[0], "ln2_post", None) is not None
 
 
 def _reference_steps(model, tokens, hooks, max_new):
@@ -214,23 +231,3 @@ def _lean_steps(decoder, tokens, hooks, max_new):
     nxt = yield decoder.prefill(tokens, hooks, max_new)
     while True:
         nxt = yield decoder.step(nxt, hooks)
-
-
-def _uniforms(key: tuple, n: int) -> torch.Tensor:
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def sample_next(logits: torch.Tensor, u: torch.Tensor, task) -> torch.Tensor:
-    """Top-k, then top-p (nucleus), then inverse-CDF sampling with the given uniforms."""
-    if task.temperature == 0:
-        return logits.argmax(-1)
-    values, index = (logits / task.temperature).topk(min(task.top_k, logits.shape[-1]), dim=-1)
-    probs = torch.softmax(values.double(), -1)
-    keep = (probs.cumsum(-1) - probs) < task.top_p  # the smallest prefix reaching top_p
-    probs = probs * keep
-    cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1)
-    pick = torch.searchsorted(cdf, u[:, None].to(cdf.dtype).contiguous()).clamp(
-        max=values.shape[-1] - 1
-    )
-    return index.gather(1, pick)[:, 0]

@@ -14,9 +14,12 @@ import numpy as np
 from bench.stats import RESAMPLES, mean_estimate
 
 HELDOUT, BEST_KL = "heldout_steering_score", "best_kl_steering_score"
-#: values of the `failure` column: why a row holds no judged score, or a forced 0
-ZERO_NORM, UNREACHABLE, EMPTY, UNDESCRIBED = (
-    "zero_norm", "unreachable", "empty_generation", "no_description")  # fmt: skip
+#: values of the `failure` column: why a row holds no judged score, or a forced 0.
+#: EXCLUDED: a sign whose description the writer marked TRASH (no connection), not scored;
+#: NO_DIRECTION: nothing to steer (the generated DiffMean's writer gave no sentences)
+ZERO_NORM, UNREACHABLE, EMPTY, UNDESCRIBED, EXCLUDED, NO_DIRECTION = (
+    "zero_norm", "unreachable", "empty_generation", "no_description", "excluded_description",
+    "no_direction")  # fmt: skip
 
 
 def _row(f, concept, metric, value, kl_target, sign, **extra) -> dict:
@@ -27,7 +30,7 @@ def _row(f, concept, metric, value, kl_target, sign, **extra) -> dict:
 def aggregate(rows: list[dict], chosen: list, *, passes: dict | None = None,
               judge_stats: dict[str, float] | None = None, seed: int = 0,
               n_resamples: int = RESAMPLES, unit: str = "feature",
-              units_hash: str | None = None) -> list[dict]:  # fmt: skip
+              units_hash: str | None = None, settings: str | None = None) -> list[dict]:  # fmt: skip
     """Per-unit `heldout_steering_score` and `best_kl_steering_score`, then the
     summary rows, from the task's sample rows and failure rows (see `_failure`).
     A unit is the value of each row's `unit` column (`feature`, or `concept` under
@@ -69,8 +72,12 @@ def aggregate(rows: list[dict], chosen: list, *, passes: dict | None = None,
                                     and _odd(r["sample"])]  # fmt: skip
         if value == 0.0:
             failed[u] = reason
-    return out + _summary(out, rows, chosen, heldout_parts, failed, passes or {},
-                          judge_stats or {}, seed, n_resamples, unit, units_hash)  # fmt: skip
+    summary = _summary(out, rows, chosen, heldout_parts, failed, passes or {},
+                       judge_stats or {}, seed, n_resamples, unit, units_hash)  # fmt: skip
+    for row in summary:
+        if row["metric"] == "steered_features":
+            row["settings"] = settings  # the protocol's resolved settings (JSON)
+    return out + summary
 
 
 def _even(s: int) -> bool:
@@ -96,10 +103,11 @@ def _failed(mine: list[dict], samples: list[dict]) -> tuple[float | None, str | 
         return None, None
     if ZERO_NORM in kinds:
         return 0.0, reasons[0] if reasons else "zero-norm direction"
-    if UNDESCRIBED in kinds:
-        return None, reasons[0] if reasons else "no description"
     if UNREACHABLE in kinds:
-        return 0.0, "every KL target unreachable" + (f" ({reasons[0]})" if reasons else "")
+        first = next((r["reason"] for r in mine if r.get("failure") == UNREACHABLE), None)
+        return 0.0, "every KL target unreachable" + (f" ({first})" if first else "")
+    if UNDESCRIBED in kinds or EXCLUDED in kinds or NO_DIRECTION in kinds:
+        return None, "; ".join(dict.fromkeys(reasons)) if reasons else "no description"
     return None, "no steering rows for this feature"
 
 
@@ -147,10 +155,21 @@ def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_sta
     targets = {(r[unit], r["kl_target"], r["sign"]) for r in rows if r.get("sample") is not None}
     unreachable = sum(r.get("failure") == UNREACHABLE for r in sampleless)
     searched = [p for f, p in passes.items() if p]
+    excluded = [r for r in sampleless if r.get("failure") == EXCLUDED]
     out += [
-        {"metric": "judge_failures", "value": float(sum(r["value"] is None for r in judged)),
+        {"metric": "judge_failures",
+         "value": float(sum(r["value"] is None or bool(r.get("judge_failed")) for r in judged)),
          "n": len(judged),
-         "features_undescribed": sum(r.get("failure") == UNDESCRIBED for r in sampleless)},
+         "features_undescribed": sum(r.get("failure") == UNDESCRIBED for r in sampleless),
+         "reason": "failed judgements scored 0 (judge_failure=zero)"
+         if any(r.get("judge_failed") and r["value"] is not None for r in judged) else None},
+        {"metric": "excluded_descriptions", "value": float(len(excluded)),
+         "n": len({r.get(unit) for r in sampleless if r.get("failure") == EXCLUDED}),
+         "reason": _counted(r.get("reason") for r in excluded)},
+        {"metric": "no_direction", "value": float(sum(r.get("failure") == NO_DIRECTION
+                                                      for r in sampleless)),
+         "reason": _counted(r.get("reason") for r in sampleless
+                            if r.get("failure") == NO_DIRECTION)},
         {"metric": "failed_features", "value": float(len(failed)), "n": len(chosen),
          "features": ",".join(map(str, failed)),
          "reason": "; ".join(f"{unit} {u}: {why}" for u, why in failed.items()) or None},
@@ -162,3 +181,12 @@ def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_sta
          "features_chosen": ",".join(map(str, chosen)), "unit": unit},
     ]  # fmt: skip
     return out + [{"metric": f"judge_{k}", "value": float(v)} for k, v in judge_stats.items()]
+
+
+def _counted(reasons) -> str | None:
+    """'reason A (2); reason B (1)': distinct reasons with their counts, cut at 60 characters."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        key = (reason or "no reason")[:60]
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{k} ({n})" for k, n in counts.items()) or None

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from bench.datasets import NEUTRAL, ConceptDataset
 from bench.encodings import Encodings
+from bench.errors import ConfigError
 from bench.judges.base import Judge
 from methods.base import ActivationSet, Features
 
@@ -70,6 +71,8 @@ class Task(ABC):
     min_concepts: ClassVar[int] = 0
     #: True when some metric needs `neutral` sentences in the test split (e.g. S_CD)
     needs_neutral: ClassVar[bool] = False
+    #: True when the task scores held-out sentences (refused when the split has none)
+    needs_test_split: ClassVar[bool] = False
     #: the title of the task's table in the report (None: the task's name)
     title: ClassVar[str | None] = None
     #: summary metrics the report tabulates, the headline first (empty: every summary metric)
@@ -100,7 +103,14 @@ class Task(ABC):
     def check_dataset(self, dataset: ConceptDataset) -> list[str]:
         """Warnings (texts) about a dataset this task can score only in part, for the
         caller to log at load time; none by default. A task that sets `needs_neutral`
-        warns here when the test split has no neutral sentence."""
+        warns here when the test split has no neutral sentence; one that sets
+        `needs_test_split` refuses a dataset without a test split (ConfigError)."""
+        name = self.name or type(self).__name__.lower()
+        if self.needs_test_split and "test" not in dataset.splits:
+            raise ConfigError(
+                f"task {name} scores held-out sentences and dataset {dataset.source} has no test "
+                "split (dataset.test_fraction=0); set dataset.test_fraction > 0 or drop the task"
+            )
         if not self.needs_neutral:
             return []
         test_labels = [

@@ -31,31 +31,69 @@ DiffMean's, keeps its own label); on the test split we report
   is 0.5).
 
 `auroc_matrix` is the project's one AUROC implementation; the bootstrap
-computes the same Mann-Whitney statistic from resample multiplicities.
-Supervised features (with labels) were fitted on the same train split, so
-their numbers are an upper reference for the unsupervised methods.
+computes the same Mann-Whitney statistic from resample multiplicities
+(`bench/detection_stats.py`). Supervised features (with labels) were fitted on
+the same train split, so their numbers are an upper reference for the
+unsupervised methods.
+
+`protocol: paper` is the SNMF paper's detection instead (`bench/generated_sentences.py`):
+no dataset labels, no split. For each feature (`max_features`, null = all), a writing
+judge describes it from its top train tokens in context (the input-centric description,
+`bench/descriptions.py`) and writes 5 activating and 5 neutral sentences from that
+description; the sentence score is the max over its tokens of each encoder's score
+(the paper's: `projection`), and per feature `s_cd` = log(mean activating / mean
+neutral) over all 10 sentences. Summaries: `frac_s_cd_positive` and `mean_s_cd` with
+95% intervals over features. The sentences and scores are written to the job's
+`generated_sentences.json`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy.stats import rankdata
 
 from bench import stats
 from bench.datasets import NEUTRAL, ConceptDataset
+from bench.descriptions import INPUT_TOP, Describer
+from bench.detection_stats import (  # noqa: F401  (auroc_matrix, ResampledAuroc: this module's interface)
+    ResampledAuroc,
+    auroc_matrix,
+    covered,
+    fmt_estimate,
+    mean_of,
+    mean_or_none,
+    pair_statistic,
+    s_cd_of,
+    s_cd_positive_statistic,
+    summarize_reasons,
+)
 from bench.encodings import ENCODERS
 from bench.errors import ConfigError
+from bench.generated_sentences import (
+    MAX_FAILURES,
+    N_SENTENCES,
+    s_cd,
+    sentence_activations,
+    sentence_scores_for,
+    write_sentences,
+)
+from bench.judges.base import Judge
+from bench.storage import atomic_write_text
 from methods.base import Features
 from tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 
+PROTOCOLS = ("dataset", "paper")
+#: the encoders each protocol scores with (`encoders: null`): both on the dataset; the
+#: paper's cosine with the unit direction on its generated sentences
+ENCODERS_BY_PROTOCOL = {"dataset": ["native", "projection"], "paper": ["projection"]}
+DESCRIPTIONS = {"input_centric": INPUT_TOP, "tokens": 8}  # paper: kind -> tokens it reads or lists
 PAIRED_OVER = "test sentence"
 BOOTSTRAP_SEED = 0  # one seed for every job: two methods on the same split get the same resamples
 
@@ -66,73 +104,18 @@ def sentence_scores(features: Features, data: TaskData, encoder: str = "native")
     return data.encodings(features).sentences(encoder)
 
 
-def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
-    """One-vs-rest AUROC of every feature (columns of `scores`, S x k) for every
-    concept (columns of the boolean `positives`, S x C): a C x k matrix.
-
-    Mann-Whitney with average ranks, so ties count one half; a constant
-    feature gets exactly 0.5.
-    """
-    ranks = rankdata(scores, axis=0)  # S x k, ties averaged
-    n_pos = positives.sum(0).astype(float)  # C
-    n_neg = positives.shape[0] - n_pos
-    rank_sums = positives.T.astype(float) @ ranks  # C x k
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = (rank_sums - n_pos[:, None] * (n_pos[:, None] + 1) / 2) / (n_pos * n_neg)[:, None]
-    return auc
-
-
-def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
-    """(B, n) float counts of each unit in each resample (rows of `indices`, B x len)."""
-    rows = indices.shape[0]
-    flat = (indices + n * np.arange(rows)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(float)
-
-
-class ResampledAuroc:
-    """The AUROC of fixed (score column, positive column) pairs on bootstrap resamples.
-
-    A resample counts each unit with its multiplicity w, and AUROC x n_pos x n_neg is
-    sum over (positive i, negative j) of w_i w_j ([s_j < s_i] + [s_j == s_i] / 2), so a
-    batch of resamples is one matrix product with the fixed comparisons of every
-    positive with every unit, made here: no sort per resample. On `arange(n)` it equals
-    `auroc_matrix`. A pair without positives or negatives in a resample is NaN.
-    """
-
-    def __init__(self, scores: np.ndarray, positives: np.ndarray) -> None:
-        n, m = scores.shape  # scores, positives: n x m, column j is pair j
-        pair, unit = np.nonzero(positives.T)  # each positive of each pair
-        other = scores[:, pair]  # n x P: every unit's score in that positive's column
-        below = (other < scores[unit, pair]) + 0.5 * (other == scores[unit, pair])
-        self.beats = below * ~positives[:, pair]  # what the positive wins against each negative
-        self.unit = unit
-        self.to_pair = np.zeros((len(pair), m))
-        self.to_pair[np.arange(len(pair)), pair] = 1.0
-        self.positives = positives.astype(float)
-        self.n = n
-
-    def __call__(self, indices: np.ndarray) -> np.ndarray:
-        """AUROCs (m,) on one resample, or (B, m) on the rows of a B x len index array."""
-        if indices.ndim == 1:
-            return self(indices[None])[0]
-        chunk = max(1, 4_000_000 // max(1, len(self.unit)))  # B x P temporaries of ~32 MB
-        return np.concatenate(
-            [self._batch(indices[i : i + chunk]) for i in range(0, len(indices), chunk)]
-        )
-
-    def _batch(self, indices: np.ndarray) -> np.ndarray:
-        w = multiplicities(indices, self.n)  # B x n
-        wins = ((w @ self.beats) * w[:, self.unit]) @ self.to_pair  # B x m
-        n_pos = w @ self.positives
-        n_neg = indices.shape[1] - n_pos
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return wins / (n_pos * n_neg)
-
-
 def units_hash(dataset: ConceptDataset, test: np.ndarray) -> str:
     """Same dataset content and same test sentences in the same order <=> same hash (the
     same id reconstruction gives the same units, through the one `bench.stats.units_hash`)."""
     return stats.units_hash(dataset.content_hash, [int(i) for i in test])
+
+
+def select_features(n_features: int, max_features: int | None, seed: int) -> list[int]:
+    """A seeded uniform sample of feature indices (all when there are few, or for None), sorted."""
+    if max_features is None or n_features <= max_features:
+        return list(range(n_features))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n_features, size=max_features, replace=False).tolist())
 
 
 @dataclass
@@ -145,17 +128,73 @@ class ConceptDetection(Task):
         Headline("frac_s_cd_positive"),
     )
     report_order: ClassVar[int] = 1
-    #: one-vs-rest AUROC and per-concept matching need at least this many concepts
-    min_concepts: ClassVar[int] = 2
-    #: S_CD's denominator is the mean score on neutral test sentences
-    needs_neutral: ClassVar[bool] = True
 
+    # dataset: the labelled test sentences (AUROC, coverage, S_CD against neutral ones);
+    # paper: the SNMF paper's sentences written per feature by a writing judge
+    protocol: str = "dataset"
     coverage_threshold: float = 0.9  # a concept counts as covered at AUROC >= 0.9
-    # both: the method's own encoder and the cosine every method shares (direction quality)
-    encoders: list[str] = field(default_factory=lambda: ["native", "projection"])
-    resamples: int = stats.RESAMPLES  # bootstrap resamples of the test sentences per interval
+    # null: the protocol's (ENCODERS_BY_PROTOCOL); native = the method's own encoder,
+    # projection = the cosine every method shares (direction quality)
+    encoders: list[str] | None = None
+    resamples: int = stats.RESAMPLES  # bootstrap resamples per interval
+    # paper protocol only: features described and scored (null = all, the paper's), sentences
+    # per kind (the paper's 5), empty or repeated replies allowed per kind (the paper's 10),
+    # and what the sentences are written from: input_centric (the paper's, judge-written) |
+    # tokens (featbench's top train tokens, for a writer too weak for the answer format)
+    max_features: int | None = None
+    sentences: int = N_SENTENCES
+    max_failed_tries: int = MAX_FAILURES
+    description: str = "input_centric"
+
+    @property
+    def needs_judge(self) -> bool:  # type: ignore[override]
+        """The paper protocol's sentences are written by a judge; the dataset's are shipped."""
+        return self.protocol == "paper"
+
+    @property
+    def min_concepts(self) -> int:  # type: ignore[override]
+        """One-vs-rest AUROC and per-concept matching need two concepts; the paper none."""
+        return 2 if self.protocol == "dataset" else 0
+
+    @property
+    def needs_neutral(self) -> bool:  # type: ignore[override]
+        """The dataset's S_CD divides by neutral test sentences; the paper writes its own."""
+        return self.protocol == "dataset"
+
+    @property
+    def needs_test_split(self) -> bool:  # type: ignore[override]
+        """The dataset protocol scores test sentences; the paper's, sentences it writes."""
+        return self.protocol == "dataset"
+
+    def check_judge(self, judge: Judge | None) -> None:
+        if self.protocol == "paper" and not getattr(judge, "can_write", False):
+            name = judge.label() if judge is not None else "none"
+            raise ConfigError(
+                f"task.concept_detection.protocol=paper needs a judge that writes descriptions "
+                f"and sentences (judge=openai or judge=hf_chat); judge {name} cannot"
+            )
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"task.concept_detection.protocol={self.protocol!r}: must be one of {list(PROTOCOLS)}"
+            )
+        if self.encoders is None:
+            self.encoders = list(ENCODERS_BY_PROTOCOL[self.protocol])
+        for key in ("sentences", "max_failed_tries"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"task.concept_detection.{key}={getattr(self, key)}: must be >= 1"
+                )
+        if self.description not in DESCRIPTIONS:
+            raise ConfigError(
+                f"task.concept_detection.description={self.description!r}: must be one of "
+                f"{list(DESCRIPTIONS)}"
+            )
+        if self.max_features is not None and self.max_features < 1:
+            raise ConfigError(
+                f"task.concept_detection.max_features={self.max_features}: must be >= 1 or null (all)"
+            )
         if not 0.0 <= self.coverage_threshold <= 1.0:
             raise ConfigError(
                 f"task.concept_detection.coverage_threshold={self.coverage_threshold}: "
@@ -175,6 +214,8 @@ class ConceptDetection(Task):
         return [f"{w} (every s_cd, and frac_s_cd_positive)" for w in super().check_dataset(dataset)]
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
+        if self.protocol == "paper":
+            return self._paper(model, features, data)
         dataset = data.dataset
         concepts = dataset.concepts
         if len(concepts) < self.min_concepts:
@@ -212,7 +253,7 @@ class ConceptDetection(Task):
         for f, c in enumerate(assigned):
             concept = concepts[c]
             rows.append({"feature": f, "concept": concept, "metric": "auroc", "value": float(test_auc[c, f])})  # fmt: skip
-            value, reason = _s_cd(scores[test[positives[test, c]], f], scores[neutral_test, f])
+            value, reason = s_cd_of(scores[test[positives[test, c]], f], scores[neutral_test, f])
             if value is not None:
                 s_cd_values.append(value)
             rows.append({"feature": f, "concept": concept, "metric": "s_cd", "value": value, "reason": reason})  # fmt: skip
@@ -230,23 +271,22 @@ class ConceptDetection(Task):
         estimate = self._estimator(len(test), units_hash(dataset, test))
         features_idx, concepts_idx = np.arange(len(assigned)), np.arange(len(concepts))
         mean_auroc = estimate(
-            _pair_statistic(test_scores, test_pos, features_idx, np.array(assigned), dead, _mean)
+            pair_statistic(test_scores, test_pos, features_idx, np.array(assigned), dead, mean_of)
         )
         coverage = estimate(
-            _pair_statistic(
-                test_scores, test_pos, chosen, concepts_idx, dead, _covered(self.coverage_threshold)
+            pair_statistic(
+                test_scores, test_pos, chosen, concepts_idx, dead, covered(self.coverage_threshold)
             )
         )
         if s_cd_values:
             s_cd_positive = estimate(
-                _s_cd_positive_statistic(
-                    test_scores, test_pos[:, assigned], labels[test] == NEUTRAL
-                )
+                s_cd_positive_statistic(test_scores, test_pos[:, assigned], labels[test] == NEUTRAL)
             )
         else:
             reasons = [r["reason"] for r in rows if r["metric"] == "s_cd"]
             s_cd_positive = stats.Estimate.missing(
-                "no feature has a defined s_cd: " + _summarize(reasons), paired_over=PAIRED_OVER
+                "no feature has a defined s_cd: " + summarize_reasons(reasons),
+                paired_over=PAIRED_OVER,
             )
         rows += [
             {"metric": "mean_feature_auroc", **mean_auroc.row()},
@@ -256,7 +296,7 @@ class ConceptDetection(Task):
         ]
         log.info(
             "concept_detection (%s encoder): mean AUROC %s, coverage %s, %d dead of %d features",
-            encoder, _fmt(mean_auroc), _fmt(coverage), int(dead.sum()), len(features),
+            encoder, fmt_estimate(mean_auroc), fmt_estimate(coverage), int(dead.sum()), len(features),
         )  # fmt: skip
         return rows
 
@@ -300,97 +340,78 @@ class ConceptDetection(Task):
             for label, pick in zip(features.labels, chosen, strict=True)
         ]
 
+    # --- the paper's protocol ----------------------------------------------------------
 
-def _pair_statistic(
-    scores: np.ndarray,
-    positives: np.ndarray,
-    pair_features: np.ndarray,
-    pair_concepts: np.ndarray,
-    dead: np.ndarray,
-    reduce: Callable[[np.ndarray], np.ndarray],
-) -> Callable[[np.ndarray], np.ndarray]:
-    """statistic(B x n indices) -> (B,): `reduce` (along axis 1) of the test AUROCs of the
-    fixed (feature, concept) pairs on each resample of the test sentences; dead features
-    stay at 0.5, as in the per-feature rows."""
-    auroc = ResampledAuroc(scores[:, pair_features], positives[:, pair_concepts])
-    fixed = dead[pair_features]
+    def _paper(self, model: Any, features: Features, data: TaskData) -> list[dict]:
+        """Describe -> write sentences -> score them -> S_CD, per feature; summaries over
+        features (units: the features scored, `paired_over` feature)."""
+        self.check_judge(data.judge)
+        judge = data.judge
+        start = judge.stats()  # this task's judge counters are the change from here
+        chosen = select_features(len(features), self.max_features, data.seed)
+        split = data.dataset.indices("train")
+        encodings = data.encodings(features)  # the job's codes: the descriptions' evidence
+        unit = features.directions / features.directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        describe = Describer(self.description, model, features, data.activations.subset(split),
+                             judge, chosen, unit, DESCRIPTIONS[self.description],
+                             codes=encodings.tokens()[encodings.rows(split)])  # fmt: skip
+        rows: list[dict] = []
+        record = []
+        for f in chosen:
+            desc = describe(f)
+            entry = {"feature": f, "description": desc.texts.get(1), "reason": desc.reason}
+            if not desc.texts:
+                rows += [{"feature": f, "metric": "s_cd", "value": None, "encoder": e,
+                          "reason": f"undescribed: {desc.reason}"} for e in self.encoders]  # fmt: skip
+                record.append(entry)
+                continue
+            written = write_sentences(judge, desc.texts[1], self.sentences, self.max_failed_tries)
+            acts = {m: sentence_activations(model, getattr(written, m), features.hook)
+                    for m in ("activating", "neutral")}  # fmt: skip
+            entry.update(activating=written.activating, neutral=written.neutral,
+                         failed_tries=written.failures, scores={})  # fmt: skip
+            for encoder in self.encoders:
+                scored = {m: sentence_scores_for(features, f, a, encoder) for m, a in acts.items()}
+                value, reason = s_cd(scored["activating"], scored["neutral"])
+                if reason and written.reason:
+                    reason = f"{reason} ({written.reason})"
+                entry["scores"][encoder] = scored
+                rows.append({"feature": f, "metric": "s_cd", "value": value, "reason": reason,
+                             "encoder": encoder, "n_activating": len(written.activating),
+                             "n_neutral": len(written.neutral), "description_text": desc.texts[1],
+                             "mean_activating_score": mean_or_none(scored["activating"]),
+                             "mean_neutral_score": mean_or_none(scored["neutral"])})  # fmt: skip
+            record.append(entry)
+        atomic_write_text(data.output_dir / "generated_sentences.json",
+                          json.dumps(record, indent=1, ensure_ascii=False))  # fmt: skip
+        for encoder in self.encoders:
+            rows += self._paper_summary(
+                [r for r in rows if r.get("encoder") == encoder], encoder, data.seed
+            )
+        rows += [{"metric": f"judge_{k}", "value": float(v - start.get(k, 0.0))}
+                 for k, v in judge.stats().items()]  # fmt: skip
+        name = type(judge).name or type(judge).__name__.lower()
+        for row in rows:
+            row.update(protocol="paper", judge=name, judge_label=judge.label(),
+                       supervised=features.labels is not None)  # fmt: skip
+        return rows
 
-    def statistic(indices: np.ndarray) -> np.ndarray:
-        auc = auroc(indices)
-        auc[:, fixed] = 0.5
-        return reduce(auc)
-
-    return statistic
-
-
-def _mean(auc: np.ndarray) -> np.ndarray:
-    return auc.mean(axis=1)  # NaN when some pair is undefined on the resample
-
-
-def _covered(threshold: float) -> Callable[[np.ndarray], np.ndarray]:
-    def share(auc: np.ndarray) -> np.ndarray:
-        covered = (auc >= threshold).mean(axis=1)
-        return np.where(np.isfinite(auc).all(axis=1), covered, np.nan)
-
-    return share
-
-
-def _s_cd_positive_statistic(
-    scores: np.ndarray, concept: np.ndarray, neutral: np.ndarray
-) -> Callable[[np.ndarray], np.ndarray]:
-    """statistic(B x n indices) -> (B,): share of features whose s_cd is defined and > 0 on
-    each resample. scores, concept: n x k (concept[i, f]: sentence i is f's concept);
-    neutral: n. A -inf score (a sentence without tokens) makes its mean undefined."""
-    finite = np.isfinite(scores)
-    values = np.where(finite, scores, 0.0)
-    concept_f, neutral_f = concept.astype(float), neutral.astype(float)[:, None]
-    sums = np.hstack([concept_f * values, neutral_f * values])  # n x 2k
-    broken = np.hstack([concept_f * ~finite, neutral_f * ~finite])
-    k = scores.shape[1]
-
-    def statistic(indices: np.ndarray) -> np.ndarray:
-        w = multiplicities(indices, scores.shape[0])  # B x n
-        n_c, n_n = w @ concept_f, w @ neutral_f  # B x k, B x 1
-        total, bad = w @ sums, (w @ broken) > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean_c, mean_n = total[:, :k] / n_c, total[:, k:] / n_n
-            positive = (
-                (n_c > 0) & (n_n > 0) & ~bad[:, :k] & ~bad[:, k:] & (mean_c > 0) & (mean_n > 0)
-                & (np.log(mean_c / mean_n) > 0)
-            )  # fmt: skip
-        return positive.mean(axis=1)
-
-    return statistic
-
-
-def _s_cd(
-    concept_scores: np.ndarray, neutral_scores: np.ndarray
-) -> tuple[float | None, str | None]:
-    if len(neutral_scores) == 0:
-        return None, "no neutral sentences in the test split"
-    if len(concept_scores) == 0:
-        return None, "no sentences of the concept in the test split"
-    mean_c, mean_n = float(np.mean(concept_scores)), float(np.mean(neutral_scores))
-    if mean_c <= 0 or mean_n <= 0:
-        return (
-            None,
-            f"log ratio undefined: mean concept score {mean_c:.4g}, mean neutral score {mean_n:.4g}",
+    def _paper_summary(self, rows: list[dict], encoder: str, seed: int) -> list[dict]:
+        values = [r["value"] for r in rows]
+        positive = [float(v is not None and v > 0) for v in values]  # undefined: not positive
+        frac = stats.mean_estimate(
+            positive, paired_over="feature", n_resamples=self.resamples, seed=seed
         )
-    return math.log(mean_c / mean_n), None
-
-
-def _summarize(reasons: list[str]) -> str:
-    """'no neutral sentences in the test split (12 features)'; numbers after ':' dropped."""
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        key = reason.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    return "; ".join(f"{key} ({n} features)" for key, n in counts.items())
-
-
-def _fmt(estimate: stats.Estimate) -> str:
-    if estimate.value is None:
-        return "missing"
-    if estimate.ci_low is None:
-        return f"{estimate.value:.3f}"
-    return f"{estimate.value:.3f} [{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
+        mean = stats.mean_estimate(
+            values, paired_over="feature", n_resamples=self.resamples, seed=seed
+        )
+        undefined = [r["reason"] for r in rows if r["value"] is None]
+        log.info("concept_detection (paper, %s): %d features, S_CD > 0 for %s, %d undefined",
+                 encoder, len(rows), fmt_estimate(frac), len(undefined))  # fmt: skip
+        return [
+            {"metric": "frac_s_cd_positive", **frac.row(), "n_defined": len(rows) - len(undefined),
+             "encoder": encoder, "reason": summarize_reasons(undefined) or None},
+            {"metric": "mean_s_cd", **mean.row(), "encoder": encoder},
+            {"metric": "undescribed_features", "value": float(sum("undescribed" in (r or "") for r in undefined)),
+             "n": len(rows), "encoder": encoder},
+        ]  # fmt: skip

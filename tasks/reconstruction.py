@@ -59,6 +59,7 @@ class Reconstruction(Task):
         Headline("ce_delta", higher_is_better=False),
     )
     report_order: ClassVar[int] = 2  # after steering and concept detection
+    needs_test_split: ClassVar[bool] = True  # FVU and the spliced KL are on test sentences
 
     max_sentences: int | None = (
         None  # test sentences spliced (null = all); the split is ~250 sentences

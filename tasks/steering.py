@@ -1,36 +1,40 @@
 """Causal steering: push the model along a feature and judge what it writes.
 
-The SNMF paper's protocol, made explicit, in the order `evaluate` runs it:
+The protocol, in the order `evaluate` runs it:
 
-1. **Select**: `max_features` features drawn with the run's seed (`select_features`).
-2. **Describe**: every feature of every method gets the same kind of description
-   (`description`, see `bench/descriptions.py`). An input-centric description
-   (`tokens`, `summary`) describes the feature's positive side, so only sign +1
-   is steered and judged; `output_centric` has one description per sign and
-   each sign is judged against its own.
-3. **Calibrate**: for each KL target and judged sign, alpha such that adding
-   alpha * unit(direction) at the feature's hook, at every position, moves the
-   next-token distribution after the prompt by KL(P_base || P_steered) = target
-   (within `tolerance`), by a batched search (`bench.steer.search_alpha`).
-4. **Generate**: `samples` continuations per (feature, target, sign), batched
-   with a KV cache; each sample draws from its own seed.
-5. **Judge**: concept (against the description of that sign) and fluency, 0-2;
-   the sample's `steering_score` is their harmonic mean. An empty generation
-   scores 0 without asking the judge.
-6. **Aggregate** (`aggregate`, on plain rows): per feature, the headline
+1. **Select**: the units steered. `concept`: a seeded sample of concepts, each with
+   every method's best-matching feature; `feature` / `paper`: features drawn with the
+   run's seed, `max_features` of them (null: every feature, as the paper).
+2. **Describe**: one kind of description for every feature (`description`, see
+   `bench/descriptions.py`); `description_signs` says which signs an input-centric
+   one is judged on. What is steered is the feature's direction, or
+   (`direction=generated_diffmean`) the paper's DiffMean of sentences written from
+   that description (`bench/generated_sentences.py`).
+3. **Calibrate**: for each KL target and sign, alpha such that adding alpha * unit
+   vector at the hook, at every position, moves the next-token distribution after the
+   prompt by KL(P_base || P_steered) = target (`bench/alpha_search.py`: `batched` or
+   the reference's `bisection`; the -1 sign `calibrated` or `mirrored`).
+4. **Generate**: `samples` continuations per (unit, target, sign), batched with a KV
+   cache, each from its own seed (`bench/steer.py`, sampler in `bench/sampling.py`).
+5. **Judge**: concept (against that sign's description) and fluency, 0-2; the
+   sample's `steering_score` is their harmonic mean. A failed judgement is missing
+   (`judge_failure=missing`) or 0 (`zero`, the paper's), counted either way.
+6. **Aggregate** (`bench/steering_scores.py`, on plain rows): per unit the headline
    `heldout_steering_score` (target and sign chosen on even samples, reported on
-   odd ones) and the paper's `best_kl_steering_score` (best over targets on all
-   samples); summary rows with 95% bootstrap intervals over features.
+   odd ones) and the paper's `best_kl_steering_score`; summaries with 95% intervals.
 
-A feature that fails to steer (zero-norm direction, every KL target unreachable,
-every generation empty) scores 0 with its reason; a judge failure is a missing
-value, counted in `judge_failures`. Each finished feature is checkpointed in the
-job's folder (`checkpoints/steering/feature_<i>.json`), so a killed job resumes
-at the next feature; run.py removes the checkpoints once `metrics.parquet` exists.
+`protocol` is a preset: every field left at null (`protocol` for `top_p` and
+`max_features`, whose null means something) takes the protocol's value from
+`PROTOCOL_VALUES`; a value set explicitly wins, so one deviation from the paper can
+be removed at a time. docs/paper-protocol.md lists every difference.
+
+Each finished unit is checkpointed in the job's folder, so a killed job resumes at
+the next unit; run.py removes the checkpoints once `metrics.parquet` exists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,30 +43,32 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench.alpha_search import calibrate
 from bench.checkpoints import Checkpoints
-from bench.descriptions import INPUT_CENTRIC, KINDS, Describer, Description, check_kind, label
+from bench.descriptions import INPUT_CENTRIC, Describer, Description, check_kind, label
 from bench.errors import ConfigError
+from bench.generated_sentences import diffmean_vector, write_sentences
 from bench.judges.base import Judge, Judgement
 from bench.stats import RESAMPLES, units_hash
-from bench.steer import ENGINES, generate, search_alpha
+from bench.steer import generate, post_norm_targets
 from bench.steering_scores import (
     EMPTY,
+    EXCLUDED,
+    NO_DIRECTION,
     UNDESCRIBED,
     UNREACHABLE,
     ZERO_NORM,
     _row,
     aggregate,
 )
+from bench.steering_settings import PROTOCOL, PROTOCOL_VALUES, check, resolve
 from methods.base import Features
 from tasks.base import Headline, Task, TaskData
-from tasks.concept_detection import auroc_matrix, sentence_scores
+from tasks.concept_detection import auroc_matrix, select_features, sentence_scores
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("concept", "feature")
-
-#: bumped when a checkpoint's content changes meaning, so old checkpoints are not reused
-CHECKPOINT_VERSION = "steering-2"
+CHECKPOINT_VERSION = "steering-3"  # bumped when a checkpoint's content changes meaning
 EMPTY_REASON = "empty generation"
 
 
@@ -79,55 +85,55 @@ class Steering(Task):
     )
     report_order: ClassVar[int] = 0  # the causal test leads the comparison
 
+    # concept: for each concept, every method's feature with the best train-split AUROC for it
+    # (DiffMean: its own direction), judged against the concept's label, so methods pair over
+    # concepts; feature: sampled features with their own descriptions; paper: the SNMF
+    # reference code's choices (PROTOCOL_VALUES), on every feature.
+    protocol: str = "concept"
     prompts: list[str] = field(default_factory=lambda: ["I think that"])  # the paper's prompt
     kl_targets: list[float] = field(  # the paper's KL grid
         default_factory=lambda: [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
     )
-    tolerance: float = 0.01  # |KL - target| accepted by the alpha search
-    # concept: for each concept, every method's feature with the best train-split AUROC for it
-    # (DiffMean: its own direction), judged against the concept's label, so methods pair over
-    # concepts; feature: sampled features with their own descriptions (the SNMF paper's).
-    protocol: str = "concept"
+    tolerance: float = 0.01  # |KL - target| accepted by the alpha search (the paper's)
     concepts: int | None = 8  # concept protocol: a seeded sample of concepts (null = all of them)
     concept_seed: int = 0  # fixed, not the run's seed: every method and seed steers the same ones
-    max_features: int = 3  # feature protocol: features drawn with the run's seed
+    max_features: int | str | None = PROTOCOL  # features drawn with the run's seed; null = all
+    direction: str = "feature"  # feature | generated_diffmean (the paper's DiffMean arm)
     samples: int = 8  # continuations per (feature, target, sign), as the paper
     max_new_tokens: int = 50  # as the paper
-    top_k: int = 30  # the paper's sampling settings
-    top_p: float = 0.3
-    temperature: float = 1.0
+    top_k: int = 30  # the paper's
+    top_p: float | str | None = PROTOCOL  # nucleus inside the top k; null = top-k only
+    temperature: float = 1.0  # the paper's: plain sampling within top-k / top-p
+    stop_at_eos: bool | None = None  # null: the protocol's
     batch_size: int = 128  # sequences per generation batch: one feature's rows at once
     engine: str = "lean"  # bench.decode: same weights and hook, faster; reference: TL forward
     baseline_samples: int = 16  # unsteered continuations the concept judge compares against
-    description: str = "tokens"  # one kind for every method: top train tokens work for all
-    top_tokens: int = 8  # tokens listed in token-based descriptions
-    search_points: int = 48  # candidate alphas per search round (one batched pass)
-    search_rounds: int = 6  # refinement rounds after the first grid
+    description: str | None = None  # one kind for every method (null: the protocol's)
+    description_signs: str | None = None  # described | both (null: the protocol's)
+    top_tokens: int | None = None  # tokens listed / read by the writer (null: the kind's)
+    alpha_search: str | None = None  # batched | bisection (null: the protocol's)
+    negative_alpha: str | None = None  # calibrated | mirrored (null: the protocol's)
+    # bisection's [low, high] of alpha, the paper's
+    alpha_range: list[float] = field(default_factory=lambda: [1.0, 2000.0])
+    bisection_steps: int = 20  # the paper's: all 20 run, the last in-tolerance midpoint kept
+    search_points: int = 48  # batched: candidate alphas per search round (one batched pass)
+    search_rounds: int = 6  # batched: refinement rounds after the first grid
+    judged_text: str | None = None  # continuation | bos_prompt_continuation (null: the protocol's)
+    judge_failure: str | None = None  # missing | zero (null: the protocol's)
+    judge_attempts: int | None = None  # tries per rating (null: the protocol's)
+    rating_format: str | None = None  # strict | reference: how ratings are read (null: protocol's)
+    post_norm_mlp_out: bool | None = None  # Gemma: steer mlp_post features at hook_mlp_out
+    diffmean_bos: bool | None = None  # generated DiffMean: include the BOS row (null: protocol's)
     bootstrap: int = RESAMPLES  # resamples for the 95% intervals
 
     def __post_init__(self) -> None:
-        checks = {
-            "prompts": (self.prompts and all(p.strip() for p in self.prompts), "a non-empty list of non-empty strings"),
-            "kl_targets": (self.kl_targets and all(t > 0 for t in self.kl_targets), "a non-empty list of positive numbers"),
-            "max_features": (self.max_features >= 1, ">= 1"),
-            "protocol": (self.protocol in PROTOCOLS, f"one of {list(PROTOCOLS)}"),
-            "concepts": (self.concepts is None or self.concepts >= 1, ">= 1 or null (all)"),
-            "samples": (self.samples >= 2, ">= 2 (the held-out score splits them in halves)"),
-            "tolerance": (self.tolerance > 0, "> 0"),
-            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "top_k": (self.top_k >= 1, ">= 1"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "engine": (self.engine in ENGINES, f"one of {list(ENGINES)}"),
-            "baseline_samples": (self.baseline_samples >= 1, ">= 1"),
-            "description": (self.description in KINDS, f"one of {list(KINDS)}"),
-            "search_points": (self.search_points >= 4, ">= 4"),
-            "bootstrap": (self.bootstrap >= 1, ">= 1"),
-        }  # fmt: skip
-        for key, (ok, allowed) in checks.items():
-            if not ok:
-                raise ConfigError(f"task.steering.{key}={getattr(self, key)!r}: must be {allowed}")
+        resolve(self)  # every setting left to the protocol takes the protocol's value
+        check(self)
+        log.info("steering protocol %s: %s", self.protocol, json.dumps(self.resolved()))
+
+    def resolved(self) -> dict[str, Any]:
+        """The protocol-dependent settings as resolved (for the log and the rows)."""
+        return {key: getattr(self, key) for key in (*PROTOCOL_VALUES, "direction", "top_tokens")}
 
     @property
     def min_concepts(self) -> int:  # type: ignore[override]
@@ -138,40 +144,46 @@ class Steering(Task):
         """Refuse a judge these settings cannot use (call before the model loads)."""
         if judge is None:
             raise ConfigError("task steering needs a judge; judge=none. Use judge=offline.")
-        if self.protocol == "feature":  # the concept protocol judges against labels
+        if self.protocol != "concept":  # the concept protocol judges against labels
             check_kind(self.description, judge)
+        if self.direction == "generated_diffmean" and not judge.can_write:
+            raise ConfigError(
+                f"task.steering.direction=generated_diffmean needs a judge that writes sentences "
+                f"(judge=openai or hf_chat); judge {judge.label()} cannot"
+            )
 
     # --- the protocol ----------------------------------------------------------
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
-        judge: Judge | None = data.judge
-        self.check_judge(judge)
+        self.check_judge(data.judge)
+        judge = data.judge.with_policy(self.judge_attempts, self.rating_format)
         judge.bind(model)
+        start = judge.stats()  # this task's judge counters are the change from here
         norms = features.directions.norm(dim=1)
         unit = features.directions / norms[:, None].clamp_min(1e-12)
         # select: the units steered, each with its feature (and, for concepts, its label)
         if self.protocol == "concept":
-            units, feature_of, described, extra = self._concept_units(features, data)
+            units, feature_of, describe, extra = self._concept_units(features, data)
             kind, pairing = "label", units_hash(data.dataset.content_hash, units)
         else:
             units = select_features(len(features), self.max_features, data.seed)
-            feature_of, described, extra = {f: f for f in units}, None, {}
+            feature_of, describe, extra = {f: f for f in units}, None, {}
             kind, pairing = self.description, None
         # A unit's key names its checkpoint and seeds its samples: the feature index under
-        # the feature protocol, the concept's position under the concept protocol.
-        keys = units if self.protocol == "feature" else list(range(len(units)))
-        store = Checkpoints(data.output_dir / "checkpoints" / "steering", data.config_hash,
-                            version=CHECKPOINT_VERSION)  # fmt: skip
+        # the feature protocols, the concept's position under the concept protocol.
+        keys = units if self.protocol != "concept" else list(range(len(units)))
+        store = Checkpoints(data.output_dir / "checkpoints" / f"steering-{self.protocol}",
+                            data.config_hash, version=CHECKPOINT_VERSION)  # fmt: skip
         done = {i: store.load(keys[i], unit[feature_of[u]]) for i, u in enumerate(units)}
         todo = [feature_of[u] for i, u in enumerate(units) if done[i] is None]
-        if described is None:  # describe (the feature protocol; concepts have their label)
+        steered = post_norm_targets(model, features, unit, todo) if self.post_norm_mlp_out else {}
+        if describe is None:  # describe (the feature protocols; concepts have their label)
             split = data.dataset.indices("train")
-            train = data.activations.subset(split)
             encodings = data.encodings(features)  # the job's codes: nothing encoded twice
-            wanted = todo and self.description in INPUT_CENTRIC  # token-based kinds read codes
+            wanted = todo and self.description in INPUT_CENTRIC  # kinds that read train codes
             codes = encodings.tokens()[encodings.rows(split)] if wanted else None
-            described = Describer(self.description, model, features, train, judge, todo, unit,
-                                  self.top_tokens, codes=codes)  # fmt: skip
+            describe = Describer(self.description, model, features, data.activations.subset(split),
+                                 judge, todo, unit, self.top_tokens, codes=codes, steered=steered)  # fmt: skip
         baseline = self._baseline(model, features.hook, unit.shape[1], data.seed) if todo else []
         resumed: dict[str, float] = {}
         for i, u in enumerate(tqdm(units, desc="steering", unit=self.protocol, leave=False)):
@@ -181,24 +193,52 @@ class Steering(Task):
                 continue
             f = feature_of[u]
             before = judge.stats()
-            # calibrate -> generate -> judge, for one unit
-            result = self._steer_feature(model, features.hook, f, unit[f], float(norms[f]),
-                                         described(u), baseline, judge, data.seed, keys[i])  # fmt: skip
-            result["judge_stats"] = {k: v - before.get(k, 0.0) for k, v in judge.stats().items()}
-            store.save(keys[i], unit[f], result)
-            done[i] = result
-        stats = judge.stats()
+            desc = describe(u).for_signs(self.description_signs)
+            # what is steered: the feature's direction, or the DiffMean of generated sentences
+            hook, vector, norm = features.hook, unit[f], float(norms[f])
+            info: dict = {}
+            if f in steered:
+                vector, hook = steered[f]
+            if self.direction == "generated_diffmean" and desc.texts:  # (none: undescribed)
+                hook, vector, norm, why, info = self._generated_diffmean(model, hook, desc, judge)
+            if vector is None:
+                result = {"rows": [_failure(f, desc, NO_DIRECTION, why)], "passes": 0}
+            else:  # calibrate -> generate -> judge, for one unit
+                result = self._steer_feature(model, hook, f, vector, norm, desc, baseline, judge,
+                                             data.seed, keys[i])  # fmt: skip
+            result["rows"] = [{**row, **info} for row in result["rows"]]  # sentences written
+            done[i] = self._save(store, keys[i], unit[f], result, judge, before)
+        stats = {k: v - start.get(k, 0.0) for k, v in judge.stats().items()}
         stats.update({k: stats.get(k, 0.0) + v for k, v in resumed.items()})
         rows = [{**row, **extra.get(u, {})} for i, u in enumerate(units) for row in done[i]["rows"]]
         # aggregate: per unit, then the summary with intervals over units
         passes = {u: done[i]["passes"] for i, u in enumerate(units)}
+        per = "concept" if self.protocol == "concept" else "feature"
         rows += aggregate(rows, units, passes=passes, judge_stats=stats, seed=data.seed,
-                          n_resamples=self.bootstrap, unit=self.protocol, units_hash=pairing)  # fmt: skip
+                          n_resamples=self.bootstrap, unit=per, units_hash=pairing,
+                          settings=json.dumps(self.resolved()))  # fmt: skip
         for row in rows:
             row.setdefault("judge", type(judge).name or type(judge).__name__.lower())
+            row.setdefault("judge_label", judge.label())
+            row.setdefault("judge_failure_policy", self.judge_failure)
             row.setdefault("description", kind)
             row.setdefault("protocol", self.protocol)
+            row.setdefault("direction", self.direction)
         return rows
+
+    def _save(self, store, key, direction, result, judge, before) -> dict:
+        result["judge_stats"] = {k: v - before.get(k, 0.0) for k, v in judge.stats().items()}
+        store.save(key, direction, result)
+        return result
+
+    def _generated_diffmean(self, model, hook: str, desc: Description, judge) -> tuple:
+        """(hook, unit vector or None, its norm, why None, row info): the paper's DiffMean of
+        sentences written from the feature's description, at the layer's hook_mlp_out."""
+        hook = f"blocks.{hook.split('.')[1]}.hook_mlp_out"
+        sentences = write_sentences(judge, desc.texts[1])
+        info = {"n_activating": len(sentences.activating), "n_neutral": len(sentences.neutral)}
+        vector, why = diffmean_vector(model, sentences, hook, self.diffmean_bos)
+        return hook, vector, 1.0, why, info
 
     def _concept_units(self, features: Features, data: TaskData) -> tuple:
         """The concept protocol's units: a seeded sample of the dataset's concepts, each
@@ -217,13 +257,15 @@ class Steering(Task):
         auc = np.nan_to_num(auroc_matrix(scores, labels[:, None] == np.array(concepts)[None, :]),
                             nan=0.5)  # C x k  # fmt: skip
         feature_of, extra = {}, {}
+        sentences = np.array(data.dataset.sentences, dtype=object)[train]
+        examples = {c: tuple(sentences[labels == c]) for c in picked}  # what the judge reads
         for c in picked:
             row = auc[concepts.index(c)]
             own = features.labels.index(c) if features.labels and c in features.labels else None
             f = own if own is not None else int(row.argmax())
             feature_of[c] = f
             extra[c] = {"match_auroc": float(row[f]), "supervised": features.labels is not None}
-        return picked, feature_of, label, extra
+        return picked, feature_of, lambda c: label(c, examples[c]), extra
 
     def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,
                        judge, seed, key: int | None = None) -> dict:  # fmt: skip
@@ -233,16 +275,17 @@ class Steering(Task):
         if not norm > 1e-12:  # NaN too
             why = "zero-norm direction" if np.isfinite(norm) else "non-finite direction"
             return {"rows": [_failure(f, desc, ZERO_NORM, why)], "passes": 0}
+        rows = [_failure(f, desc, EXCLUDED, why, sign=s) for s, why in desc.excluded.items()]
         if not desc.texts:
-            return {"rows": [_failure(f, desc, UNDESCRIBED, desc.reason)], "passes": 0}
-        found, passes = search_alpha(model, hook, direction, self, signs=desc.signs)
-        rows, jobs = [], []  # jobs: (target index, sign, alpha, kl)
+            return {"rows": rows or [_failure(f, desc, UNDESCRIBED, desc.reason)], "passes": 0}
+        found, passes = calibrate(model, hook, direction, self, signs=desc.signs)
+        jobs = []  # (target index, sign, alpha, kl)
         for (t, sign), (alpha, kl, reason) in sorted(found.items()):
             if alpha is None:
                 rows.append(_failure(f, desc, UNREACHABLE, reason, self.kl_targets[t], sign,
                                      kl_achieved=kl))  # fmt: skip
             else:
-                jobs.append((t, sign, float(alpha), float(kl)))
+                jobs.append((t, sign, float(alpha), kl))
         specs = [(prompt, alpha * direction, (seed, key + 1, t, sign + 1, s))
                  for t, sign, alpha, _ in jobs for s, prompt in enumerate(self._sample_prompts())]  # fmt: skip
         texts = generate(model, hook, specs, self) if specs else []
@@ -254,8 +297,9 @@ class Steering(Task):
         return {"rows": rows, "passes": passes}
 
     def _judge(self, f, desc: Description, sign, samples, baseline, judge) -> list[dict]:
-        """Rows of one sign's samples, each judged against that sign's description;
-        an empty text scores 0 unjudged (the steering broke the model, not the judge)."""
+        """Rows of one sign's samples, each judged against that sign's description; an
+        empty text scores 0 unjudged (the steering broke the model, not the judge); a
+        failed judgement is missing or 0 by `judge_failure`, and marked `judge_failed`."""
         description = desc.texts[sign]
         prompts = [self.prompts[s % len(self.prompts)] for _, s, _ in samples]
         asked = [i for i, (_, _, text) in enumerate(samples) if text.strip()]
@@ -263,25 +307,37 @@ class Steering(Task):
         concept, fluency = [empty] * len(samples), [empty] * len(samples)
         if asked:
             texts = [samples[i][2] for i in asked]
-            judged_c = judge.concept(texts, description, baseline, kind=desc.kind)
-            judged_f = _fluency(judge, texts, [prompts[i] for i in asked])
+            judged_c = judge.concept(texts, description, baseline, kind=desc.kind,
+                                     examples=desc.examples or None)  # fmt: skip
+            # a text that holds its prompt is rated alone (the reference's fluency rubric)
+            holds = self.judged_text == "bos_prompt_continuation"
+            judged_f = _fluency(judge, texts, ["" if holds else prompts[i] for i in asked])
             for i, c, fl in zip(asked, judged_c, judged_f, strict=True):
                 concept[i], fluency[i] = c, fl
         rows = []
+        mirrored = self.negative_alpha == "mirrored" and sign == -1
         for i, ((t, _, alpha, kl), s, text) in enumerate(samples):
             common = {"alpha": alpha, "kl_achieved": kl, "sample": s, "prompt": prompts[i],
-                      "text": text, "description_text": description,
+                      "text": text, "description_text": description, "alpha_calibrated": not mirrored,
                       "failure": None if text.strip() else EMPTY}  # fmt: skip
-            score = steering_score(concept[i].score, fluency[i].score)
-            reasons = "; ".join(
-                dict.fromkeys(r for r in (concept[i].reason, fluency[i].reason) if r)
-            )
-            for metric, value, reason in (("concept_score", concept[i].score, concept[i].reason),
-                                          ("fluency_score", fluency[i].score, fluency[i].reason),
-                                          ("steering_score", score, reasons or None)):  # fmt: skip
+            failed_c, failed_f = concept[i].score is None, fluency[i].score is None
+            c, fl = self._policy(concept[i]), self._policy(fluency[i])
+            score = steering_score(c.score, fl.score)
+            reasons = "; ".join(dict.fromkeys(r for r in (c.reason, fl.reason) if r))
+            for metric, value, reason, failed in (
+                ("concept_score", c.score, c.reason, failed_c),
+                ("fluency_score", fl.score, fl.reason, failed_f),
+                ("steering_score", score, reasons or None, failed_c or failed_f),
+            ):
                 rows.append(_row(f, desc.concept, metric, value, self.kl_targets[t], sign,
-                                 reason=reason, **common))  # fmt: skip
+                                 reason=reason, judge_failed=failed, **common))  # fmt: skip
         return rows
+
+    def _policy(self, judgement: Judgement) -> Judgement:
+        """A failed judgement under `judge_failure=zero` scores 0, its reason kept."""
+        if judgement.score is None and self.judge_failure == "zero":
+            return Judgement(0.0, f"{judgement.reason} (scored 0: judge_failure=zero)")
+        return judgement
 
     def _sample_prompts(self) -> list[str]:
         return [self.prompts[s % len(self.prompts)] for s in range(self.samples)]
@@ -292,14 +348,6 @@ class Steering(Task):
         specs = [(self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s))
                  for s in range(self.baseline_samples)]  # fmt: skip
         return generate(model, hook, specs, self)
-
-
-def select_features(n_features: int, max_features: int, seed: int) -> list[int]:
-    """A seeded uniform sample of feature indices (all when there are few), sorted."""
-    if n_features <= max_features:
-        return list(range(n_features))
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(n_features, size=max_features, replace=False).tolist())
 
 
 def steering_score(concept: float | None, fluency: float | None) -> float | None:

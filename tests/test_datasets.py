@@ -120,6 +120,12 @@ def test_near_duplicates_stay_on_one_side_of_the_split(tmp_path, caplog):
     assert "differ only in punctuation, case or spacing" in caplog.text
 
 
+def test_test_fraction_0_puts_every_sentence_in_train():
+    """The SNMF paper fits on every token: test_fraction=0 is allowed and leaves no test split."""
+    data = datasets.load(test_fraction=0.0)
+    assert set(data.splits) == {"train"} and len(data.indices("test")) == 0
+
+
 def test_selection_caps_and_filters(shipped):
     small = datasets.load(concepts=["food", "french"], max_per_concept=5, max_neutral=7)
     counts = Counter(small.labels)

@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 
 import bench.config  # noqa: F401  (registers the featbench_schema the config composes on)
 from bench.errors import FeatbenchError
+from bench.job import build
 from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judge, Judgement
 from bench.judges.hf_chat import HFChatJudge
 from bench.models import EMBEDDED_NAME, ModelUnavailable
-from bench.job import build
 from tests.conftest import REPO
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def answers(judge, monkeypatch) -> list[str | Exception]:
     recorded: list[str | Exception] = []
     complete = judge.complete
 
-    def recording(prompts: list[str], max_tokens: int) -> list[str | Exception]:
-        got = complete(prompts, max_tokens)
+    def recording(prompts: list[str], max_tokens: int, **kwargs) -> list[str | Exception]:
+        got = complete(prompts, max_tokens, **kwargs)
         recorded.extend(got)
         return got
 
@@ -183,3 +183,32 @@ def test_left_padded_batch_answers_equal_one_prompt_at_a_time(judge):
     single = judge.complete(prompts, max_tokens=judge.max_answer_tokens)
     assert all(isinstance(a, str) and a.strip() for a in batched + single), batched + single
     assert batched == single
+
+
+def test_wiring_writing_samples_per_prompt_and_attempt_and_leaves_the_rng_alone(monkeypatch):
+    """`write` samples at write_temperature from a generator seeded by (prompt, attempt):
+    the same pair gives the same answer, another attempt another draw, and the process's
+    random state is what it was (a scripted `_generate` draws from torch's RNG)."""
+    import torch
+
+    class Device:
+        type, index = "cpu", None
+
+    def generate(self, batch, max_tokens, temperature=0.0):
+        assert temperature == 1.0 and len(batch) == 1  # sampled prompts go one at a time
+        return [f"draw {torch.rand(1).item():.6f}"]
+
+    monkeypatch.setattr(
+        HFChatJudge,
+        "_load",
+        lambda self: setattr(self, "_hf", type("M", (), {"device": Device()})()),
+    )
+    monkeypatch.setattr(HFChatJudge, "_generate", generate)
+    judge = HFChatJudge()
+    state = torch.get_rng_state()
+    first = judge.write("Write one sentence.", 20)
+    assert judge.write("Write one sentence.", 20) == first
+    assert judge.write("Write one sentence.", 20, attempt=2) != first
+    assert judge.write("Write another.", 20) != first
+    assert torch.equal(torch.get_rng_state(), state)
+    assert judge.with_policy(2).attempts == 2 and judge.attempts == 1  # a copy, not a change

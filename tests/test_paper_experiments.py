@@ -53,9 +53,9 @@ import bench.config  # noqa: F401  (registers the `featbench_schema` node the co
 from bench.config import validate
 from bench.errors import ConfigError
 from bench.hooks import HOOKS
+from bench.job import build
 from bench.judges.base import Judge
 from bench.results import read_metrics
-from bench.job import build
 from methods.base import Method
 from tasks.base import Task
 from tests.conftest import REPO, featbench_cmd
@@ -85,16 +85,25 @@ SMOLLM_LAYERS = {
     "paper_steering_gpt2": [0],
     "paper_concept_detection_llama8b": [0, 6, 11, 17, 23, 29],
 }
-# The paper's settings per arm, as the composed method node must hold them.
-SNMF_PAPER = {"rank": 100, "sparsity": 0.01, "init": "random"}
+# The paper's settings per arm, as the composed method node must hold them: SNMF at the
+# run scripts' 2000 iterations / patience 1500 (not the method's 500 / 100 defaults).
+SNMF_PAPER = {"rank": 100, "sparsity": 0.01, "init": "random", "max_iter": 2000, "patience": 1500}
 ARM_FIELDS = {
-    "k100": {"snmf": SNMF_PAPER, "topk_sae": {"d_sae": 100}, "random": {"n_features": 100}},
+    "k100": {"snmf": SNMF_PAPER, "diffmean": SNMF_PAPER, "topk_sae": {"d_sae": 100},
+             "random": {"n_features": 100}},
     "k50": {
-        "snmf": {"rank": 50, "sparsity": 0.01, "max_iter": 2000, "patience": 1500},
+        "snmf": {**SNMF_PAPER, "rank": 50},
+        "diffmean": {**SNMF_PAPER, "rank": 50},
         "topk_sae": {"d_sae": 50},
         "random": {"n_features": 50},
     },
-}
+}  # fmt: skip
+#: what the paper's steering protocol resolves to (tasks/steering.py, PROTOCOL_VALUES)
+PAPER_STEERING = {"top_p": None, "stop_at_eos": False, "alpha_search": "bisection",
+                  "negative_alpha": "mirrored", "judged_text": "bos_prompt_continuation",
+                  "judge_failure": "zero", "judge_attempts": 2, "description": "input_centric",
+                  "description_signs": "both", "max_features": None, "alpha_range": [1.0, 2000.0],
+                  "bisection_steps": 20}  # fmt: skip
 METRIC_TASK = {
     "best_kl_steering_score": "steering",
     "s_cd": "concept_detection",
@@ -110,6 +119,15 @@ def _compose(overrides: list[str], hydra_node: bool = False):
 
 def _plugin_name(cfg) -> str:
     return hydra.utils.get_class(cfg.method._target_).name
+
+
+def _arm(cfg) -> str:
+    """The arm a job measures: the method's plugin name, or `diffmean` for the paper's
+    DiffMean (SNMF features, steering the DiffMean of sentences generated for each)."""
+    steering = cfg.task.get("steering")
+    if steering is not None and steering.get("direction") == "generated_diffmean":
+        return "diffmean"
+    return _plugin_name(cfg)
 
 
 def _sweep_jobs(name: str, extra: list[str] = ()) -> list[list[str]]:
@@ -145,18 +163,24 @@ def test_experiment_composes_with_the_papers_settings(name):
     validate(cfg)
     assert cfg.model.name == model and cfg.layer == layers[0] and cfg.hook == hook
     assert cfg.seed == 42 and list(cfg.task) == [task]
+    assert cfg.judge._target_ == "bench.judges.openai.OpenAIJudge"
+    assert cfg.judge.model == "gpt-4o-mini"  # the paper's judge and writer
+    built = build(cfg.task[task], f"task {task}", Task)
+    assert built.protocol == "paper" and built.needs_judge
     if task == "steering":
-        steering = cfg.task.steering
-        assert cfg.judge._target_ == "bench.judges.openai.OpenAIJudge"
-        assert cfg.judge.model == "gpt-4o-mini"
-        assert list(steering.prompts) == ["I think that"]
-        assert list(steering.kl_targets) == [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
-        assert (steering.samples, steering.max_new_tokens) == (8, 50)
-        assert (steering.top_k, steering.top_p, steering.temperature) == (30, 0.3, 1.0)
-    else:  # concept detection: SNMF with the paper's detection score, no judge
-        assert cfg.judge._target_ is None
+        assert list(built.prompts) == ["I think that"]
+        assert list(built.kl_targets) == [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
+        assert (built.samples, built.max_new_tokens, built.top_k, built.temperature) == (
+            8,
+            50,
+            30,
+            1.0,
+        )
+        assert {k: getattr(built, k) for k in PAPER_STEERING} == PAPER_STEERING
+    else:  # concept detection: SNMF's training codes describe, the cosine scores
         assert {k: cfg.method[k] for k in SNMF_PAPER} == SNMF_PAPER
-        assert cfg.method.encode == "cosine"
+        assert cfg.method.encode == "nnls"  # the descriptions rank train tokens by coefficients
+        assert built.encoders == ["projection"] and built.max_features is None
 
 
 def test_cli_prints_a_paper_experiments_config(tmp_path):
@@ -168,7 +192,8 @@ def test_cli_prints_a_paper_experiments_config(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["name"] == "gpt2-small" and printed["method"]["rank"] == 50
-    assert printed["task"]["steering"]["max_features"] == 50
+    assert printed["task"]["steering"]["protocol"] == "paper"
+    assert printed["task"]["steering"]["max_features"] is None
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -179,14 +204,17 @@ def test_sweep_runs_every_layer_and_arm_with_the_papers_settings(name):
         cfg = _compose(job)
         validate(cfg)
         assert (cfg.model.name, cfg.hook, list(cfg.task)) == (model, hook, [task])
-        method = _plugin_name(cfg)
+        method = _arm(cfg)
         seen.add((cfg.layer, method))
         arm = next((a.split("=")[0].rsplit("/", 1)[1] for a in job if "paper_method" in a), None)
+        arm = arm or ("k100" if task == "concept_detection" else None)
         if arm is not None:
             for key, value in ARM_FIELDS[arm].get(method, {}).items():
                 assert cfg.method[key] == value, (job, key)
-        if task == "steering":  # every feature steered, as many as SNMF has
-            assert cfg.task.steering.max_features == (50 if arm == "k50" else 100)
+        if method == "diffmean":  # the paper's: steered from SNMF features' generated sentences
+            assert _plugin_name(cfg) == "snmf"
+        if task == "steering":  # every feature steered
+            assert cfg.task.steering.max_features is None
     assert seen == {(layer, method) for layer in layers for method in methods}
 
 
@@ -373,7 +401,7 @@ def test_every_reference_row_has_an_experiment_that_measures_it():
         for job in _sweep_jobs(name):
             cfg = _compose(job)
             for task in cfg.task:
-                jobs.add((cfg.model.name, cfg.layer, cfg.hook, _plugin_name(cfg), task))
+                jobs.add((cfg.model.name, cfg.layer, cfg.hook, _arm(cfg), task))
     for row in _reference().itertuples(index=False):
         task = METRIC_TASK[row.metric]
         matches = {
@@ -390,39 +418,50 @@ def test_every_reference_row_has_an_experiment_that_measures_it():
 
 @pytest.mark.integration
 def test_concept_detection_experiment_runs_on_the_embedded_model(tmp_path, embedded):
-    """The paper's detection protocol, shrunk: 3 concepts x 6 sentences + 6 neutral,
-    100 SNMF iterations, one of the sweep's SmolLM2 layers (about 25 s on 2 cores)."""
-    args = [
-        "experiment=paper_concept_detection_llama8b",
-        "model=smollm2-135m",
-        "layer=6",
-        "dataset.concepts=[food,sports,french]",
-        "dataset.max_per_concept=6",
-        "dataset.max_neutral=6",
-        "method.max_iter=100",
-        f"paths.results_dir={tmp_path / 'res'}",
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    """The paper's detection protocol, shrunk: 3 concepts x 6 sentences + 6 neutral, 100
+    SNMF iterations, 3 of the 100 features, one of the sweep's SmolLM2 layers; the writer
+    is the loopback TEST DOUBLE (fixed answers: wiring only, not evidence of quality)."""
+    from tests.test_paper_protocol_double import serving
+
+    with serving() as server:
+        args = [
+            "experiment=paper_concept_detection_llama8b",
+            "model=smollm2-135m",
+            "layer=6",
+            "dataset.concepts=[food,sports,french]",
+            "dataset.max_per_concept=6",
+            "dataset.max_neutral=6",
+            "method.max_iter=100",
+            "task.concept_detection.max_features=3",
+            f"judge.base_url={server.url}",
+            "judge.model=double",
+            "judge.api_key_env=null",
+            f"judge.cache_dir={tmp_path / 'judge'}",
+            f"paths.results_dir={tmp_path / 'res'}",
+        ]
+        env = {**os.environ, "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(
+            featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        asked = len(server.requests)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert asked >= 3 + 10  # three descriptions, and at least one feature's ten sentences
     [metrics] = list((tmp_path / "res").rglob("metrics.parquet"))
     frame, _ = read_metrics(metrics)
     assert set(frame["method"]) == {"snmf"} and set(frame["task"]) == {"concept_detection"}
     assert (frame["model"] == "smollm2-135m").all() and (frame["layer"] == 6).all()
     assert (frame["hook"] == "blocks.6.mlp.hook_post").all()
+    assert (frame["protocol"] == "paper").all() and frame["judge_label"].str.contains(
+        "double"
+    ).all()
     s_cd = frame[frame["metric"] == "s_cd"]
+    assert set(s_cd["encoder"]) == {"projection"} and len(s_cd) == 3
+    assert (s_cd["n_activating"] == 5).all() and (s_cd["n_neutral"] == 5).all()
     summary = frame[frame["feature"].isna() & frame["concept"].isna()]
-    encoders = set(s_cd["encoder"]) if "encoder" in frame else {None}
-    assert encoders
-    for encoder in encoders:  # per encoder: a row per feature, and the summary made of them
-        mine = s_cd if encoder is None else s_cd[s_cd["encoder"] == encoder]
-        assert sorted(mine["feature"]) == list(range(100))
-        positive = float((mine["value"].astype(float).fillna(float("-inf")) > 0).mean())
-        rows = summary if encoder is None else summary[summary["encoder"] == encoder]
-        [frac] = rows.loc[rows["metric"] == "frac_s_cd_positive"].to_dict("records")
-        assert frac["value"] == pytest.approx(positive)  # undefined s_cd counts as not positive
-        assert frac["ci_low"] <= frac["value"] <= frac["ci_high"]
+    [frac] = summary.loc[summary["metric"] == "frac_s_cd_positive"].to_dict("records")
+    positive = float((s_cd["value"].astype(float).fillna(float("-inf")) > 0).mean())
+    assert frac["value"] == pytest.approx(positive)  # undefined s_cd counts as not positive
+    assert (Path(metrics).parent / "generated_sentences.json").is_file()
     saved = OmegaConf.load(Path(metrics).parent / "config.yaml")
-    assert saved.method.encode == "cosine" and saved.method.rank == 100
+    assert saved.method.rank == 100 and saved.task.concept_detection.protocol == "paper"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.alpha_search import calibrate
 from bench.checkpoints import Checkpoints
 from bench.descriptions import Describer, Description, top_tokens, vocab_projection
 from bench.errors import ConfigError
@@ -192,7 +193,7 @@ class _Recorder(Judge):
         self.concept_calls, self.fluency_calls, self.kinds = [], [], []
         self.score, self.write = concept, write
 
-    def concept(self, texts, description, baseline, kind=None):
+    def concept(self, texts, description, baseline, kind=None, examples=None):
         self.concept_calls.append((list(texts), description))
         self.kinds.append(kind)
         return [Judgement(self.score) if self.score is not None else Judgement(None, "down")
@@ -223,7 +224,7 @@ def test_input_centric_descriptions_steer_and_judge_the_positive_sign_only(tiny_
     searched, generated = [], []
 
     def search(*args, **kwargs):
-        found, passes = search_alpha(*args, **kwargs)
+        found, passes = calibrate(*args, **kwargs)
         searched.extend(found)
         return found, passes
 
@@ -231,7 +232,7 @@ def test_input_centric_descriptions_steer_and_judge_the_positive_sign_only(tiny_
         generated.extend(specs)
         return generate(model, hook, specs, task)
 
-    monkeypatch.setattr(steering, "search_alpha", search)
+    monkeypatch.setattr(steering, "calibrate", search)
     monkeypatch.setattr(steering, "generate", gen)
     task, judge = _task(), _Recorder()
     direction = _direction(tiny_model.cfg.d_mlp)
@@ -326,6 +327,7 @@ def test_checkpoints_of_another_format_are_not_reused(tmp_path):
 
 class _Cfg:
     temperature, top_k, top_p, max_new_tokens, batch_size = 1.0, 3, 0.5, 6, 4
+    stop_at_eos, judged_text, engine = True, "continuation", "lean"
 
 
 def test_sampling_respects_top_k_and_top_p():
@@ -433,8 +435,18 @@ def test_vocab_projection_gives_distinct_tokens_per_sign(tiny_model):
         ({"prompts": []}, "prompts"),
         ({"max_features": 0}, "max_features"),
         ({"description": "vibes"}, "description"),
-        ({"description": "input_centric"}, "description"),  # the old per-feature mix is gone
+        ({"description": "input_centric:tokens"}, "description"),  # the old mix is gone
         ({"top_p": 0.0}, "top_p"),
+        ({"top_p": "sometimes"}, "top_p"),
+        ({"alpha_search": "golden"}, "alpha_search"),
+        ({"alpha_range": [5.0, 1.0]}, "alpha_range"),
+        ({"negative_alpha": "free"}, "negative_alpha"),
+        ({"judge_failure": "nan"}, "judge_failure"),
+        ({"judge_attempts": 0}, "judge_attempts"),
+        ({"judged_text": "all"}, "judged_text"),
+        ({"description_signs": "both_ways"}, "description_signs"),
+        ({"direction": "diffmean"}, "direction"),
+        ({"protocol": "paperish"}, "protocol"),
     ],
 )
 def test_bad_settings_name_the_value_and_what_is_allowed(kwargs, key):

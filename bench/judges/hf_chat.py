@@ -7,12 +7,17 @@ checkpoint directory or a Hugging Face hub name; offline and not in the local
 cache it fails at once, naming the embedded default.
 
 Prompts go through the tokenizer's chat template and are answered with greedy
-decoding in left-padded batches. The model loads on the first `complete`, not
-in the constructor, so configuring a judge costs nothing.
+decoding in left-padded batches. Writing (`write`: descriptions and sentences of
+the paper protocol) samples at `write_temperature`, one prompt at a time, from a
+generator seeded by (prompt, attempt) inside `torch.random.fork_rng`, so an answer
+is reproducible, another attempt gets another draw, and the process's random state
+is left as it was. The model loads on the first `complete`, not in the constructor,
+so configuring a judge costs nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ class HFChatJudge(ChatJudge):
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "float32"
+    write_temperature: float = 1.0  # descriptions and sentences: the API default the SNMF code uses
 
     _hf: Any = field(default=None, init=False, repr=False)
     _tokenizer: Any = field(default=None, init=False, repr=False)
@@ -53,6 +59,8 @@ class HFChatJudge(ChatJudge):
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"judge.batch_size={self.batch_size}; it must be at least 1")
+        if self.write_temperature < 0:
+            raise ConfigError(f"judge.write_temperature={self.write_temperature}: must be >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"judge.dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
         counters = ("requests", "failures", "unparsable", "prompt_tokens", "completion_tokens")
@@ -126,25 +134,43 @@ class HFChatJudge(ChatJudge):
 
     # --- generation ------------------------------------------------------------------------
 
-    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float = 0.0,
+                 attempt: int = 1) -> list[str | Exception]:  # fmt: skip
+        """Greedy answers in batches at temperature 0 (`attempt` changes nothing there: the
+        same prompt gets the same answer); sampled ones, one prompt at a time, otherwise."""
         if not prompts:
             return []
         if self._hf is None:
             self._load()  # load errors are the user's to fix: raised, not recorded per prompt
+        size = self.batch_size if temperature == 0 else 1
         answers: list[str | Exception] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
+        for start in range(0, len(prompts), size):
+            batch = prompts[start : start + size]
             self._counts["requests"] += len(batch)
             try:
-                answers.extend(self._generate(batch, max_tokens))
+                if temperature == 0:
+                    answers.extend(self._generate(batch, max_tokens))
+                else:
+                    answers.extend(self._sample(batch[0], max_tokens, temperature, attempt))
             except Exception as err:  # one failed batch: its prompts become missing values
                 log.warning("hf_chat judge failed on a batch of %d prompts: %s", len(batch), err)
                 self._counts["failures"] += len(batch)
                 answers.extend([err] * len(batch))
         return answers
 
+    def label(self) -> str:
+        return f"hf_chat {self.model}"
+
+    def _sample(self, prompt: str, max_tokens: int, temperature: float, attempt: int) -> list[str]:
+        seed = int.from_bytes(hashlib.sha256(f"{attempt}\0{prompt}".encode()).digest()[:8], "big")
+        device = self._hf.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the process's random state is restored
+            torch.manual_seed(seed % 2**63)
+            return self._generate([prompt], max_tokens, temperature)
+
     @torch.inference_mode()
-    def _generate(self, batch: list[str], max_tokens: int) -> list[str]:
+    def _generate(self, batch: list[str], max_tokens: int, temperature: float = 0.0) -> list[str]:
         tokenizer = self._tokenizer
         encoded = tokenizer.apply_chat_template(
             [[{"role": "user", "content": prompt}] for prompt in batch],
@@ -159,8 +185,8 @@ class HFChatJudge(ChatJudge):
             input_ids=encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
             max_new_tokens=max_tokens,
-            do_sample=False,
-            temperature=None,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,

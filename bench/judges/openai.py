@@ -12,7 +12,10 @@ HTTP, no SDK) at temperature 0. Around that request:
 - connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
   backoff; other 4xx and malformed responses are not (retrying cannot help);
 - successful answers are cached on disk, one JSON file per (endpoint, model,
-  prompt, max_tokens, temperature), so re-running a sweep does not pay twice;
+  prompt, max_tokens, temperature, attempt), so re-running a sweep does not pay
+  twice. The attempt is part of the key from the second on: a re-ask after a
+  failed rating, or another sentence asked with the same prompt, is a new request,
+  never the cached first answer, and a rerun replays each attempt from disk;
 - usage tokens and their cost are summed for `stats()`.
 
 A request that still fails comes back as its exception, which `ChatJudge`
@@ -41,8 +44,17 @@ from bench.storage import atomic_write_text, cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE = 0.0  # judgements must be reproducible: greedy decoding, part of the cache key
+TEMPERATURE = 0.0  # ratings must be reproducible: greedy decoding, part of the cache key
 MAX_RETRY_AFTER = 60.0  # seconds: the most a server's Retry-After header can make us wait
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What, besides endpoint, model and prompt, makes two requests different."""
+
+    max_tokens: int
+    temperature: float = TEMPERATURE  # ratings at 0; writing at the judge's write_temperature
+    attempt: int = 1  # > 1: a new request for a prompt already asked (part of the cache key)
 
 
 class RequestFailed(RuntimeError):
@@ -70,6 +82,7 @@ class OpenAIJudge(ChatJudge):
     cache: bool = True  # off only for endpoints whose answers change at temperature 0
     price_input_per_m: float = 0.15  # USD per 1M prompt tokens (gpt-4o-mini list price)
     price_output_per_m: float = 0.60  # USD per 1M completion tokens (gpt-4o-mini list price)
+    write_temperature: float = 1.0  # descriptions and sentences: the API default the SNMF code uses
 
     _counts: dict[str, float] = field(init=False, repr=False, default_factory=dict)
     _warned: set[str] = field(init=False, repr=False, default_factory=set)
@@ -78,6 +91,8 @@ class OpenAIJudge(ChatJudge):
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"judge.base_url={self.base_url!r} must start with http(s)://")
+        if self.write_temperature < 0:
+            raise ConfigError(f"judge.write_temperature={self.write_temperature}: must be >= 0")
         if self.timeout <= 0 or self.concurrency < 1 or self.max_retries < 0 or self.backoff < 0:
             raise ConfigError(
                 "judge.timeout must be > 0, judge.concurrency >= 1, judge.max_retries and "
@@ -85,18 +100,20 @@ class OpenAIJudge(ChatJudge):
                 f"{self.max_retries}, {self.backoff})"
             )
         self.base_url = self.base_url.rstrip("/")
-        counters = ("requests", "retries", "cache_hits", "failures", "unparsable")
+        counters = ("requests", "retries", "cache_hits", "failures", "unparsable", "reasked")
         self._counts = dict.fromkeys((*counters, "prompt_tokens", "completion_tokens"), 0)
         self._api_key()  # fail now, before any generation, if the variable is missing
 
     # --- the ChatJudge contract ---------------------------------------------
 
-    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float = TEMPERATURE,
+                 attempt: int = 1) -> list[str | Exception]:  # fmt: skip
         api_key = self._api_key()
+        key = _Key(max_tokens, temperature, attempt)
         answers: list[str | Exception | None] = [None] * len(prompts)
         todo = []
         for i, prompt in enumerate(prompts):
-            cached = self._cache_get(prompt, max_tokens)
+            cached = self._cache_get(prompt, key)
             if cached is None:
                 todo.append(i)
             else:
@@ -105,10 +122,13 @@ class OpenAIJudge(ChatJudge):
         if todo:
             workers = min(self.concurrency, len(todo))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
-                done = pool.map(lambda i: self._ask(prompts[i], max_tokens, api_key), todo)
+                done = pool.map(lambda i: self._ask(prompts[i], key, api_key), todo)
                 for i, answer in zip(todo, done, strict=True):
                     answers[i] = answer
         return answers  # type: ignore[return-value]
+
+    def label(self) -> str:
+        return f"openai {self.model} @ {self.base_url}"
 
     def _rate(self, prompts: list[str]) -> list[Judgement]:
         judgements = super()._rate(prompts)  # counts the unparsable ones
@@ -132,13 +152,13 @@ class OpenAIJudge(ChatJudge):
 
     # --- one request, with retries --------------------------------------------
 
-    def _ask(self, prompt: str, max_tokens: int, api_key: str | None) -> str | Exception:
+    def _ask(self, prompt: str, key: _Key, api_key: str | None) -> str | Exception:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._add("retries", 1)
             self._add("requests", 1)
             try:
-                answer, prompt_tokens, completion_tokens = self._post(prompt, max_tokens, api_key)
+                answer, prompt_tokens, completion_tokens = self._post(prompt, key, api_key)
             except RequestFailed as exc:
                 if not exc.retryable or attempt == self.max_retries:
                     self._add("failures", 1)
@@ -150,17 +170,17 @@ class OpenAIJudge(ChatJudge):
             self._add("prompt_tokens", prompt_tokens)
             self._add("completion_tokens", completion_tokens)
             if self.cache:
-                self._cache_put(prompt, max_tokens, answer)
+                self._cache_put(prompt, key, answer)
             return answer
         raise AssertionError("unreachable")  # the last attempt always returns
 
-    def _post(self, prompt: str, max_tokens: int, api_key: str | None) -> tuple[str, int, int]:
+    def _post(self, prompt: str, key: _Key, api_key: str | None) -> tuple[str, int, int]:
         """The answer and its prompt and completion tokens (0 where the server reports none)."""
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
-            "temperature": TEMPERATURE,
-            "max_tokens": max_tokens,
+            "temperature": key.temperature,
+            "max_tokens": key.max_tokens,
         }
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
@@ -216,24 +236,29 @@ class OpenAIJudge(ChatJudge):
             )
         return key
 
-    def _cache_path(self, prompt: str, max_tokens: int) -> Path:
-        key = sha256_json(self._cache_key(prompt, max_tokens))
+    def _cache_path(self, prompt: str, key: _Key | int) -> Path:
+        """The cache file of `prompt` (`key`: a _Key, or max_tokens for a first rating)."""
+        digest = sha256_json(self._cache_key(prompt, key))
         root = Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir() / "judge"
-        return root / key[:2] / f"{key}.json"
+        return root / digest[:2] / f"{digest}.json"
 
-    def _cache_key(self, prompt: str, max_tokens: int) -> dict[str, Any]:
-        return {
+    def _cache_key(self, prompt: str, key: _Key | int) -> dict[str, Any]:
+        key = key if isinstance(key, _Key) else _Key(key)
+        entry = {
             "endpoint": self.base_url,
             "model": self.model,
             "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": TEMPERATURE,
+            "max_tokens": key.max_tokens,
+            "temperature": key.temperature,
         }
+        if key.attempt > 1:  # a first attempt keeps the key it always had
+            entry["attempt"] = key.attempt
+        return entry
 
-    def _cache_get(self, prompt: str, max_tokens: int) -> str | None:
+    def _cache_get(self, prompt: str, key: _Key) -> str | None:
         if not self.cache:
             return None
-        path = self._cache_path(prompt, max_tokens)
+        path = self._cache_path(prompt, key)
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -241,14 +266,14 @@ class OpenAIJudge(ChatJudge):
         except (OSError, ValueError) as exc:
             self._warn_once("cache", f"unreadable judge cache entry {path} ({exc}); asking again")
             return None
-        if entry.get("key") != self._cache_key(prompt, max_tokens):
+        if entry.get("key") != self._cache_key(prompt, key):
             return None  # a hash collision or a foreign file: ask again
         return entry.get("answer")
 
-    def _cache_put(self, prompt: str, max_tokens: int, answer: str) -> None:
-        entry = {"key": self._cache_key(prompt, max_tokens), "answer": answer}
+    def _cache_put(self, prompt: str, key: _Key, answer: str) -> None:
+        entry = {"key": self._cache_key(prompt, key), "answer": answer}
         try:
-            atomic_write_text(self._cache_path(prompt, max_tokens), json.dumps(entry))
+            atomic_write_text(self._cache_path(prompt, key), json.dumps(entry))
         except OSError as exc:  # a full or read-only disk costs a re-ask later, not the answer
             self._warn_once("cache", f"could not write the judge cache ({exc})")
 

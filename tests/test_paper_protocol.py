@@ -1,0 +1,470 @@
+"""The paper protocol's mechanics, each against an independent computation: TransformerLens's
+top-k-only sampler, the reference's bisection written out again, the judge's attempts and
+failure policies, TRASH exclusion, Gemma's post-MLP-norm mapping, and the wiring of the
+generated-sentence protocols (descriptions -> sentences -> detection scores -> S_CD; the
+generated DiffMean) against a loopback OpenAI-compatible TEST DOUBLE
+(tests/test_paper_protocol_double.py: fixed answers, wiring only, never evidence of quality).
+Models are tiny and random: bookkeeping, not evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from bench import datasets
+from bench.activations import extract
+from bench.alpha_search import calibrate
+from bench.descriptions import Description, written_output
+from bench.errors import ConfigError
+from bench.generated_sentences import diffmean_vector, write_sentences
+from bench.judges.base import Judge, Judgement
+from bench.judges.openai import OpenAIJudge
+from bench.sampling import next_token_probs, sample_next
+from bench.steer import generate, mlp_out_image, post_norm_targets
+from bench.steering_scores import EXCLUDED, aggregate
+from methods.base import Features
+from methods.pca import PCA
+from tasks.base import TaskData
+from tasks.concept_detection import ConceptDetection
+from tasks.steering import Steering
+from tests.test_paper_protocol_double import serving
+
+HOOK = "blocks.1.mlp.hook_post"
+
+
+class _Sampling:
+    temperature, top_k, top_p = 1.0, 30, None
+
+
+# --- (a) sampling: TransformerLens's top-k rule -------------------------------------
+
+
+def test_top_k_only_is_transformer_lens_sample_logits():
+    """Probabilities equal TL's masking rule (ties at the k-th value kept), and many draws of
+    ours and of TL's own sample_logits both fit them (chi-square)."""
+    from transformer_lens.utils import sample_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 60) * 2
+    order = logits[0].argsort(descending=True)
+    logits[0, order[30]] = logits[0, order[29]]  # a tie at the 30th value: both kept
+    settings = _Sampling()
+    settings.temperature = 0.7
+    probs = next_token_probs(logits, settings)[0]
+    scaled = logits[0] / 0.7
+    kept = scaled >= scaled.sort(descending=True).values[29]
+    expected = torch.where(kept, scaled.double().exp(), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(probs, expected / expected.sum())
+    assert int((probs > 0).sum()) == 31
+    n = 40_000
+    ours = sample_next(logits.expand(n, -1), torch.rand(n, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(1)), settings)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        theirs = sample_logits(logits.expand(n, -1).clone(), top_k=30, top_p=0.3, temperature=0.7)
+    support = probs > 0
+    for draws in (ours, theirs):
+        counts = torch.bincount(draws, minlength=60).double()
+        assert counts[~support].sum() == 0
+        assert chisquare(counts[support].numpy(), (n * probs[support]).numpy()).pvalue > 1e-3
+
+
+def test_featbench_nucleus_differs_and_stops_at_eos_only_when_asked(tiny_model):
+    class Nucleus(_Sampling):
+        top_p = 0.3
+
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]])
+    assert int((next_token_probs(logits, Nucleus)[0] > 0).sum()) < 5  # a nucleus inside the top k
+    assert int((next_token_probs(logits, _Sampling)[0] > 0).sum()) == 5
+
+    class Paper(_Sampling):
+        max_new_tokens, batch_size, engine = 12, 4, "lean"
+        stop_at_eos, judged_text = False, "bos_prompt_continuation"
+
+    d = tiny_model.cfg.d_mlp
+    specs = [("I think that", torch.zeros(d), (0, s)) for s in range(3)]
+    counted: dict = {}
+    texts = generate(tiny_model, HOOK, specs, Paper, counted)
+    assert counted["tokens"] == 3 * 12  # every row runs its 12 steps, EOS or not
+    for text in texts:  # the BOS string, the prompt, then the sampled tokens
+        assert text.startswith(tiny_model.tokenizer.bos_token + "I think that")
+
+
+# --- (b) the reference's bisection, written out again ----------------------------------
+
+
+def _reference_bisection(model, direction, targets, prompt="I think that"):
+    """The spec's pseudo-code, one forward pass per step, KL(P_base || P_steered) at the
+    prompt's last position: {target: last in-tolerance mid}; unreached targets absent."""
+
+    @torch.no_grad()
+    def kl(alpha):
+        tokens = model.to_tokens(prompt)
+        base = torch.log_softmax(model(tokens)[0, -1].float(), -1)
+        steered = model.run_with_hooks(
+            tokens, fwd_hooks=[(HOOK, lambda a, hook: a + alpha * direction)]
+        )
+        q = torch.log_softmax(steered[0, -1].float(), -1)
+        return float((base.exp() * (base - q)).sum())
+
+    results = {}
+    for target in targets:
+        low, high = 1, 2000
+        for _ in range(20):
+            mid = (low + high) / 2.0
+            value = kl(mid)
+            if abs(value - target) < 0.01:
+                results[target] = mid
+            if value < target:
+                low = mid
+            else:
+                high = mid
+    return results
+
+
+def test_bisection_gives_the_reference_alphas_and_counts_the_unreached(tiny_model):
+    direction = torch.nn.functional.normalize(torch.randn(tiny_model.cfg.d_mlp,
+                                              generator=torch.Generator().manual_seed(3)), dim=0)  # fmt: skip
+    direction = direction * 0.02  # tiny model: keep KL(alpha in [1, 2000]) spanning the targets
+    targets = [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 1e6]
+    task = Steering(protocol="paper", kl_targets=targets, prompts=["I think that"])
+    expected = _reference_bisection(tiny_model, direction, targets)
+    assert 3 <= len(expected) < len(targets)  # some targets reached, the last one never
+    found, passes = calibrate(tiny_model, HOOK, direction, task, signs=(1, -1))
+    assert passes == 20 + 1  # 20 batched steps, one pass for the mirrored sign
+    for t, target in enumerate(targets):
+        alpha, kl, reason = found[(t, 1)]
+        assert alpha == expected.get(target), (target, alpha, expected.get(target))
+        neg = found[(t, -1)]
+        if alpha is None:  # dropped for both signs, with a reason (never silent)
+            assert "not within tolerance" in reason and neg[0] is None and "mirrors" in neg[2]
+        else:  # -alpha, not calibrated, its KL measured
+            assert abs(kl - target) < 0.01 and neg[0] == -alpha and neg[1] is not None
+
+
+# --- (d) the judge: attempts and failure policies -------------------------------------
+
+
+def test_a_retry_is_a_new_request_and_a_rerun_replays_both_from_the_cache(tmp_path):
+    seen: dict[str, int] = {}
+
+    def first_unparsable(n, prompt, body):
+        seen[prompt] = seen.get(prompt, 0) + 1
+        return "Rating: **2**" if seen[prompt] == 1 else "Fine. Rating: [[2]]"
+
+    with serving(first_unparsable) as server:
+
+        def judge(**kw):
+            return OpenAIJudge(base_url=server.url, model="double", api_key_env=None, max_retries=0,
+                               cache_dir=str(tmp_path / "cache"), **kw)  # fmt: skip
+
+        once = judge().concept(["some text"], "food", [])
+        assert once[0].score is None and len(server.requests) == 1
+        twice = judge().with_policy(2)
+        (judged,) = twice.concept(["some text"], "food", [])
+        assert judged.score == 2.0  # attempt 2 asked the server, not the cached attempt 1
+        assert len(server.requests) == 2 and twice.stats()["reasked"] == 1
+        assert len(list((tmp_path / "cache").rglob("*.json"))) == 2  # one entry per attempt
+        rerun = judge().with_policy(2)
+        assert rerun.concept(["some text"], "food", []) == [judged]
+        assert len(server.requests) == 2 and rerun.stats()["cache_hits"] == 2
+
+
+class _Failing(Judge):
+    """Concept judgements fail (missing), fluency is 2."""
+
+    name = "failing"
+
+    def concept(self, texts, description, baseline, kind=None, examples=None):
+        return [Judgement(None, "unparsable judge answer: 'no'") for _ in texts]
+
+    def fluency(self, texts, prompt):
+        return [Judgement(2.0) for _ in texts]
+
+
+@pytest.mark.parametrize("policy, value", [("missing", None), ("zero", 0.0)])
+def test_judge_failure_policy_scores_missing_or_zero_and_counts_either_way(policy, value):
+    task = Steering(protocol="feature", judge_failure=policy, samples=2, kl_targets=[0.1])
+    desc = Description("tokens", {1: "food"})
+    samples = [((0, 1, 2.0, 0.1), s, f"text {s}") for s in range(2)]
+    rows = task._judge(0, desc, 1, samples, [], _Failing())
+    concept = [r for r in rows if r["metric"] == "concept_score"]
+    steering = [r for r in rows if r["metric"] == "steering_score"]
+    assert all(r["value"] == value and r["judge_failed"] for r in concept + steering)
+    assert all("unparsable" in r["reason"] for r in concept)
+    assert all(("judge_failure=zero" in r["reason"]) == (policy == "zero") for r in concept)
+    out = aggregate(rows, [0], seed=0, n_resamples=20)
+    failures = next(r for r in out if r["metric"] == "judge_failures")
+    assert failures["value"] == 2 and failures["n"] == 4  # 2 concept failures of 4 judgements
+
+
+# --- (e) TRASH --------------------------------------------------------------------
+
+
+class _Writer(Judge):
+    """Writes an output-centric description for the + sign and TRASH for the - sign."""
+
+    name, can_write = "writer", True
+
+    def __init__(self):
+        self.calls = 0
+
+    def write(self, prompt, max_tokens, attempt=1):
+        self.calls += 1
+        return "Analysis: x\nResults:\n- Connection: " + (
+            "up words" if self.calls == 1 else "TRASH"
+        )
+
+    def concept(self, texts, description, baseline, kind=None, examples=None):
+        return [Judgement(1.0) for _ in texts]
+
+    def fluency(self, texts, prompt):
+        return [Judgement(2.0) for _ in texts]
+
+
+def test_a_trash_sign_is_excluded_with_its_reason_and_counted(tiny_model):
+    direction = torch.nn.functional.normalize(torch.randn(tiny_model.cfg.d_mlp), dim=0)
+    judge = _Writer()
+    desc = written_output(judge, tiny_model, HOOK, direction, 25, None)
+    assert desc.texts == {1: "up words"} and "TRASH" in desc.excluded[-1]
+    task = Steering(protocol="paper", kl_targets=[0.05], samples=2, max_new_tokens=3,
+                    description="output_summary", alpha_range=[0.01, 50.0])  # fmt: skip
+    result = task._steer_feature(tiny_model, HOOK, 0, direction, 1.0, desc, [], judge, 0)
+    excluded = [r for r in result["rows"] if r.get("failure") == EXCLUDED]
+    assert [(r["sign"], r["value"]) for r in excluded] == [(-1, None)]
+    assert {r["sign"] for r in result["rows"] if r.get("sample") is not None} <= {1}
+    out = aggregate(result["rows"], [0], seed=0, n_resamples=20)
+    assert next(r for r in out if r["metric"] == "excluded_descriptions")["value"] == 1
+
+
+# --- Gemma's post-MLP norm -----------------------------------------------------------
+
+
+def test_post_norm_mapping_is_ln2_post_of_the_mlp_output(tiny_model):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=tiny_model.cfg.d_vocab,
+        n_ctx=32, act_fn="gelu_pytorch_tanh", normalization_type="RMS",
+        positional_embedding_type="rotary", gated_mlp=True, final_rms=True, eps=1e-6,
+        use_normalization_before_and_after=True, seed=0,
+    )  # fmt: skip
+    model = HookedTransformer(cfg, tiny_model.tokenizer).eval()
+    with torch.no_grad():
+        model.blocks[1].ln2_post.w.copy_(1 + torch.randn(16))
+        model.blocks[1].mlp.b_out.copy_(torch.randn(16))
+    z = torch.randn(24)
+    block = model.blocks[1]
+    out = block.mlp.b_out + z @ block.mlp.W_out
+    by_hand = out / (out.pow(2).mean() + 1e-6).sqrt() * block.ln2_post.w  # RMSNorm
+    torch.testing.assert_close(mlp_out_image(model, 1, z), by_hand.detach())
+    feats = Features(
+        torch.nn.functional.normalize(torch.randn(3, 24), dim=1), method="m", hook=HOOK
+    )
+    mapped = post_norm_targets(model, feats, feats.directions, [0, 2])
+    vector, hook = mapped[2]
+    assert hook == "blocks.1.hook_mlp_out" and float(vector.norm()) == pytest.approx(1.0)
+    expected = mlp_out_image(model, 1, feats.directions[2])
+    torch.testing.assert_close(vector, expected / expected.norm())
+    assert post_norm_targets(tiny_model, feats, feats.directions, [0]) == {}  # no ln2_post: as is
+
+
+# --- (c) wiring of the generated-sentence protocols, against the test double ------------
+
+
+@pytest.fixture()
+def setup(tiny_model, tmp_path):
+    data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=6)
+    acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-paper", use_cache=False)
+    features = PCA(n_features=4).fit(acts.subset(data.indices("train")))
+    return data, acts, features
+
+
+def _double_judge(server, tmp_path) -> OpenAIJudge:
+    return OpenAIJudge(base_url=server.url, model="double", api_key_env=None, max_retries=0,
+                       cache_dir=str(tmp_path / "judge"))  # fmt: skip
+
+
+@torch.no_grad()
+def _alone(model, sentence, hook, keep_bos=False) -> torch.Tensor:
+    """One sentence's activations at `hook`, run alone (no padding at all)."""
+    _, cache = model.run_with_cache(model.to_tokens(sentence), names_filter=hook)
+    return cache[hook][0, 0 if keep_bos else 1 :].float()
+
+
+def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setup, tmp_path):
+    data, acts, features = setup
+    with serving() as server:
+        task_data = TaskData(
+            data, acts, 1, "mlp_post", 0, tmp_path, _double_judge(server, tmp_path)
+        )
+        task = ConceptDetection(protocol="paper", max_features=2, resamples=50)
+        assert task.needs_judge and task.min_concepts == 0 and task.encoders == ["projection"]
+        rows = task.evaluate(tiny_model, features, task_data, None)
+        asked = len(server.requests)
+        prompts = server.prompts()
+        again = ConceptDetection(protocol="paper", max_features=2, resamples=50).evaluate(
+            tiny_model, features, TaskData(data, acts, 1, "mlp_post", 0, tmp_path,
+                                           _double_judge(server, tmp_path)), None)  # fmt: skip
+        assert len(server.requests) == asked  # the rerun asked nothing: every answer cached
+    assert sum("Results:" in p and "activation" in p for p in prompts) == 2  # one per feature
+    # the double describes both features alike: the second's sentences come from the cache
+    assert sum("respond to" in p for p in prompts) == 5
+    assert sum("unrelated" in p for p in prompts) == 5
+    record = json.loads((tmp_path / "generated_sentences.json").read_text())
+    per_feature = {r["feature"]: r for r in rows if r["metric"] == "s_cd"}
+    assert sorted(per_feature) == [e["feature"] for e in record] and len(record) == 2
+    for entry in record:  # S_CD recomputed from each sentence run alone
+        f = entry["feature"]
+        unit = features.directions[f] / features.directions[f].norm()
+        score = {m: [float((torch.nn.functional.normalize(_alone(tiny_model, s, HOOK), dim=1) @ unit).max())
+                     for s in entry[m]] for m in ("activating", "neutral")}  # fmt: skip
+        assert len(entry["activating"]) == len(entry["neutral"]) == 5
+        expected = math.log(np.mean(score["activating"]) / np.mean(score["neutral"]))
+        assert per_feature[f]["value"] == pytest.approx(expected, abs=1e-5)
+        assert per_feature[f]["description_text"] == "Food and cooking."
+    frac = next(r for r in rows if r["metric"] == "frac_s_cd_positive")
+    values = [r["value"] for r in per_feature.values()]
+    assert frac["value"] == pytest.approx(np.mean([v > 0 for v in values]))
+    assert all(r["judge_label"].startswith("openai double @ http://127.0.0.1") for r in rows)
+    assert [r["value"] for r in again if r["metric"] == "s_cd"] == [
+        r["value"] for r in rows if r["metric"] == "s_cd"
+    ]
+
+
+def test_generated_diffmean_wiring_against_the_test_double(
+    tiny_model, setup, tmp_path, monkeypatch
+):
+    import tasks.steering as steering
+
+    data, acts, features = setup
+    steered = []
+
+    def spy(model, hook, direction, settings, signs):
+        steered.append((hook, direction.clone(), signs))
+        return calibrate(model, hook, direction, settings, signs)
+
+    monkeypatch.setattr(steering, "calibrate", spy)
+    with serving() as server:
+        judge = _double_judge(server, tmp_path)
+        task_data = TaskData(data, acts, 1, "mlp_post", 0, tmp_path, judge)
+        task = Steering(protocol="paper", direction="generated_diffmean", max_features=1,
+                        kl_targets=[0.05], samples=2, max_new_tokens=4, bootstrap=20,
+                        alpha_range=[0.01, 100.0])  # fmt: skip
+        rows = task.evaluate(tiny_model, features, task_data, None)
+        sentences = write_sentences(judge, "Food and cooking.")  # replayed from the cache
+    ((hook, vector, signs),) = steered
+    assert hook == "blocks.1.hook_mlp_out" and signs == (1, -1)  # one description, both signs
+    pos = torch.cat([_alone(tiny_model, s, hook, keep_bos=True) for s in sentences.activating])
+    neg = torch.cat([_alone(tiny_model, s, hook, keep_bos=True) for s in sentences.neutral])
+    d = pos.mean(0) - neg.mean(0)  # token-weighted, BOS included (the paper's diffmean_bos)
+    torch.testing.assert_close(vector, d / d.norm(), atol=1e-5, rtol=1e-4)
+    got, why = diffmean_vector(tiny_model, sentences, hook, include_bos=True)
+    torch.testing.assert_close(got, vector)
+    samples = [r for r in rows if r.get("sample") is not None]
+    assert samples and all(r["direction"] == "generated_diffmean" for r in rows)
+    assert all(r["judge_failure_policy"] == "zero" and r["n_activating"] == 5 for r in samples)
+    assert {r["alpha_calibrated"] for r in samples if r["sign"] == -1} <= {False}
+    assert all(
+        r["text"].startswith(tiny_model.tokenizer.bos_token + "I think that") for r in samples
+    )
+
+
+# --- the presets ------------------------------------------------------------------------
+
+
+def test_protocol_presets_resolve_and_explicit_values_win():
+    paper = Steering(protocol="paper")
+    assert (paper.top_p, paper.stop_at_eos, paper.alpha_search, paper.max_features) == (
+        None, False, "bisection", None)  # fmt: skip
+    assert (paper.judge_failure, paper.judge_attempts, paper.description) == (
+        "zero",
+        2,
+        "input_centric",
+    )
+    assert (
+        Steering(protocol="feature").top_p == 0.3 and Steering(protocol="feature").max_features == 3
+    )
+    assert Steering(protocol="paper", top_p=0.3).top_p == 0.3  # remove one deviation at a time
+    assert Steering(protocol="feature", top_p=None).top_p is None  # top-k only on request
+    assert Steering(protocol="feature", max_features=None).max_features is None  # every feature
+    with pytest.raises(ConfigError, match="generated_diffmean.*protocol feature or paper"):
+        Steering(protocol="concept", direction="generated_diffmean")
+    with pytest.raises(ConfigError, match="needs a judge that writes"):
+        ConceptDetection(protocol="paper").check_judge(_Failing())
+    dataset = ConceptDetection()
+    assert not dataset.needs_judge and dataset.needs_neutral and dataset.min_concepts == 2
+
+
+# --- the paper experiment on the embedded model, judged by the test double ---------------
+
+
+@pytest.mark.integration
+def test_paper_steering_experiment_diffmean_arm_runs_on_the_embedded_model(tmp_path, embedded):
+    """experiment=paper_steering_gpt2's DiffMean arm on SmolLM2, shrunk (SNMF 30 iterations
+    on 3 concepts, 1 feature, 1 KL target, 8 bisection steps, 2 samples of 6 tokens; the
+    exact bisection is checked above on a tiny model), every writing and rating
+    by the loopback TEST DOUBLE: the protocol's pieces connect, not evidence of quality."""
+    from hydra import compose, initialize_config_dir
+
+    import bench.config  # noqa: F401  (registers the schema the config composes on)
+    from bench.job import run_job
+    from tests.conftest import REPO
+
+    with serving() as server:
+        overrides = [
+            "experiment=paper_steering_gpt2", "model=smollm2-135m",
+            "experiment/paper_method/k50=diffmean", "method.max_iter=30",
+            "dataset.concepts=[food,sports,french]", "dataset.max_per_concept=6",
+            "dataset.max_neutral=6", "task.steering.max_features=1",
+            "task.steering.kl_targets=[0.1]", "task.steering.samples=2",
+            "task.steering.max_new_tokens=6", "task.steering.bootstrap=50",
+            "task.steering.bisection_steps=8", "task.steering.baseline_samples=2",
+            f"judge.base_url={server.url}", "judge.model=double", "judge.api_key_env=null",
+            f"judge.cache_dir={tmp_path / 'judge'}", "device=cpu", "logger=none",
+        ]  # fmt: skip
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        frame = run_job(cfg, tmp_path / "job")
+    assert set(frame["method"]) == {"snmf"} and (frame["direction"] == "generated_diffmean").all()
+    assert (frame["judge_failure_policy"] == "zero").all() and (frame["protocol"] == "paper").all()
+    samples = frame[frame["sample"].notna()]
+    reached = frame[frame["failure"].isna() | (frame["failure"] != "unreachable")]
+    assert len(samples) or len(reached) < len(frame)  # generated, or dropped with its reason
+    if len(samples):
+        assert set(samples["sign"]) == {1, -1} and (samples["n_activating"] == 5).all()
+        assert samples["text"].str.startswith("<|im_start|>I think that").all()
+    settings = json.loads(frame.loc[frame["metric"] == "steered_features", "settings"].iloc[0])
+    assert settings["alpha_search"] == "bisection" and settings["top_p"] is None
+
+
+def test_reference_rating_format_reads_the_first_bracketed_or_bare_rating():
+    from bench.judges.base import parse_rating
+
+    assert parse_rating("Rating: 0 because it is absent", "reference").score == 0.0
+    assert parse_rating("Rating: [[2]] then Rating: [[1]]", "reference").score == 2.0  # the first
+    assert parse_rating("Rating: [[2]] then Rating: [[1]]", "strict").score == 1.0  # the last
+    assert parse_rating("Rating: 0 because", "strict").score is None  # featbench: brackets only
+    assert parse_rating("Rating: 3", "reference").score is None  # out of range: not kept
+
+
+def test_the_job_refuses_the_paper_detection_without_a_judge(tmp_path):
+    """`needs_judge` depends on the protocol, and the job checks it before any work."""
+    from hydra import compose, initialize_config_dir
+
+    import bench.config  # noqa: F401  (registers the schema the config composes on)
+    from bench.job import run_job
+    from tests.conftest import REPO
+
+    overrides = ["task=[concept_detection]", "task.concept_detection.protocol=paper",
+                 "judge=none", "logger=none", "hydra.mode=RUN"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides[:-1])
+    with pytest.raises(ConfigError, match="concept_detection needs a judge"):
+        run_job(cfg, tmp_path / "job")
+    assert not (tmp_path / "job").exists()
