@@ -50,10 +50,11 @@ def test_score_mapping_thresholds():
 
 
 def test_repetition_fraction():
-    assert repetition("the the the the") == pytest.approx(2 / 3)  # 3 bigrams, 1 distinct
-    assert repetition("The cat sat on the mat.") == 0.0
-    assert repetition("word") == 0.0
-    assert repetition("a b a b a b", n=2) == pytest.approx(3 / 5)
+    assert repetition([7, 7, 7, 7], n=2) == pytest.approx(2 / 3)  # 3 bigrams, 1 distinct
+    assert repetition([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repetition([5]) == 0.0
+    assert repetition([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(3 / 5)
+    assert repetition([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 4)  # trigrams, the default
 
 
 def test_yaml_sets_every_argument_to_the_defaults():
@@ -70,7 +71,7 @@ def test_yaml_sets_every_argument_to_the_defaults():
 def test_yaml_thresholds_are_loaded_per_kind():
     node = yaml.safe_load(YAML.read_text())["concept_thresholds"]
     judge = from_yaml()
-    for kind in ("label", "tokens"):
+    for kind in ("label", "tokens", "examples"):
         assert judge.thresholds(kind) == (node[kind]["somewhat"], node[kind]["clear"]), kind
         assert 0 <= node[kind]["auroc_min"] <= node[kind]["auroc_mean"] <= 1, kind
         assert node[kind]["auroc_mean"] > 0.5, kind  # a calibration that separates
@@ -213,7 +214,7 @@ def test_fluency_penalizes_repetition_and_marks_empty_text():
     texts = ["the cat sat on the mat", "the the the the", ""]
     values = judge.fluency_values(texts, "I think that")
     assert values[0] == pytest.approx(math.log(50), abs=1e-5)
-    assert values[1] == pytest.approx(math.log(50) + 10 * 2 / 3, abs=1e-5)
+    assert values[1] == pytest.approx(math.log(50) + 10 * 1 / 2, abs=1e-5)  # token trigrams
     got = judge.fluency(texts, "I think that")
     assert got == [Judgement(2.0), Judgement(0.0), Judgement(None, "empty text")]
 
@@ -256,9 +257,9 @@ def judge(embedded):
 
 
 #: floors of the test-split AUROC mean per description kind, below the train-split value
-#: conf/judge/offline.yaml records (label 0.936; tokens 0.944, optimistic: its token lists
-#: were chosen on the sentences it was measured on)
-TEST_AUROC_FLOOR = {"label": 0.90, "tokens": 0.85}
+#: conf/judge/offline.yaml records (label 0.932; tokens 0.933, optimistic: its token lists
+#: were chosen on the sentences it was measured on; examples 0.986)
+TEST_AUROC_FLOOR = {"label": 0.90, "tokens": 0.85, "examples": 0.95}
 
 
 @pytest.mark.integration
@@ -268,15 +269,23 @@ def test_each_kind_separates_held_out_concept_sentences(judge, dataset, embedded
     thresholds for that kind."""
     from bench.datasets import NEUTRAL
 
-    descriptions = kind_descriptions(dataset, embedded.model.tokenizer)[kind]
+    train, train_labels, _ = split_texts(dataset, "train")
+    if kind == "examples":  # the concept's train sentences, as the steering task passes them
+        descriptions = {c: c.replace("_", " ") for c in dataset.concepts}
+        examples = {c: [s for s, lab in zip(train, train_labels, strict=True) if lab == c]
+                    for c in dataset.concepts}  # fmt: skip
+    else:
+        descriptions = kind_descriptions(dataset, embedded.model.tokenizer)[kind]
+        examples = dict.fromkeys(descriptions)
     sentences, labels, baseline = split_texts(dataset, "test")
     labels = np.array(labels)
     aurocs, on_scores, off_scores = {}, [], []
     for concept, desc in descriptions.items():
-        values = np.array(judge.concept_values(sentences, desc, baseline))
+        values = np.array(judge.concept_values(sentences, desc, baseline, examples[concept]))
         on, off = labels == concept, (labels != concept) & (labels != NEUTRAL)
         aurocs[concept] = auroc(values[on], values[off])
-        scores = np.array([j.score for j in judge.concept(sentences, desc, baseline, kind=kind)])
+        judged = judge.concept(sentences, desc, baseline, kind=kind, examples=examples[concept])
+        scores = np.array([j.score for j in judged])
         on_scores += scores[on].tolist()
         off_scores += scores[off].tolist()
     recorded = yaml.safe_load(YAML.read_text())["concept_thresholds"][kind]
@@ -301,6 +310,12 @@ def test_fluency_separates_sentences_from_shuffled_ones(judge, dataset):
     assert np.mean(real_scores) >= 1.5 and np.mean(shuffled_scores) <= 0.5
     (looped,) = judge.fluency(["I think that the the the the the the the the"], "")
     assert looped.score == 0.0
+    # What steered generations looked like when a word count scored them as fluent (2):
+    # loops of newlines, punctuation and phrases. Token trigrams score them 0.
+    steered = [" as an" + "\n" * 48, "'s why thing is)s)t)s)\ns)s)t)s)\nb)s)w)t)s)\nb)w)w)s)w)",
+               " there is.\n\nThe Sun.\n\nThe Micro.\n\nResearch.\n\nThe Sun.\n\nThe Sun.\n\n"
+               "Research.\n\nThe Sun."]  # fmt: skip
+    assert [j.score for j in judge.fluency(steered, "I think that")] == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.integration

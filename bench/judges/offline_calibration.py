@@ -26,13 +26,18 @@ on the test split with the train split's token lists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from collections import Counter
 from typing import Any
 
 import numpy as np
+import torch
+
+from bench.judges.offline import EXAMPLES
 
 TOP_TOKENS = 8  # as the steering task's `top_tokens`: the length of a feature's token list
+LOOP_TOKENS = 40  # a degenerate continuation's length: about the steering task's 50 new tokens
 PRIOR = 0.5  # Dirichlet pseudo-count per token string: rare tokens need evidence to rank
 
 
@@ -56,6 +61,32 @@ def fluency_sample(dataset: Any, split: str, n: int, seed: int = 0) -> tuple[lis
     idx = sorted(np.random.default_rng(seed).permutation(dataset.indices(split))[:n].tolist())
     sentences = [dataset.sentences[i] for i in idx]
     return sentences, [shuffle_words(s, seed + i) for i, s in enumerate(sentences)]
+
+
+def loop(text: str, tokenizer: Any, seed: int, length: int = LOOP_TOKENS) -> str:
+    """A degenerate continuation made from a real sentence: a seeded span of 1-4 of its
+    tokens repeated to `length` tokens (what a steered model writes when pushed too far:
+    `The Sun. The Sun.`, `s)s)s)`, newline runs)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    rng = random.Random(seed)
+    span = rng.randint(1, min(4, len(ids)))
+    start = rng.randrange(0, len(ids) - span + 1)
+    piece = ids[start : start + span]
+    return tokenizer.decode((piece * (length // span + 1))[:length])
+
+
+def continuations(model: Any, n: int, seed: int = 0) -> tuple[str, list[str]]:
+    """The unsteered model's own continuations of the steering task's prompt, sampled as the
+    steering task samples (its defaults): fluent text of the kind the judge is asked about."""
+    from bench.steer import generate
+    from tasks.steering import Steering
+
+    task = Steering()
+    prompt = task.prompts[0]
+    zero = torch.zeros(model.cfg.d_model)
+    specs = [(prompt, zero, (seed, 0, 0, 0, i)) for i in range(n)]
+    texts = generate(model, "blocks.0.hook_resid_post", specs, task)
+    return prompt, [t for t in texts if t.strip()]
 
 
 def distinctive_tokens(
@@ -127,6 +158,39 @@ def separation(judge: Any, sentences: list[str], labels: list[str], baseline: li
     }
 
 
+def example_separation(judge: Any, dataset: Any, seed: int = 0) -> dict[str, Any]:
+    """The `examples` kind on the train split, without scoring a sentence against a centroid
+    it is part of: per concept, a seeded half of its train sentences makes the centroid, and
+    the other half (on-concept) is scored against the other concepts' train sentences."""
+    from bench.datasets import NEUTRAL
+
+    sentences, labels, baseline = split_texts(dataset, "train")
+    rng = np.random.default_rng(seed)
+    aurocs, pos, neg = {}, [], []
+    for concept in dataset.concepts:
+        own = [s for s, lab in zip(sentences, labels, strict=True) if lab == concept]
+        order = rng.permutation(len(own))
+        half = len(own) // 2
+        examples, held = [own[i] for i in order[:half]], [own[i] for i in order[half:]]
+        others = [s for s, lab in zip(sentences, labels, strict=True)
+                  if lab not in (concept, NEUTRAL)]  # fmt: skip
+        on = np.array(judge.concept_values(held, concept, baseline, examples))
+        off = np.array(judge.concept_values(others, concept, baseline, examples))
+        pos.append(on)
+        neg.append(off)
+        aurocs[concept] = auroc(on, off)
+    on, off = np.concatenate(pos), np.concatenate(neg)
+    return {
+        "aurocs": aurocs,
+        "auroc_mean": float(np.mean(list(aurocs.values()))),
+        "auroc_min": min(aurocs.values()),
+        "auroc_min_concept": min(aurocs, key=aurocs.__getitem__),
+        "pooled_auroc": auroc(on, off),
+        "off_concept_delta_q95": float(np.quantile(off, 0.95)),
+        "on_concept_delta_median": float(np.median(on)),
+    }
+
+
 def split_texts(dataset: Any, split: str) -> tuple[list[str], list[str], list[str]]:
     """A split's sentences, their labels and its neutral sentences (the baseline)."""
     from bench.datasets import NEUTRAL
@@ -169,25 +233,56 @@ def calibrate(
             "auroc_mean": round(measured["auroc_mean"], 3),
             "auroc_min": round(measured["auroc_min"], 3),
         }
-    real, shuffled = fluency_sample(dataset, split, n_fluency)
-    real_nll, shuffled_nll = np.array(judge.nll(real, "")), np.array(judge.nll(shuffled, ""))
-    real_q90, shuffled_q10 = (
-        float(np.quantile(real_nll, 0.9)),
-        float(np.quantile(shuffled_nll, 0.1)),
-    )
-    found |= {
-        "real_nll_mean": float(real_nll.mean()),
-        "real_nll_q90": real_q90,
-        "shuffled_nll_mean": float(shuffled_nll.mean()),
-        "shuffled_nll_q10": shuffled_q10,
-        "real_shuffled_auroc": auroc(shuffled_nll, real_nll),
+    measured = example_separation(judge, dataset)
+    found[EXAMPLES] = {"descriptions": {c: "(its train sentences)" for c in dataset.concepts},
+                       **measured}  # fmt: skip
+    q95, median = measured["off_concept_delta_q95"], measured["on_concept_delta_median"]
+    found["concept_thresholds"][EXAMPLES] = {
+        "somewhat": round(q95, 3), "clear": round(max(median, q95), 3),
+        "auroc_mean": round(measured["auroc_mean"], 3), "auroc_min": round(measured["auroc_min"], 3),
+    }  # fmt: skip
+    found |= fluency_calibration(judge, model, dataset, split, n_fluency)
+    return found
+
+
+def fluency_calibration(judge: Any, model: Any, dataset: Any, split: str, n: int) -> dict:
+    """Fluent texts: the split's sentences (after BOS) and the unsteered model's own
+    continuations of the steering prompt. Not fluent: the sentences' word shuffles and
+    token loops made from them (`loop`). The penalty weight is 2 x the shuffles' q10 NLL
+    (text half of whose token trigrams repeat scores 0); then `fluency_fluent` = q90 of
+    the fluent texts' values and `fluency_somewhat` = q10 of the others'."""
+    real, shuffled = fluency_sample(dataset, split, n)
+    tokenizer = model.tokenizer
+    loops = [loop(t, tokenizer, seed=i) for i, t in enumerate(real)]
+    prompt, ours = continuations(model, n // 4)
+    weight = 2 * float(np.quantile(judge.nll(shuffled, ""), 0.1))
+    judge = dataclasses.replace(judge, repetition_weight=weight)
+    judge.bind(model)
+    value = {
+        "sentences": np.array(judge.fluency_values(real, "")),
+        "continuations": np.array(judge.fluency_values(ours, prompt)),
+        "shuffled": np.array(judge.fluency_values(shuffled, "")),
+        "loops": np.array(judge.fluency_values(loops, "")),
+    }
+    fluent = np.concatenate([value["sentences"], value["continuations"]])
+    broken = np.concatenate([value["shuffled"], value["loops"]])
+    q90, q10 = float(np.quantile(fluent, 0.9)), float(np.quantile(broken, 0.1))
+    return {
+        **{f"{k}_value_mean": float(v.mean()) for k, v in value.items()},
+        "fluent_value_q90": q90,
+        "broken_value_q10": q10,
+        "sentences_vs_shuffled_auroc": auroc(value["shuffled"], value["sentences"]),
+        "sentences_vs_loops_auroc": auroc(value["loops"], value["sentences"]),
+        "continuations_vs_loops_auroc": auroc(value["loops"], value["continuations"]),
+        "fluent_vs_broken_auroc": auroc(broken, fluent),
+        "examples_of_loops": loops[:3],
+        "examples_of_continuations": ours[:3],
         "fluency_thresholds": {
-            "fluency_fluent": round(real_q90, 3),
-            "fluency_somewhat": round(max(shuffled_q10, real_q90), 3),
-            "repetition_weight": round(2 * max(shuffled_q10, real_q90), 3),
+            "fluency_fluent": round(q90, 3),
+            "fluency_somewhat": round(max(q10, q90), 3),
+            "repetition_weight": round(weight, 3),
         },
     }
-    return found
 
 
 def report(found: dict[str, Any]) -> list[str]:
@@ -197,16 +292,18 @@ def report(found: dict[str, Any]) -> list[str]:
         m = found[kind]
         lines += [f"{kind}: description[{c}] = {d!r}" for c, d in m["descriptions"].items()]
         lines += [f"{kind}: auroc[{c}] = {a:.4f}" for c, a in m["aurocs"].items()]
+        zscore = f" (z-score {m['pooled_auroc_zscore']:.4f})" if "pooled_auroc_zscore" in m else ""
         lines.append(
             f"{kind}: auroc_mean {m['auroc_mean']:.4f}, auroc_min {m['auroc_min']:.4f} "
-            f"({m['auroc_min_concept']}), pooled_auroc {m['pooled_auroc']:.4f} (z-score "
-            f"{m['pooled_auroc_zscore']:.4f}), off_concept_delta_q95 "
-            f"{m['off_concept_delta_q95']:.4f}, on_concept_delta_median "
+            f"({m['auroc_min_concept']}), pooled_auroc {m['pooled_auroc']:.4f}{zscore}, "
+            f"off_concept_delta_q95 {m['off_concept_delta_q95']:.4f}, on_concept_delta_median "
             f"{m['on_concept_delta_median']:.4f}"
         )
-    for key in ("real_nll_mean", "real_nll_q90", "shuffled_nll_mean", "shuffled_nll_q10",
-                "real_shuffled_auroc"):  # fmt: skip
-        lines.append(f"{key}: {found[key]:.4f}")
+    for key, value in found.items():
+        if key.endswith(("_mean", "_q90", "_q10", "_auroc")) and isinstance(value, float):
+            lines.append(f"{key}: {value:.4f}")
+    lines += [f"loop example: {t!r}" for t in found["examples_of_loops"]]
+    lines += [f"continuation example: {t!r}" for t in found["examples_of_continuations"]]
     lines.append(f"concept_thresholds: {found['concept_thresholds']}")
     lines.append(f"fluency_thresholds: {found['fluency_thresholds']}")
     return lines
