@@ -56,6 +56,8 @@ class ModelConfig:
     prompt_format: str = "plain"  # plain (a base model: raw text) | chat (instruction-tuned)
     default_layer: int = 0  # the layer used when `layer` is not given
     n_layers: int | None = None  # known depth lets a bad layer fail before the model loads
+    d_model: int | None = None  # known widths let a rank larger than the hook's fail before
+    d_mlp: int | None = None  # the model loads (null: checked when the method fits)
     n_ctx: int | None = None  # context length override; null keeps the model's own
 
 
@@ -95,6 +97,8 @@ class Config:
     hook: str = "mlp_post"
     seed: int = 42
     force: bool = False  # true: run a job again even when its results already exist
+    # a job whose failed judgements exceed this fraction is marked failed (results kept)
+    judge_failure_limit: float = 0.1
     device: str = "auto"
     dtype: str = "float32"
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
@@ -132,6 +136,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed} is not allowed; a seed must be >= 0")
+    if not 0.0 <= cfg.judge_failure_limit <= 1.0:
+        raise ConfigError(
+            f"judge_failure_limit={cfg.judge_failure_limit} is not allowed; a fraction in [0, 1]"
+        )
     if cfg.model.n_ctx is not None and cfg.model.n_ctx < 2:
         raise ConfigError(f"model.n_ctx={cfg.model.n_ctx}: must be >= 2 or null (the model's own)")
     if cfg.model.source == "local" and not cfg.model.path:

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.hooks import parse_hook_name
+
 log = logging.getLogger(__name__)
 
 # The hook points this decoder can call, per block (TransformerLens's names after `blocks.L.`).
@@ -282,11 +284,13 @@ def _hook_table(hooks: Sequence[Hook], n_layers: int) -> dict[int, dict[str, lis
     """{layer: {point: [(fn, HookPoint)]}}; a hook name this decoder has no point for is an error."""
     table: dict[int, dict[str, list]] = {}
     for name, fn in hooks:
-        parts = name.split(".", 2)
-        point = parts[2] if len(parts) == 3 and parts[0] == "blocks" else None
-        if point not in HOOK_POINTS or not parts[1].isdigit() or int(parts[1]) >= n_layers:
+        try:
+            layer, point = parse_hook_name(name)
+        except ValueError:
+            layer, point = -1, None
+        if point not in HOOK_POINTS or not 0 <= layer < n_layers:
             raise ValueError(f"lean decoder: hook {name!r} is not one of blocks.L.{HOOK_POINTS}")
-        table.setdefault(int(parts[1]), {}).setdefault(point, []).append((fn, HookPoint(name)))
+        table.setdefault(layer, {}).setdefault(point, []).append((fn, HookPoint(name)))
     return table
 
 

@@ -39,6 +39,7 @@ import torch
 
 from bench.contexts import encode_all, token_texts, top_contexts
 from bench.errors import ConfigError
+from bench.hooks import layer_of
 from bench.judges.writing import (
     INPUT_DESCRIBE,
     INPUT_TOKENS,
@@ -224,7 +225,7 @@ def projected_tokens(
 ) -> list[tuple[str, float]]:
     """(token, logit) of the `top` tokens of unembed(ln_final(v)), v the vector's image in
     the residual stream (an MLP-hidden vector times W_out, no b_out), strongest first."""
-    layer = int(hook.split(".")[1])
+    layer = layer_of(hook)
     v = vector.to(model.W_U.device, model.W_U.dtype)
     if hook.endswith("mlp.hook_post"):
         v = v @ model.blocks[layer].mlp.W_out
@@ -262,7 +263,7 @@ def top_tokens(codes: torch.Tensor, acts: ActivationSet, tokenizer: Any, top: in
 def vocab_projection(model, hook: str, direction: torch.Tensor, top: int) -> tuple[list, list]:
     """Top promoted tokens of a direction, for each sign: through W_out for an MLP
     hidden direction, then the final norm's scale and the unembedding."""
-    layer = int(hook.split(".")[1])
+    layer = layer_of(hook)
     v = direction.to(model.W_U.device, model.W_U.dtype)
     if hook.endswith("mlp.hook_post"):
         v = v @ model.blocks[layer].mlp.W_out

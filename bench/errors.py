@@ -10,3 +10,13 @@ class FeatbenchError(Exception):
 
 class ConfigError(FeatbenchError, ValueError):
     """A config value that is not allowed; the message names it and what is."""
+
+
+class JudgeUnreachable(FeatbenchError):
+    """The judge's endpoint refused the connection, did not answer, or refused the key,
+    found by one request before any model loads."""
+
+
+class JudgeFailures(FeatbenchError):
+    """More of a job's judgements failed than `judge_failure_limit` allows: its results are
+    written, but the job is marked failed (failed.json) and a rerun runs it again."""

@@ -34,6 +34,7 @@ from bench.activations import bos_offset, tokenize
 from bench.contexts import sentence_max
 from bench.detection_stats import s_cd_of
 from bench.encodings import ENCODERS
+from bench.hooks import layer_of
 from bench.judges.writing import SENTENCE_TOKENS, sentence_prompt
 from methods.base import ActivationSet, Features
 
@@ -93,7 +94,7 @@ def sentence_activations(model: Any, sentences: list[str], hook: str,
     """Per sentence, its tokens' activations at `hook` (tokens x d, float32), in
     right-padded batches (the causal mask keeps pads out of every real token). The BOS
     row, where the model prepends one, is kept only with `include_bos`."""
-    layer = int(hook.split(".")[1])
+    layer = layer_of(hook)
     ids, _ = tokenize(model, sentences)
     skip = 0 if include_bos else bos_offset(model)
     pad = model.tokenizer.pad_token_id or 0

@@ -17,6 +17,10 @@ HOOKS = {
 }
 
 
+# Short name -> which width of the model the hook has (ModelConfig's d_mlp or d_model).
+WIDTHS = {"mlp_post": "d_mlp", "mlp_out": "d_model", "resid_post": "d_model"}
+
+
 def hook_name(layer: int, hook: str, n_layers: int | None = None) -> str:
     """`hook_name(12, "mlp_post") == "blocks.12.mlp.hook_post"`.
 
@@ -29,3 +33,18 @@ def hook_name(layer: int, hook: str, n_layers: int | None = None) -> str:
     if n_layers is not None and not 0 <= layer < n_layers:
         raise ConfigError(f"layer={layer} is outside the model: valid layers are 0..{n_layers - 1}")
     return HOOKS[hook].format(layer=layer)
+
+
+def parse_hook_name(name: str) -> tuple[int, str]:
+    """`parse_hook_name("blocks.12.mlp.hook_post") == (12, "mlp.hook_post")`: the layer and
+    the point inside the block, of any TransformerLens block hook (the inverse of `hook_name`
+    for the hooks it builds). Anything else is an error naming the value."""
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[2]:
+        raise ValueError(f"hook {name!r} is not a block hook name (blocks.<layer>.<point>)")
+    return int(parts[1]), parts[2]
+
+
+def layer_of(name: str) -> int:
+    """The layer of a block hook name: `layer_of("blocks.12.hook_mlp_out") == 12`."""
+    return parse_hook_name(name)[0]

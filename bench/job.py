@@ -15,7 +15,6 @@ The command line around it (Hydra, exit codes, secrets on the command line) is
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import resource
@@ -39,9 +38,17 @@ from bench import activations, datasets
 from bench.config import validate
 from bench.contexts import top_contexts
 from bench.errors import ConfigError
+from bench.job_checks import (
+    check_judge_failures,
+    check_rank,
+    completed,
+    plugin_name,
+    refuse_misspelled_target,
+)
 from bench.judges.base import Judge
 from bench.models import GGUFSource, load_model, resolve_device
 from bench.results import (
+    FAILED_FILE,
     METRICS_FILE,
     REPLICATES_FILE,
     SEED_PLACEHOLDER,
@@ -50,7 +57,6 @@ from bench.results import (
     config_hash,
     finalize,
     pop_replicates,
-    read_metrics,
     setting_hash,
     setting_of,
     write_metrics,
@@ -64,13 +70,7 @@ from tasks.base import Task, TaskData
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # per-job folder of partial task results (steering, per feature)
-HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")  # instantiate's
 JOB_LOCK = ".featbench-job"  # entry_lock's `<name>.lock` in the job folder: one runner at a time
-
-
-def plugin_name(obj: object) -> str:
-    """A plugin's `name` class attribute, else its class name in lower case."""
-    return getattr(type(obj), "name", None) or type(obj).__name__.lower()
 
 
 def build(node: DictConfig, kind: str, base: type) -> Any:
@@ -108,30 +108,6 @@ def _load_model_once(*args: Any) -> Any:
     """`load_model`, memoized per process: a sweep on the basic launcher runs every
     job in one process and loads the model once."""
     return load_model(*args)
-
-
-def completed(job_dir: Path, chash: str, version: str) -> pd.DataFrame | None:
-    """The job's table when `metrics.parquet` holds results of this config hash made
-    by this code version, else None (with a log line saying why it runs again)."""
-    path = job_dir / METRICS_FILE
-    if not path.exists():
-        return None
-    try:
-        frame, _ = read_metrics(path)
-    except Exception as err:  # unreadable: log it and run the job again (the file is replaced)
-        log.warning("%s is unreadable (%s); running the job again", path, err)
-        return None
-    if frame.empty or set(frame["config_hash"].dropna().unique()) != {chash}:
-        log.info("%s holds another configuration's results; running the job again", path)
-        return None
-    found = sorted(frame["code_version"].dropna().unique()) if "code_version" in frame else []
-    if found != [version]:
-        log.info(
-            "%s: results from %s, code is now %s; running the job again",
-            path, ", ".join(found) or "code that recorded no version", version,
-        )  # fmt: skip
-        return None
-    return frame
 
 
 class Identity(NamedTuple):
@@ -172,7 +148,7 @@ def run_job(
     tasks: dict[str, Task] = {}
     for key, node in cfg.task.items():
         if node is not None and "_target_" not in node:  # e.g. experiment=smoke's steering
-            _refuse_misspelled_target(node, f"task.{key}")
+            refuse_misspelled_target(node, f"task.{key}")
             log.info("task.%s has settings but is not selected (task=...); ignored", key)
             continue
         tasks[key] = build(node, f"task {key}", Task)
@@ -183,6 +159,8 @@ def run_job(
         if task.needs_judge and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
         task.check_judge(judge)
+    if judge is not None and any(task.needs_judge for task in tasks.values()):
+        judge.check_reachable()  # one request now, not hours of work judged by nobody
     tracker = _build_tracker(cfg)
     identity = job_identity(cfg)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -205,9 +183,11 @@ def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, na
     )
     if tracker is not None:
         tracker.start(redact(container), job_dir, group, name or job_dir.name)
+    (job_dir / FAILED_FILE).unlink(missing_ok=True)  # this run decides afresh
     try:
         with seeded(cfg.seed, cfg.device):  # the job's randomness, scoped to the job
             frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
+        check_judge_failures(frame, cfg.judge_failure_limit, job_dir)
     except BaseException:
         if tracker is not None:
             tracker.finish(failed=True)
@@ -220,19 +200,6 @@ def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, na
         finally:
             tracker.finish(failed=False)
     return frame
-
-
-def _refuse_misspelled_target(node: DictConfig, where: str) -> None:
-    """A node without `_target_` is settings for a task that is not selected, and is
-    ignored; but a key that looks like a misspelled `_target_` means a task YAML that would
-    be dropped silently: that is an error."""
-    for name in map(str, node):
-        looks = difflib.SequenceMatcher(None, name.strip("_").lower(), "target").ratio() >= 0.8
-        if looks or (name.startswith("_") and name not in HYDRA_KEYS):
-            raise ConfigError(
-                f"{where} has no _target_ but has {name!r}: a misspelled _target_? A task's "
-                "YAML names its class with _target_ (e.g. _target_: tasks.steering.Steering)"
-            )
 
 
 @contextmanager
@@ -285,6 +252,7 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
                 f"task {plugin_name(task)} needs at least {need} concepts besides neutral; "
                 f"dataset has {dataset.concepts}"
             )
+    check_rank(method, cfg, dataset)
     with stage("load_model"):
         loaded = _load_model_once(
             cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype,
@@ -350,7 +318,9 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
         with stage(f"task:{key}"):
             rows = task.evaluate(model, features, data, cfg)
         replicates.update(pop_replicates(rows, key))
-        tables.append(finalize(rows, {**run, "task": plugin_name(task)}))
+        table = finalize(rows, {**run, "task": plugin_name(task)})
+        # one source for "supervised": the method's declaration (the report marks it †)
+        tables.append(table.assign(supervised=method.requires_labels))
     frame = pd.concat(tables, ignore_index=True) if tables else finalize([], {**run, "task": ""})
     meta = {
         "setting": identity.setting,
@@ -415,7 +385,7 @@ def headline(frame: pd.DataFrame) -> str:
         dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
         lines = []
         for _, row in rows.iterrows():
-            label = " ".join(str(row[c]) for c in ["metric", *dims])
+            label = " ".join(str(row[c]) for c in ["metric", *dims] if pd.notna(row[c]))
             value = "missing" if pd.isna(row["value"]) else f"{row['value']:.4f}"
             if "ci_low" in row and pd.notna(row["ci_low"]):
                 value += f"  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"

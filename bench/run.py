@@ -76,7 +76,6 @@ def main(cfg: DictConfig) -> None:
     # In a sweep a failing job must not stop the others: the error is logged
     # (with its traceback when it is a bug), the job folder gets `failed.json`,
     # and the end-of-sweep callback reports the failures and sets the exit code.
-    (job_dir / FAILED_FILE).unlink(missing_ok=True)
     group = Path(hydra_cfg.sweep.dir).name
     try:
         frame = run_job(cfg, job_dir, group=group, name=job_dir.name)

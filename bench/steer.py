@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.decode import LeanDecoder, unsupported
+from bench.hooks import layer_of
 from bench.sampling import SamplingSettings, sample_next, uniforms
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def post_norm_targets(model, features, unit: torch.Tensor, feats: list[int]) -> 
     hook = features.hook
     if not (feats and hook.endswith("mlp.hook_post") and has_post_mlp_norm(model)):
         return {}
-    layer = int(hook.split(".")[1])
+    layer = layer_of(hook)
     raw = unit[feats]
     if features.has_decoder:
         eye = torch.eye(len(features))[feats]

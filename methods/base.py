@@ -274,6 +274,12 @@ class Method(ABC):
     def fit(self, acts: ActivationSet) -> Features:
         """Find features in `acts` (the train split's tokens)."""
 
+    def bounded_rank(self) -> int | None:
+        """The feature count that cannot exceed min(train tokens, hook width), as a
+        factorization's rank cannot; the job checks it before the model loads where it can.
+        None (the default): no such bound (an overcomplete SAE, one direction per concept)."""
+        return None
+
     def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> Method:
         """This method resized to learn `k` features: a new instance (`dataclasses.replace`),
         `self` unchanged. Tasks that plant a known number of features (synthetic recovery)

@@ -36,6 +36,9 @@ class PCA(Method):
 
     n_features: int = 100  # same count as SNMF's default rank
 
+    def bounded_rank(self) -> int:
+        return self.n_features  # a factorization's rank: at most min(tokens, width)
+
     def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> PCA:
         """`n_features` <- k. The generator's sparsity, when given, is not used: this method
         has no sparsity setting."""

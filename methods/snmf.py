@@ -149,6 +149,9 @@ class SNMF(Method):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key}={getattr(self, key)}: must be >= 1")
 
+    def bounded_rank(self) -> int:
+        return self.rank  # a factorization's rank: at most min(tokens, width)
+
     def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> SNMF:
         """`rank` <- k. Capacity only: `sparsity` stays as configured (SNMF's own choice of
         neurons per feature, the paper's 1% by default). Given the generator: `sparsity` <- its

@@ -123,6 +123,9 @@ class HierarchicalSNMF(Method):
             raise ConfigError(f"method.finetune_iters={self.finetune_iters}: must be >= 0")
         self._snmf(ranks[0])  # validates the shared SNMF settings
 
+    def bounded_rank(self) -> int:
+        return self.ranks[0]  # a factorization's rank: at most min(tokens, width)
+
     def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> HierarchicalSNMF:
         """`ranks` <- [k, k // 2]: the finest level at the capacity, one coarser level of half
         (just [k] when k < 2). `sparsity` as SNMF's `at_capacity`: kept with capacity only,

@@ -228,9 +228,6 @@ class ConceptDetection(Task):
             scores = sentence_scores(features, data, encoder)
             for row in self._score(scores, features, dataset, encoder):
                 rows.append({**row, "encoder": encoder})
-        supervised = features.labels is not None  # fitted with the labels: an upper reference
-        for row in rows:
-            row["supervised"] = supervised
         return rows
 
     def _score(
@@ -392,8 +389,7 @@ class ConceptDetection(Task):
                  for k, v in judge.stats().items()]  # fmt: skip
         name = type(judge).name or type(judge).__name__.lower()
         for row in rows:
-            row.update(protocol="paper", judge=name, judge_label=judge.label(),
-                       supervised=features.labels is not None)  # fmt: skip
+            row.update(protocol="paper", judge=name, judge_label=judge.label())
         return rows
 
     def _paper_summary(self, rows: list[dict], encoder: str, seed: int) -> list[dict]:

@@ -264,7 +264,7 @@ class Steering(Task):
             own = features.labels.index(c) if features.labels and c in features.labels else None
             f = own if own is not None else int(row.argmax())
             feature_of[c] = f
-            extra[c] = {"match_auroc": float(row[f]), "supervised": features.labels is not None}
+            extra[c] = {"match_auroc": float(row[f])}
         return picked, feature_of, lambda c: label(c, examples[c]), extra
 
     def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,

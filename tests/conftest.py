@@ -2,7 +2,7 @@
 
 Tiers (pytest markers, `--strict-markers`):
 - unmarked: fast unit tests (tiny random models, small matrices);
-- `integration`: real paths on the embedded SmolLM2-135M with small inputs;
+- `integration`: real paths on an embedded model (SmolLM2-135M, Gemma 3 270M) with small inputs;
 - `slow`: long runs, excluded only where CI time demands it.
 
 The model and activation caches live in FEATBENCH_CACHE when it is set,

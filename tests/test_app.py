@@ -121,7 +121,12 @@ def test_bad_values_fail_before_the_model_loads(tmp_path):
         (["hook=mlp_pre"], "hook='mlp_pre' is not allowed; choose one of"),
         (["dataset.path=/nonexistent/file.jsonl"], "/nonexistent/file.jsonl: no such dataset file"),
         (["method._target_=nowhere.Method"], "method 'nowhere.Method' could not be built"),
-    ]:
+        # issue 18: an endpoint that refuses connections, found by one request (port 9: no
+        # server), and a rank the hook cannot hold, both before the model loads
+        (["judge=openai", "judge.base_url=http://127.0.0.1:9/v1", "judge.api_key_env=null",
+          "task=[steering]"], "the judge endpoint http://127.0.0.1:9/v1/models cannot be reached"),
+        (["method=snmf", "method.rank=4000"], "rank 4000 exceeds the mlp_post width of smollm2"),
+    ]:  # fmt: skip
         out = _run(args + [f"paths.results_dir={tmp_path}"], cwd=tmp_path, timeout=120)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert message in out.stderr + out.stdout, (args, out.stderr[-2000:])

@@ -170,6 +170,12 @@ def _with_base(overrides: list[str]) -> list[str]:
         (["dataset.test_fraction=0"], r"task concept_detection scores held-out sentences .* no test split"),
         (["dataset.max_per_concept=2"], r"dataset.max_per_concept=2: must be >= 4"),
         (["dataset.concepts=[food]"], r"method diffmean needs at least two concepts.*\['food'\]"),
+        (["judge_failure_limit=1.5"], r"judge_failure_limit=1.5 is not allowed; a fraction in \[0, 1\]"),
+        # a rank above the hook's width (the model config's) or above the train tokens (at
+        # most one per UTF-8 byte, plus BOS: 9 short train sentences here)
+        (["method=snmf", "method.rank=1600", "dataset.max_per_concept=40"], r"rank 1600 exceeds the mlp_post width of smollm2-135m \(1536\)"),
+        (["method=pca", "method.n_features=600", "hook=mlp_out", "dataset.max_per_concept=40"], r"rank 600 exceeds the mlp_out width of smollm2-135m \(576\)"),
+        (["method=snmf_hier", "method.ranks=[1500,10]"], r"rank 1500 exceeds the train split's tokens \(at most \d+\)"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )  # fmt: skip

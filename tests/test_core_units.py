@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.hooks import hook_name
+from bench.hooks import HOOKS, hook_name, layer_of, parse_hook_name
 from bench.results import (
     SCHEMA,
     ResultsError,
@@ -45,6 +45,13 @@ def test_hook_names_are_canonical_and_checked():
         ValueError, match=r"hook='mlp_pre' is not a known hook; allowed: \['mlp_out'"
     ):
         hook_name(1, "mlp_pre")
+    # the one parser: the inverse of hook_name for every hook it builds
+    for short in HOOKS:
+        assert layer_of(hook_name(17, short)) == 17
+    assert parse_hook_name("blocks.3.ln2.hook_normalized") == (3, "ln2.hook_normalized")
+    for bad in ("hook_embed", "blocks.x.hook_mlp_out", "blocks.3", "blocks.3."):
+        with pytest.raises(ValueError, match="is not a block hook name"):
+            parse_hook_name(bad)
 
 
 def test_finalize_gives_the_design_schema_with_extras():

@@ -10,6 +10,7 @@ A sweep killed mid-steering: tests/test_sweeps.py.)
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -293,3 +294,35 @@ def test_a_results_folder_that_takes_no_folder_is_one_line_and_exit_2(tmp_path):
         )  # fmt: skip
         assert out.returncode == 2, (mode, (out.stdout + out.stderr)[-3000:])
         assert "Traceback" not in out.stderr and f"cannot write {blocker}" in out.stderr, mode
+
+
+# --- a judge whose judgements mostly failed ------------------------------------------------
+
+
+def _judged(failed: float, judged: int) -> pd.DataFrame:
+    rows = [{"metric": "judge_failures", "value": failed, "n": judged},
+            {"metric": "heldout_steering_score", "value": 0.5, "n": 8}]  # fmt: skip
+    return finalize(rows, RUN)
+
+
+def test_too_many_judge_failures_mark_the_job_failed_and_a_rerun_runs_it(tmp_path):
+    """Issue 18: a job whose judgements failed beyond `judge_failure_limit` never looks like
+    a success: failed.json says why (the end-of-sweep callback exits non-zero on it), the
+    job raises a one-line error (exit 2), and its results, written first, are kept but not
+    taken as done by a rerun."""
+    from bench.errors import JudgeFailures
+    from bench.job_checks import check_judge_failures, completed
+
+    check_judge_failures(_judged(1, 10), 0.1, tmp_path)  # 10%: at the limit, allowed
+    assert not (tmp_path / "failed.json").exists()
+    frame = _judged(72, 224)  # the share of a 135M judge's failures in a paper run
+    write_metrics(frame, tmp_path / "metrics.parquet", {})
+    assert completed(tmp_path, "c", "featbench test") is not None
+    with pytest.raises(JudgeFailures, match=r"72 of 224 judgements failed \(32%\), more than "
+                                            r"judge_failure_limit=0.1"):  # fmt: skip
+        check_judge_failures(frame, 0.1, tmp_path)
+    record = json.loads((tmp_path / "failed.json").read_text())
+    assert record["exit_code"] == 2 and record["judge_failures"] == 72
+    assert record["judgements"] == 224 and "judge_failure_limit" in record["error"]
+    assert completed(tmp_path, "c", "featbench test") is None  # results kept, not "done"
+    check_judge_failures(frame, 0.5, tmp_path)  # a limit raised knowingly lets it pass

@@ -10,7 +10,6 @@ import re
 import pytest
 from hydra import compose, initialize_config_dir
 
-import bench.config  # noqa: F401  (registers the featbench_schema the config composes on)
 from bench.errors import FeatbenchError
 from bench.job import build
 from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judge, Judgement
@@ -67,7 +66,7 @@ def test_wiring_a_failed_batch_becomes_missing_values_for_that_batch_only(monkey
     assert [s.score for s in scores] == [None, None, 2.0, 2.0]
     assert all("RuntimeError: out of memory" in s.reason for s in scores[:2])
     stats = judge.stats()
-    assert (stats["requests"], stats["failures"], stats["unparsable"]) == (4, 2, 0)
+    assert (stats["requests"], stats["failed_requests"], stats["unparsable"]) == (4, 2, 0)
 
 
 def test_wiring_unparsable_answers_are_missing_with_the_answer_and_counted(monkeypatch):
@@ -78,7 +77,7 @@ def test_wiring_unparsable_answers_are_missing_with_the_answer_and_counted(monke
     assert scores[1].reason.startswith(UNPARSABLE) and "**[2]**" in scores[1].reason
     assert scores[2].reason == "empty text"  # never asked
     stats = judge.stats()
-    assert (stats["requests"], stats["failures"], stats["unparsable"]) == (3, 0, 2)
+    assert (stats["requests"], stats["failed_requests"], stats["unparsable"]) == (3, 0, 2)
 
 
 # --- the real embedded judge -----------------------------------------------------------
@@ -138,7 +137,7 @@ def test_embedded_judge_rates_every_answer_it_received(judge, answers):
     unparsable = check_against_answers(judgements, answers)
     delta = {k: v - before[k] for k, v in judge.stats().items()}
     assert delta["requests"] == len(answers) == 2 * len(TEXTS)
-    assert delta["failures"] == 0
+    assert delta["failed_requests"] == 0
     assert delta["unparsable"] == unparsable  # counted exactly
     assert delta["prompt_tokens"] > 2 * len(TEXTS) * 50  # each rubric prompt is > 50 tokens
     assert delta["completion_tokens"] >= len(answers)

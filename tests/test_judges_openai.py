@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, JudgeUnreachable
 from bench.judges.openai import OpenAIJudge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_GET(self) -> None:  # the reachability check's `GET /models`
+        with self.server.lock:
+            n = len(self.server.requests)
+            self.server.requests.append({"path": self.path, "headers": dict(self.headers)})
+        status, payload = self.server.script(n, self.server.requests[-1])
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
     def log_message(self, *args) -> None:
         pass
 
@@ -118,7 +128,7 @@ def test_retries_5xx_and_429_then_succeeds(fake_api, tmp_path):
 
     assert judgement.score == 2.0
     stats = judge.stats()
-    assert (stats["requests"], stats["retries"], stats["failures"]) == (4, 3, 0)
+    assert (stats["requests"], stats["retries"], stats["failed_requests"]) == (4, 3, 0)
     request = server.requests[-1]
     assert request["path"] == "/v1/chat/completions"
     assert request["body"]["model"] == "fake"
@@ -139,7 +149,7 @@ def test_5xx_after_all_retries_is_missing_and_logged_once(fake_api, tmp_path, ca
     assert all(j.score is None and "HTTP 500" in j.reason for j in judgements)
     assert "overloaded" in judgements[0].reason
     stats = judge.stats()
-    assert (stats["requests"], stats["failures"]) == (6, 2)  # 2 texts x (1 + 2 retries)
+    assert (stats["requests"], stats["failed_requests"]) == (6, 2)  # 2 texts x (1 + 2 retries)
     assert len(server.requests) == 6
     assert len([r for r in caplog.records if "HTTP 500" in r.getMessage()]) == 1
     assert not list((tmp_path / "judge").rglob("*.json"))  # failures are never cached
@@ -153,7 +163,7 @@ def test_400_is_not_retried(fake_api, tmp_path):
 
     assert judgement.score is None and "HTTP 400" in judgement.reason
     assert len(server.requests) == 1
-    assert judge.stats()["failures"] == 1
+    assert judge.stats()["failed_requests"] == 1
 
 
 def test_garbage_body_is_missing_not_retried(fake_api, tmp_path):
@@ -189,7 +199,7 @@ def test_timeout_is_missing_with_reason(fake_api, tmp_path):
 
     assert time.perf_counter() - start < 2.0
     assert judgement.score is None and "timeout" in judgement.reason
-    assert (judge.stats()["requests"], judge.stats()["failures"]) == (2, 1)
+    assert (judge.stats()["requests"], judge.stats()["failed_requests"]) == (2, 1)
 
 
 def test_connection_refused_is_missing_with_reason(tmp_path):
@@ -201,6 +211,35 @@ def test_connection_refused_is_missing_with_reason(tmp_path):
     (judgement,) = judge.fluency(["Some text."], "Prompt.")
 
     assert judgement.score is None and "connection error" in judgement.reason
+
+
+def test_unreachable_endpoint_fails_the_check_naming_the_url(tmp_path):
+    """Issue 18: one request before the model loads; a refused connection is an error that
+    names the URL (and never the credentials a URL may carry)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    judge = make_judge(f"http://user:hunter2secret@127.0.0.1:{port}/v1", tmp_path)
+    with pytest.raises(JudgeUnreachable, match=rf"127.0.0.1:{port}/v1/models cannot be reached"):
+        judge.check_reachable()
+    with pytest.raises(JudgeUnreachable) as info:
+        judge.check_reachable()
+    assert "hunter2secret" not in str(info.value)
+
+
+def test_reachability_accepts_any_answer_but_a_refused_key(fake_api, tmp_path, monkeypatch):
+    """A server without a /models route (404) answered, so it is reachable; 401/403 means the
+    key is wrong, which every judgement would hit: refused now, naming the variable."""
+    monkeypatch.setenv("FEATBENCH_TEST_JUDGE_KEY", "abc")
+    answers = iter([(404, b"no such route"), (200, b"{}"), (401, b"bad key")])
+    server = fake_api(lambda n, request: next(answers))
+    judge = make_judge(server.url, tmp_path, api_key_env="FEATBENCH_TEST_JUDGE_KEY")
+    judge.check_reachable()
+    judge.check_reachable()
+    assert [r["path"] for r in server.requests] == ["/v1/models", "/v1/models"]
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer abc"
+    with pytest.raises(JudgeUnreachable, match=r"refused the key \(HTTP 401\); check \$FEATBENCH"):
+        judge.check_reachable()
 
 
 def test_disk_cache_and_cost(fake_api, tmp_path):
@@ -367,7 +406,7 @@ def test_real_server_judgements_are_what_it_answered_and_are_cached(llama_server
             assert " ".join(answer.split())[:40] in judgement.reason  # it quotes the answer
     stats = judge.stats()
     assert stats["unparsable"] == unparsable  # counted exactly
-    assert stats["requests"] == 4 and stats["failures"] == 0  # the server answered every one
+    assert stats["requests"] == 4 and stats["failed_requests"] == 0  # the server answered every one
     assert stats["prompt_tokens"] > 4 * 50 and stats["completion_tokens"] >= 4
     assert stats["cost_usd"] > 0
 
@@ -403,4 +442,4 @@ def test_real_server_near_miss_is_missing_with_its_answer(llama_server, tmp_path
     assert "Rating: [2]" in answer and not RATING.search(answer), answer
     assert judgement.score is None and judgement.reason.startswith(UNPARSABLE)
     assert "Rating: [2]" in judgement.reason
-    assert (judge.stats()["unparsable"], judge.stats()["failures"]) == (1, 0)
+    assert (judge.stats()["unparsable"], judge.stats()["failed_requests"]) == (1, 0)

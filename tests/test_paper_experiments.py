@@ -49,7 +49,6 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-import bench.config  # noqa: F401  (registers the `featbench_schema` node the configs start from)
 from bench.config import validate
 from bench.errors import ConfigError
 from bench.hooks import HOOKS

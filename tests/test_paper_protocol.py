@@ -412,7 +412,6 @@ def test_paper_steering_experiment_diffmean_arm_runs_on_the_embedded_model(tmp_p
     by the loopback TEST DOUBLE: the protocol's pieces connect, not evidence of quality."""
     from hydra import compose, initialize_config_dir
 
-    import bench.config  # noqa: F401  (registers the schema the config composes on)
     from bench.job import run_job
     from tests.conftest import REPO
 
@@ -457,7 +456,6 @@ def test_the_job_refuses_the_paper_detection_without_a_judge(tmp_path):
     """`needs_judge` depends on the protocol, and the job checks it before any work."""
     from hydra import compose, initialize_config_dir
 
-    import bench.config  # noqa: F401  (registers the schema the config composes on)
     from bench.job import run_job
     from tests.conftest import REPO
 

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from bench import results
-from bench.job import completed, job_identity
+from bench.job import job_identity
+from bench.job_checks import completed
 from bench.results import (
     code_version,
     finalize,
@@ -66,7 +67,7 @@ def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, capl
     frame = finalize([{"metric": "a", "value": 1.0}], RUN)
     write_metrics(frame, job / "metrics.parquet")
     assert completed(job, "abc", "featbench 0.1.0+gold") is not None  # same code: skipped
-    with caplog.at_level(logging.INFO, logger="bench.job"):
+    with caplog.at_level(logging.INFO, logger="bench.job_checks"):
         assert completed(job, "abc", "featbench 0.1.0+gnew") is None
     assert "results from featbench 0.1.0+gold, code is now featbench 0.1.0+gnew" in caplog.text
     assert completed(job, "other", "featbench 0.1.0+gold") is None  # another config
@@ -97,3 +98,17 @@ def test_replicates_leave_the_rows_and_come_back_by_id(tmp_path):
 def test_rows_cannot_claim_run_provenance(bad):
     with pytest.raises(ValueError, match="run-level columns"):
         finalize([bad], RUN)
+
+
+def test_the_printed_headline_names_no_missing_dimension():
+    """A task whose rows have an encoder on some rows only (concept detection's judge
+    counters have none) prints the metric alone, never `nan` after it."""
+    from bench.job import headline
+
+    frame = finalize(
+        [{"metric": "mean_feature_auroc", "value": 0.9, "encoder": "native"},
+         {"metric": "judge_requests", "value": 3.0}],
+        {**RUN, "task": "concept_detection"},
+    )  # fmt: skip
+    text = headline(frame)
+    assert "mean_feature_auroc native" in text and "nan" not in text

@@ -303,3 +303,17 @@ def test_report_on_a_real_two_method_multirun(tmp_path):
         assert (sweep / name).read_bytes()[:8] == PNG
     page = (sweep / "features.md").read_text()
     assert "[[" in page and "Steered samples" in page
+
+
+def test_a_steering_cell_names_its_judge_its_failure_policy_and_its_direction():
+    """Issue 17: a paper-protocol cell says which judge (model @ endpoint) rated it, that its
+    failed judgements counted as 0, and that the DiffMean arm steered a generated direction."""
+    from bench.report.tables import _judged_by
+
+    paper = pd.DataFrame({"judge": ["openai"], "judge_failure_policy": ["zero"],
+                          "judge_label": ["openai smollm2-135m @ http://127.0.0.1:8123/v1"]})  # fmt: skip
+    assert _judged_by(paper) == (
+        "openai smollm2-135m @ http://127.0.0.1:8123/v1 (failed judgements scored 0)"
+    )
+    ours = pd.DataFrame({"judge": ["offline"], "judge_failure_policy": ["missing"]})
+    assert _judged_by(ours) == "offline"

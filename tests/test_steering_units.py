@@ -144,7 +144,7 @@ def test_summary_has_intervals_and_counts():
     values = [0.0, 0.5, 1.0, 2.0, 1.5]
     rows = [r for f, v in enumerate(values) for r in _samples(f, 0.1, 1, [2.0, v])]
     out = aggregate(rows, list(range(5)), passes=dict.fromkeys(range(5), 3),
-                    judge_stats={"requests": 7.0}, seed=1)  # fmt: skip
+                    judge_stats={"requests": 7.0, "failed_requests": 2.0}, seed=1)  # fmt: skip
     for metric in ("heldout_steering_score", "best_kl_steering_score", "concept_score",
                    "fluency_score"):  # fmt: skip
         row = _by(out, metric)
@@ -162,6 +162,10 @@ def test_summary_has_intervals_and_counts():
     assert _by(out, "judge_failures")["value"] == 0 and _by(out, "judge_failures")["n"] == 20
     assert _by(out, "alpha_search_passes")["value"] == 3
     assert _by(out, "judge_requests")["value"] == 7.0
+    # issue 18: the judge's own "failures" counter once also became a `judge_failures` row,
+    # so the metric was written twice; its request count is now `judge_failed_requests`
+    assert sum(r["metric"] == "judge_failures" for r in out) == 1
+    assert _by(out, "judge_failed_requests")["value"] == 2.0
 
 
 def test_bootstrap_interval_brackets_the_mean():

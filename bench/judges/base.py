@@ -120,6 +120,11 @@ class Judge(ABC):
         returned as they are."""
         return self
 
+    def check_reachable(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Raise `JudgeUnreachable` if the judge cannot answer at all (a server that is down,
+        a key it refuses); called once per job before the model loads. Judges that run in
+        this process have nothing to reach."""
+
     def label(self) -> str:
         """How rows and reports name this judge (e.g. `openai gpt-4o-mini @ <url>`)."""
         return type(self).name or type(self).__name__.lower()

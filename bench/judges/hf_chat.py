@@ -63,7 +63,13 @@ class HFChatJudge(ChatJudge):
             raise ConfigError(f"judge.write_temperature={self.write_temperature}: must be >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"judge.dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
-        counters = ("requests", "failures", "unparsable", "prompt_tokens", "completion_tokens")
+        counters = (
+            "requests",
+            "failed_requests",
+            "unparsable",
+            "prompt_tokens",
+            "completion_tokens",
+        )
         self._counts = dict.fromkeys(counters, 0)
         self._local_dir()  # a missing local checkpoint is a config error: say so before any work
 
@@ -154,7 +160,7 @@ class HFChatJudge(ChatJudge):
                     answers.extend(self._sample(batch[0], max_tokens, temperature, attempt))
             except Exception as err:  # one failed batch: its prompts become missing values
                 log.warning("hf_chat judge failed on a batch of %d prompts: %s", len(batch), err)
-                self._counts["failures"] += len(batch)
+                self._counts["failed_requests"] += len(batch)
                 answers.extend([err] * len(batch))
         return answers
 

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, JudgeUnreachable
 from bench.judges.base import UNPARSABLE, ChatJudge, Judgement
+from bench.secrets import redact_text
 from bench.storage import atomic_write_text, cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class OpenAIJudge(ChatJudge):
                 f"{self.max_retries}, {self.backoff})"
             )
         self.base_url = self.base_url.rstrip("/")
-        counters = ("requests", "retries", "cache_hits", "failures", "unparsable", "reasked")
+        counters = ("requests", "retries", "cache_hits", "failed_requests", "unparsable", "reasked")
         self._counts = dict.fromkeys((*counters, "prompt_tokens", "completion_tokens"), 0)
         self._api_key()  # fail now, before any generation, if the variable is missing
 
@@ -129,6 +130,35 @@ class OpenAIJudge(ChatJudge):
 
     def label(self) -> str:
         return f"openai {self.model} @ {self.base_url}"
+
+    def check_reachable(self) -> None:
+        """One cheap request, `GET {base_url}/models`, before any model loads: a server that
+        refuses connections, does not answer, or refuses the key fails the job now with the
+        URL named, not after hours of generation with every judgement missing. A server
+        that answers anything else (a 404 from one without that route) is reachable."""
+        api_key = self._api_key()
+        url = f"{self.base_url}/models"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        where = redact_text(url)
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=min(self.timeout, 10.0)
+            ):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise JudgeUnreachable(
+                    f"the judge endpoint {where} refused the key (HTTP {exc.code}); check "
+                    f"${self.api_key_env}"
+                ) from None
+            return  # it answered: some compatible servers have no /models route
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            detail = _redact(f"{type(reason).__name__}: {reason}", api_key)
+            raise JudgeUnreachable(
+                f"the judge endpoint {where} cannot be reached ({redact_text(detail)}); start "
+                "the server or fix judge.base_url, or choose judge=offline"
+            ) from None
 
     def _rate(self, prompts: list[str]) -> list[Judgement]:
         judgements = super()._rate(prompts)  # counts the unparsable ones
@@ -161,7 +191,7 @@ class OpenAIJudge(ChatJudge):
                 answer, prompt_tokens, completion_tokens = self._post(prompt, key, api_key)
             except RequestFailed as exc:
                 if not exc.retryable or attempt == self.max_retries:
-                    self._add("failures", 1)
+                    self._add("failed_requests", 1)
                     self._warn_once(exc.kind, str(exc))
                     return exc
                 delay = self.backoff * 2**attempt

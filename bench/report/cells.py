@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 DIMS = ("encoder", "protocol", "description", "generator", "noise")
 DEFAULT_PROTOCOL = "concept"  # the comparison's steering protocol: its columns are unlabelled
 BLOCK = ["model", "layer", "hook"]  # one table per block
+# how a steering cell was judged and what was steered (issue 17: the paper's protocol labels
+# its judge, its policy for failed judgements, and the DiffMean arm's generated direction)
+JUDGED_BY = ("judge_label", "judge_failure_policy", "direction")
 CELL_COLUMNS = [
     "place", *BLOCK, "setting_hash", "setting", "method", "task", "title", "task_order",
     "compared", "higher_is_better", "metric", *DIMS, "label", "order", "value", "ci_low", "ci_high", "n", "seeds", "defined", "paired_over",
-    "units_hash", "replicates", "dataset_hash", "code_version", "judge", "supervised", "text",
+    "units_hash", "replicates", "dataset_hash", "code_version", "judge", *JUDGED_BY, "supervised",
+    "text",
 ]  # fmt: skip
 
 
@@ -230,6 +234,7 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]], task
         "paired_over": _first(cell, "paired_over"), "units_hash": _none(units_hash),
         "replicates": mean_reps, "dataset_hash": _first(cell, "dataset_hash"),
         "code_version": ", ".join(_versions(cell)), "judge": ", ".join(_distinct(cell, "judge")),
+        **{c: ", ".join(_distinct(cell, c)) for c in JUDGED_BY},
         "supervised": False,  # set per method by headline_cells
         "text": cell_text(value, low, high, n, len(cell), len(defined)),
     }  # fmt: skip

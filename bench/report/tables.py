@@ -80,7 +80,8 @@ def _rows(
     steering = describe and set(part["task"]) == {"steering"}
     header = ["setting", *(label + arrows.get(key, "") for key, (_, label) in
                            zip(columns, columns, strict=True))]  # fmt: skip
-    header += ["description", "judge"] if steering else []
+    directions = set(part.get("direction", pd.Series(dtype=str)).dropna()) - {"", "feature"}
+    header += ["description", "judge"] + (["direction"] if directions else []) if steering else []
     rows = part if rows is None else rows
     settings = rows.drop_duplicates("setting_hash").sort_values(["method", "setting"])
     body = []
@@ -94,10 +95,21 @@ def _rows(
         row = [name, *(texts.get(c, MISSING) for c in columns)]
         if steering:
             kinds = ", ".join(sorted(set(ours["description"].dropna().astype(str))))
-            judges = ", ".join(sorted({j for j in ours["judge"].dropna() if j}))
-            row += [kinds or MISSING, judges or MISSING]
+            row += [kinds or MISSING, _judged_by(ours)]
+            if directions:
+                row.append(", ".join(sorted({d for d in ours["direction"].dropna() if d})))
         body.append(row)
     return header, body
+
+
+def _judged_by(cells: pd.DataFrame) -> str:
+    """The judge as its label names it (model and endpoint), and what a failed judgement
+    counted as when that was 0 (the paper's policy) rather than a missing value."""
+    column = "judge_label" if "judge_label" in cells and cells["judge_label"].any() else "judge"
+    text = ", ".join(sorted({j for j in cells[column].dropna() if j})) or MISSING
+    if "judge_failure_policy" in cells and cells["judge_failure_policy"].eq("zero").any():
+        text += " (failed judgements scored 0)"
+    return text
 
 
 def _notes(part: pd.DataFrame) -> list[str]:
