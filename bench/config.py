@@ -59,6 +59,11 @@ class ModelConfig:
     d_model: int | None = None  # known widths let a rank larger than the hook's fail before
     d_mlp: int | None = None  # the model loads (null: checked when the method fits)
     n_ctx: int | None = None  # context length override; null keeps the model's own
+    # The default comparison's sample sizes, sized to the model's cost per token so that
+    # bare `featbench` fits 15 minutes on 2 CPU cores (task.steering.concepts and
+    # task.reconstruction.max_sentences read them; an override of those wins).
+    steering_concepts: int | None = 8  # concepts steered per job (null: all)
+    reconstruction_sentences: int | None = None  # test sentences spliced (null: all)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class ActivationsConfig:
 @dataclass
 class PathsConfig:
     results_dir: str = "results"
+    cache_dir: str | None = None  # models, activations, judge answers; null: $FEATBENCH_CACHE
 
 
 @dataclass

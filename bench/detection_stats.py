@@ -31,6 +31,29 @@ def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
     return auc
 
 
+def best_feature_per_concept(
+    train_auc: np.ndarray, concepts: list[str], labels: list[str] | None
+) -> np.ndarray:
+    """The one rule by which a concept gets a method's feature, in concept detection and in
+    steering's concept protocol alike: a supervised method's own direction for the concept
+    (`labels`, when it has one), else the feature with the best train-split AUROC (a NaN
+    AUROC, a feature constant on the split, counts as 0.5). `train_auc` is C x k."""
+    chosen = np.nan_to_num(train_auc, nan=0.5).argmax(axis=1)
+    if labels:
+        for c, concept in enumerate(concepts):
+            if concept in labels:
+                chosen[c] = labels.index(concept)
+    return chosen
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half: `auroc_matrix` for one
+    score column and one split into positives and negatives."""
+    scores = np.concatenate([np.asarray(positive, float), np.asarray(negative, float)])
+    positives = np.arange(len(scores)) < len(positive)
+    return float(auroc_matrix(scores[:, None], positives[:, None])[0, 0])
+
+
 def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
     """(B, n) float counts of each unit in each resample (rows of `indices`, B x len)."""
     rows = indices.shape[0]

@@ -46,7 +46,7 @@ from bench.job_checks import (
     refuse_misspelled_target,
 )
 from bench.judges.base import Judge
-from bench.models import GGUFSource, load_model, resolve_device
+from bench.models import GGUFSource, check_available, load_model, resolve_device
 from bench.results import (
     FAILED_FILE,
     METRICS_FILE,
@@ -63,7 +63,7 @@ from bench.results import (
     write_replicates,
 )
 from bench.secrets import REDACTED, is_secret_name, redact, redact_text
-from bench.storage import atomic_write_text, entry_lock, sha256_json
+from bench.storage import atomic_write_text, entry_lock, sha256_json, using_cache
 from methods.base import Method
 from tasks.base import Task, TaskData
 
@@ -142,6 +142,11 @@ def run_job(
     not run again unless `force=true`; W&B (or another tracker) gets one run per
     job in `group`.
     """
+    with using_cache(cfg.paths.get("cache_dir")):  # the job's caches, scoped to the job
+        return _run_job(cfg, job_dir, group, name)
+
+
+def _run_job(cfg: DictConfig, job_dir: Path, group: str, name: str | None) -> pd.DataFrame:
     started = time.perf_counter()
     validate(cfg)
     method: Method = build(cfg.method, "method", Method)
@@ -159,6 +164,7 @@ def run_job(
         if task.needs_judge and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
         task.check_judge(judge)
+    check_available(cfg.model.name, cfg.model.source)  # an offline hub model: say so first
     if judge is not None and any(task.needs_judge for task in tasks.values()):
         judge.check_reachable()  # one request now, not hours of work judged by nobody
     tracker = _build_tracker(cfg)

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,28 @@ def file_mode() -> int:
     return 0o666 & ~process_umask()
 
 
+_CACHE_ROOT: ContextVar[str | None] = ContextVar("featbench_cache_root", default=None)
+
+
+@contextlib.contextmanager
+def using_cache(root: str | None) -> Iterator[None]:
+    """Caches under `root` inside the block (a job's `paths.cache_dir`); None keeps the
+    default. Scoped to the block and the current context, never process-wide."""
+    token = _CACHE_ROOT.set(root)
+    try:
+        yield
+    finally:
+        _CACHE_ROOT.reset(token)
+
+
 def cache_dir() -> Path:
-    """Root of featbench's caches; `FEATBENCH_CACHE` overrides the default."""
-    root = os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache" / "featbench"
+    """Root of featbench's caches: the job's `paths.cache_dir` when set (`using_cache`),
+    else `FEATBENCH_CACHE`, else ~/.cache/featbench."""
+    root = (
+        _CACHE_ROOT.get()
+        or os.environ.get("FEATBENCH_CACHE")
+        or Path.home() / ".cache" / "featbench"
+    )
     path = Path(root).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -63,6 +63,7 @@ from bench.descriptions import INPUT_TOP, Describer
 from bench.detection_stats import (  # noqa: F401  (auroc_matrix, ResampledAuroc: this module's interface)
     ResampledAuroc,
     auroc_matrix,
+    best_feature_per_concept,
     covered,
     fmt_estimate,
     mean_of,
@@ -256,7 +257,7 @@ class ConceptDetection(Task):
             rows.append({"feature": f, "concept": concept, "metric": "s_cd", "value": value, "reason": reason})  # fmt: skip
         # Per concept, the feature chosen on the train split (not the test maximum,
         # which would grow with the number of features), scored on the test split.
-        chosen = np.nan_to_num(train_auc, nan=0.5).argmax(axis=1)  # C
+        chosen = best_feature_per_concept(train_auc, concepts, features.labels)  # C
         best = test_auc[np.arange(len(concepts)), chosen]
         for c, concept in enumerate(concepts):
             rows.append(

@@ -130,7 +130,8 @@ class Reconstruction(Task):
         out = {
             k: np.zeros(len(sentences)) for k in ("kl", "n_kl", "ce_clean", "ce_spliced", "n_ce")
         }
-        for batch, tokens, real in padded_batches(model, token_ids, self.batch_tokens):
+        per_batch = logit_batch_tokens(self.batch_tokens, model.cfg.d_vocab)
+        for batch, tokens, real in padded_batches(model, token_ids, per_batch):
             tokens = tokens.to(model.cfg.device)
             mask = real.to(model.cfg.device)
             rows = [x_hat[start[i] : stop[i]] for i in batch]  # row-major, as mask's True
@@ -155,6 +156,17 @@ class Reconstruction(Task):
                                ("ce_spliced", ce_s), ("n_ce", has_next)):  # fmt: skip
                 out[key][batch] = value.double().sum(1).cpu().numpy()
         return out
+
+
+LOGIT_BUDGET = 2 << 30  # bytes of full-vocabulary tensors per batch: well inside 24 GiB
+LOGIT_COPIES = 6  # live [tokens x vocab] float32 tensors: two logits, two log-softmaxes, exp, diff
+
+
+def logit_batch_tokens(batch_tokens: int, d_vocab: int) -> int:
+    """Padded tokens per forward batch: `batch_tokens`, capped so that the batch's
+    full-vocabulary tensors stay within LOGIT_BUDGET. Gemma 3's 262,144-token vocabulary
+    makes 4,096 tokens of them 26 GB (the process was killed for it); SmolLM2's 49,152, 5 GB."""
+    return max(1, min(batch_tokens, LOGIT_BUDGET // (d_vocab * 4 * LOGIT_COPIES)))
 
 
 def _per_sentence(values: torch.Tensor, sentence: torch.Tensor, n: int) -> np.ndarray:

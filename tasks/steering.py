@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from bench.alpha_search import calibrate
 from bench.checkpoints import Checkpoints
 from bench.descriptions import INPUT_CENTRIC, Describer, Description, check_kind, label
+from bench.detection_stats import auroc_matrix, best_feature_per_concept
 from bench.errors import ConfigError
 from bench.generated_sentences import diffmean_vector, write_sentences
 from bench.judges.base import Judge, Judgement
@@ -64,7 +65,7 @@ from bench.steering_scores import (
 from bench.steering_settings import PROTOCOL, PROTOCOL_VALUES, check, resolve
 from methods.base import Features
 from tasks.base import Headline, Task, TaskData
-from tasks.concept_detection import auroc_matrix, select_features, sentence_scores
+from tasks.concept_detection import select_features, sentence_scores
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,11 @@ class Steering(Task):
         feature_of, extra = {}, {}
         sentences = np.array(data.dataset.sentences, dtype=object)[train]
         examples = {c: tuple(sentences[labels == c]) for c in picked}  # what the judge reads
+        best = best_feature_per_concept(auc, concepts, features.labels)  # as concept detection
         for c in picked:
-            row = auc[concepts.index(c)]
-            own = features.labels.index(c) if features.labels and c in features.labels else None
-            f = own if own is not None else int(row.argmax())
+            f = int(best[concepts.index(c)])
             feature_of[c] = f
-            extra[c] = {"match_auroc": float(row[f])}
+            extra[c] = {"match_auroc": float(auc[concepts.index(c), f])}
         return picked, feature_of, lambda c: label(c, examples[c]), extra
 
     def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,

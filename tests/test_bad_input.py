@@ -538,3 +538,15 @@ def test_no_source_file_can_deserialize_code():
         if (found := unsafe_loads(p.read_text(encoding="utf-8")))
     }
     assert problems == {}
+
+
+def test_a_model_sizes_its_default_comparison_and_an_override_wins():
+    """Gemma 3's tokens cost ~2.5x SmolLM2's, so its model config sizes the default
+    comparison to fit the same 15 minutes; the task's own settings still override it."""
+    smol, gemma = _compose([]), _compose(["model=gemma3-270m"])
+    assert (smol.task.steering.concepts, smol.task.reconstruction.max_sentences) == (8, None)
+    assert (gemma.task.steering.concepts, gemma.task.reconstruction.max_sentences) == (3, 250)
+    more = _compose(["model=gemma3-270m", "task.steering.concepts=6"])
+    assert more.task.steering.concepts == 6
+    full = _compose(["experiment=compare_full"])
+    assert full.task.steering.concepts is None and "steering_feature" in full.task

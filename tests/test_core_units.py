@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.detection_stats import auroc, auroc_matrix, best_feature_per_concept
 from bench.hooks import HOOKS, hook_name, layer_of, parse_hook_name
 from bench.results import (
     SCHEMA,
@@ -26,7 +27,6 @@ from bench.secrets import REDACTED, is_secret_name, redact
 from bench.storage import atomic_write, atomic_write_text
 from methods.base import ActivationSet, ArtifactError, Features
 from methods.diffmean import DiffMean
-from tasks.concept_detection import auroc_matrix
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
        "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
@@ -232,6 +232,18 @@ def test_auroc_matrix_matches_pairwise_definition():
         assert auc[c, f] == pytest.approx(_brute_auroc(scores[:, f], positives[:, c]))
     constant = auroc_matrix(np.ones((30, 1)), positives)
     assert np.allclose(constant, 0.5)
+    # the one AUROC: the calibration's two-sample form is the same computation
+    pos, neg = scores[positives[:, 1], 2], scores[~positives[:, 1], 2]
+    assert auroc(pos, neg) == pytest.approx(auc[1, 2])
+
+
+def test_concept_detection_and_steering_match_features_to_concepts_by_one_rule():
+    """A supervised method's own direction for a concept, else the best train AUROC (NaN,
+    a constant feature, as 0.5); `best_feature_per_concept` is the only place it lives."""
+    train_auc = np.array([[0.6, np.nan, 0.9], [0.7, 0.4, 0.2], [np.nan, np.nan, 0.3]])
+    concepts = ["a", "b", "c"]
+    assert best_feature_per_concept(train_auc, concepts, None).tolist() == [2, 0, 0]
+    assert best_feature_per_concept(train_auc, concepts, ["c", "a"]).tolist() == [1, 0, 0]
 
 
 def test_atomic_writes_get_the_mode_an_ordinary_open_gives(tmp_path):

@@ -181,3 +181,17 @@ def test_atomic_writes_follow_the_umask_at_write_time(tmp_path, umask_027):
     umask of whenever bench.storage was first imported)."""
     written = atomic_write_text(tmp_path / "f", "x")
     assert stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+def test_a_jobs_cache_folder_is_scoped_to_the_job(tmp_path, monkeypatch):
+    """`paths.cache_dir` moves every cache of the job (models, activations, judge answers)
+    for the job only: after it, and in other contexts, the environment's folder is back."""
+    from bench.storage import cache_dir, using_cache
+
+    monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env"
+    with using_cache(str(tmp_path / "job")):
+        assert cache_dir() == tmp_path / "job"
+        with using_cache(None):  # a job that sets none keeps the environment's
+            assert cache_dir() == tmp_path / "env"
+    assert cache_dir() == tmp_path / "env"

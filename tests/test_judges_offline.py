@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
+from bench.detection_stats import auroc
 from bench.errors import ConfigError, FeatbenchError
 from bench.judges.base import Judgement
 from bench.judges.offline import CALIBRATED, OfflineJudge, repetition, to_score
 from bench.judges.offline_calibration import (
-    auroc,
     calibrate,
     distinctive_tokens,
     fluency_sample,

@@ -14,7 +14,7 @@ from methods.base import Features
 from methods.diffmean import DiffMean
 from methods.pca import PCA
 from tasks.base import TaskData
-from tasks.reconstruction import Reconstruction
+from tasks.reconstruction import LOGIT_BUDGET, Reconstruction, logit_batch_tokens
 
 
 class ZeroDecoder(Features):
@@ -90,3 +90,15 @@ def test_metrics_are_ratios_over_test_sentences_with_paired_intervals(setup):
         assert len(row["replicates"]) == 200
         # Two methods on the same split are scored on the same units: pairable.
         assert row["units_hash"] == rows["pca8"][metric]["units_hash"]
+
+
+def test_the_splice_batch_is_sized_by_the_vocabulary():
+    """Gemma 3's 262,144-token vocabulary at the extraction's 4,096 tokens per batch needed
+    26 GB of logits and the default comparison was killed for it: the batch is capped so
+    its full-vocabulary tensors fit the budget, for every vocabulary."""
+    for d_vocab in (49_152, 262_144):
+        tokens = logit_batch_tokens(4096, d_vocab)
+        assert tokens * d_vocab * 4 * 6 <= LOGIT_BUDGET < (tokens + 1) * d_vocab * 4 * 6
+    assert logit_batch_tokens(4096, 262_144) == 341 and logit_batch_tokens(4096, 49_152) == 1820
+    assert logit_batch_tokens(64, 49_152) == 64  # a smaller setting is kept
+    assert logit_batch_tokens(4096, 10**12) == 1  # never zero

@@ -493,11 +493,12 @@ def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path
     assert len(units) == 2 and units == again  # the same concepts for every method
     diffmean = DiffMean().fit(train)
     for c in units:  # a supervised method steers its own direction for the concept
-        assert diffmean.labels[feature_of[c]] == c and extra[c]["supervised"]
+        assert diffmean.labels[feature_of[c]] == c  # ("supervised" is the job's column now)
         assert describe(c).kind == "label" and describe(c).texts == {1: c.replace("_", " ")}
     random = Random(n_features=10).fit(train)
     _, picked, _, info = task._concept_units(random, task_data)
-    from tasks.concept_detection import auroc_matrix, sentence_scores
+    from bench.detection_stats import auroc_matrix
+    from tasks.concept_detection import sentence_scores
 
     scores = sentence_scores(random, task_data)[data.indices("train")]
     labels = np.array(data.labels)[data.indices("train")]

@@ -34,20 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.detection_stats import auroc
 from bench.judges.offline import EXAMPLES
 
 TOP_TOKENS = 8  # as the steering task's `top_tokens`: the length of a feature's token list
 LOOP_TOKENS = 40  # a degenerate continuation's length: about the steering task's 50 new tokens
 PRIOR = 0.5  # Dirichlet pseudo-count per token string: rare tokens need evidence to rank
-
-
-def auroc(pos: Any, neg: Any) -> float:
-    """P(a positive scores above a negative), ties counting half (Mann-Whitney U)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([pos, neg]))
-    n_pos, n_neg = len(pos), len(neg)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def shuffle_words(text: str, seed: int) -> str:
