@@ -40,7 +40,7 @@ from bench.storage import (
     mark_verified,
     sha256_json,
 )
-from methods.base import ActivationSet
+from featbench.methods.base import ActivationSet
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from methods.base import ActivationSet, Features
+from featbench.methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
 

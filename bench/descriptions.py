@@ -50,7 +50,7 @@ from bench.judges.writing import (
     output_lines,
     results_section,
 )
-from methods.base import ActivationSet, Features
+from featbench.methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench.contexts import encode_all, sentence_max
-from methods.base import ActivationSet, Features
+from featbench.methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
 

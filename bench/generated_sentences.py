@@ -36,7 +36,7 @@ from bench.detection_stats import s_cd_of
 from bench.encodings import ENCODERS
 from bench.hooks import layer_of
 from bench.judges.writing import SENTENCE_TOKENS, sentence_prompt
-from methods.base import ActivationSet, Features
+from featbench.methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
 

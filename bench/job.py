@@ -64,8 +64,8 @@ from bench.results import (
 )
 from bench.secrets import REDACTED, is_secret_name, redact, redact_text
 from bench.storage import atomic_write_text, entry_lock, sha256_json, using_cache
-from methods.base import Method
-from tasks.base import Task, TaskData
+from featbench.methods.base import Method
+from featbench.tasks.base import Task, TaskData
 
 log = logging.getLogger(__name__)
 

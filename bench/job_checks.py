@@ -17,7 +17,7 @@ from bench.errors import ConfigError, JudgeFailures
 from bench.hooks import WIDTHS
 from bench.results import FAILED_FILE, METRICS_FILE, read_metrics
 from bench.storage import atomic_write_text
-from methods.base import Method
+from featbench.methods.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -109,5 +109,5 @@ def refuse_misspelled_target(node: DictConfig, where: str) -> None:
         if looks or (name.startswith("_") and name not in HYDRA_KEYS):
             raise ConfigError(
                 f"{where} has no _target_ but has {name!r}: a misspelled _target_? A task's "
-                "YAML names its class with _target_ (e.g. _target_: tasks.steering.Steering)"
+                "YAML names its class with _target_ (e.g. _target_: featbench.tasks.steering.Steering)"
             )

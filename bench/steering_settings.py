@@ -1,6 +1,6 @@
 """The steering task's settings: the protocol presets and the checks.
 
-`protocol` is a preset. Every field of `tasks.steering.Steering` named in
+`protocol` is a preset. Every field of `featbench.tasks.steering.Steering` named in
 `PROTOCOL_VALUES` that is left at null (at `protocol` for `top_p` and `max_features`,
 whose null means "top-k only" and "every feature") takes its protocol's value:
 featbench's under `concept` and `feature`, the SNMF reference code's under `paper`.

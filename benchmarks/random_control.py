@@ -27,8 +27,8 @@ import numpy as np
 from bench.activations import extract
 from bench.datasets import load
 from bench.models import load_model
-from methods.random import RandomDirections
-from tasks.concept_detection import auroc_matrix
+from featbench.methods.random import RandomDirections
+from featbench.tasks.concept_detection import auroc_matrix
 
 
 def mean_feature_auroc(scores: np.ndarray, labels: np.ndarray, train, test, concepts):

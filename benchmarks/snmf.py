@@ -5,7 +5,7 @@
     python benchmarks/snmf.py --no-compare --scale --scale-iters 3 --json out.json
 
 Prints, for the same data, seed and iteration count:
-- featbench's SNMF (`methods.snmf.SNMF.factorize`): seconds per iteration and
+- featbench's SNMF (`featbench.methods.snmf.SNMF.factorize`): seconds per iteration and
   achieved GFLOP/s (4ndk + 6nk^2 useful flops per iteration);
 - this machine's matmul peak, measured now on the shapes SNMF uses and a
   large square product;
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from methods.snmf import SNMF, negative, positive, winner_take_all
+from featbench.methods.snmf import SNMF, negative, positive, winner_take_all
 
 
 def peak_rss_gib() -> float:

@@ -33,8 +33,8 @@ from bench.decode import LeanDecoder
 from bench.model_sources import embedded_model
 from bench.models import load_model
 from bench.steer import generate, next_token_kl, search_alpha, unsteered
-from methods.diffmean import DiffMean
-from tasks.steering import Steering
+from featbench.methods.diffmean import DiffMean
+from featbench.tasks.steering import Steering
 
 
 def bisection(model, hook, direction, task, steps=20):

@@ -1,1 +1,1 @@
-"""Method plugins: one file per method; the contract is in `methods.base`."""
+"""Method plugins: one file per method; the contract is in `featbench.methods.base`."""

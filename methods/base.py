@@ -35,6 +35,7 @@ from bench.storage import atomic_write, atomic_write_text
 log = logging.getLogger(__name__)
 
 FEATURES_JSON = "features.json"
+LEGACY_PREFIX = "methods."  # class names in features.json written before the rename
 FEATURES_TENSORS = "features.safetensors"
 FORMAT_VERSION = 1
 
@@ -233,9 +234,12 @@ class Features:
 
 
 def _features_class(path: str, meta_path: Path) -> type[Features]:
-    """Resolve the JSON's class name; only Features subclasses are accepted."""
+    """Resolve the JSON's class name; only Features subclasses are accepted. Artifacts
+    saved before methods/ installed as `featbench.methods` name `methods.<module>`."""
     from hydra.utils import get_class
 
+    if path.startswith(LEGACY_PREFIX):
+        path = "featbench." + path
     try:
         feature_cls = get_class(path)
     except Exception as err:  # Hydra wraps import failures in several types

@@ -17,7 +17,7 @@ import torch
 
 from bench.datasets import NEUTRAL
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 
 log = logging.getLogger(__name__)
 

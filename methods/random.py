@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
-from methods.base import ActivationSet, Features, GeneratorInfo, Method
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 
 @dataclass

@@ -13,10 +13,10 @@ Two sources, exactly one of them:
 
 `fit(acts)` checks that the SAE was trained at the run's hook (its
 `cfg.metadata.hook_name`) and on vectors of the run's width (`cfg.d_in`), and
-wraps it in `methods.topk_sae.SAEFeatures`, which replays the SAE's own encode
+wraps it in `featbench.methods.topk_sae.SAEFeatures`, which replays the SAE's own encode
 (TopK, ReLU or JumpReLU) from the weights it keeps; other architectures and
 SAEs with run-time input normalization are refused with a clear error (see
-`methods.topk_sae.sae_features`). As a guard, the replayed encodings of the
+`featbench.methods.topk_sae.sae_features`). As a guard, the replayed encodings of the
 first tokens are compared with sae-lens's `SAE.encode`.
 """
 
@@ -34,8 +34,8 @@ from safetensors import SafetensorError, safe_open
 
 from bench.errors import ConfigError
 from bench.models import EMBEDDED_NAME, hub_reachable
-from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
-from methods.topk_sae import reconstruction_stats, sae_features
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
+from featbench.methods.topk_sae import reconstruction_stats, sae_features
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
 from bench.models import resolve_device
-from methods.base import ActivationSet, Features, GeneratorInfo, Method
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Level 1 factorizes the activations with the first rank (default 400),
 A ~= Z1 Y1. Each further level factorizes the previous level's features,
 Z(l) ~= Z(l+1) Y(l+1) with Y(l+1) >= 0 (ranks 200, 100, 50 by default), so a
 coarse feature is a non-negative mixture basis of finer ones. Every level
-uses the SNMF step of `methods.snmf` (winner-take-all sparsity included).
+uses the SNMF step of `featbench.methods.snmf` (winner-take-all sparsity included).
 
 Edges: coarse feature j (parent) -> fine feature i (child) when
 Y(l+1)[j, i] >= `edge_threshold` (0.15) x max_i' Y(l+1)[j, i'].
@@ -34,8 +34,16 @@ import torch
 
 from bench.errors import ConfigError
 from bench.storage import atomic_write, atomic_write_text
-from methods.base import ActivationSet, Features, GeneratorInfo, Method
-from methods.snmf import EPS, SNMF, SNMFFeatures, negative, nnls_codes, positive, winner_take_all
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
+from featbench.methods.snmf import (
+    EPS,
+    SNMF,
+    SNMFFeatures,
+    negative,
+    nnls_codes,
+    positive,
+    winner_take_all,
+)
 
 log = logging.getLogger(__name__)
 

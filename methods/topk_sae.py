@@ -15,7 +15,7 @@ reshuffles the in-memory matrix each epoch with a seeded generator), and
 starting b_dec at the data mean instead of zero (Gao et al.'s recipe; on
 synthetic data it cut the final FVU from 0.075 to 0.0015 at equal steps).
 
-`SAEFeatures` (also used by `methods.sae_pretrained`) holds the SAE's weights
+`SAEFeatures` (also used by `featbench.methods.sae_pretrained`) holds the SAE's weights
 in `extra` and its activation function in `info["sae"]`, and replays sae-lens's
 encode/decode with the same tensor operations, so a saved artifact needs no
 sae-lens object to be used. Supported: "topk", "standard" (ReLU) and
@@ -35,7 +35,7 @@ import torch
 
 from bench.errors import ConfigError
 from bench.models import resolve_device
-from methods.base import ActivationSet, Features, GeneratorInfo, Method
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: only fit and sae_features import it
     from sae_lens import SAE

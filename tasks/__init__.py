@@ -1,1 +1,1 @@
-"""Evaluation tasks: one file per task; the contract is in `tasks.base`."""
+"""Evaluation tasks: one file per task; the contract is in `featbench.tasks.base`."""

@@ -18,7 +18,7 @@ from bench.datasets import NEUTRAL, ConceptDataset
 from bench.encodings import Encodings
 from bench.errors import ConfigError
 from bench.judges.base import Judge
-from methods.base import ActivationSet, Features
+from featbench.methods.base import ActivationSet, Features
 
 
 @dataclass

@@ -85,8 +85,8 @@ from bench.generated_sentences import (
 )
 from bench.judges.base import Judge
 from bench.storage import atomic_write_text
-from methods.base import Features
-from tasks.base import Headline, Task, TaskData
+from featbench.methods.base import Features
+from featbench.tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 

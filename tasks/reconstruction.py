@@ -33,8 +33,8 @@ import torch
 from bench import stats
 from bench.activations import padded_batches, tokenize
 from bench.errors import ConfigError
-from methods.base import Features
-from tasks.base import Headline, Task, TaskData
+from featbench.methods.base import Features
+from featbench.tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 

@@ -63,9 +63,9 @@ from bench.steering_scores import (
     aggregate,
 )
 from bench.steering_settings import PROTOCOL, PROTOCOL_VALUES, check, resolve
-from methods.base import Features
-from tasks.base import Headline, Task, TaskData
-from tasks.concept_detection import select_features, sentence_scores
+from featbench.methods.base import Features
+from featbench.tasks.base import Headline, Task, TaskData
+from featbench.tasks.concept_detection import select_features, sentence_scores
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ Gaussian with std = noise level x the std of the clean matrix.
 Capacity. Recovery is only measurable when the method is given the true
 capacity: 100 SNMF features for 20 true ones split and duplicate them. So the
 task resizes the method through its own hook, `method.at_capacity(k_true,
-generator_info)` (`methods.base.Method.at_capacity`), never by editing config
+generator_info)` (`featbench.methods.base.Method.at_capacity`), never by editing config
 keys: each method states how it is resized. What else the method is told is
 the task's `informed` setting, and every method gets the same:
 
@@ -92,8 +92,8 @@ from scipy.optimize import linear_sum_assignment
 from bench import stats
 from bench.errors import ConfigError, FeatbenchError
 from bench.storage import sha256_json
-from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
-from tasks.base import Headline, Task, TaskData
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
+from featbench.tasks.base import Headline, Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def build_method(node: Any) -> Method:
     """Instantiate the run's method from its config node (a DictConfig or a dict)."""
     method = hydra.utils.instantiate(node, _convert_="all")
     if not isinstance(method, Method):
-        raise ConfigError(f"method {node.get('_target_')!r} is not a methods.base.Method")
+        raise ConfigError(f"method {node.get('_target_')!r} is not a featbench.methods.base.Method")
     return method
 
 

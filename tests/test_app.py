@@ -148,7 +148,8 @@ def test_non_editable_install_finds_config_from_any_directory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0].startswith(str(site))
     assert (
-        "name: smollm2-135m" in out.stdout and "_target_: methods.diffmean.DiffMean" in out.stdout
+        "name: smollm2-135m" in out.stdout
+        and "_target_: featbench.methods.diffmean.DiffMean" in out.stdout
     )
     assert (site / "bench" / "data" / "concepts.jsonl").is_file()
     assert pd.read_json(site / "bench" / "data" / "concepts.jsonl", lines=True).shape[0] >= 660

@@ -45,17 +45,17 @@ import bench.job
 from bench.activations import extract
 from bench.datasets import NEUTRAL, ConceptDataset
 from bench.errors import ConfigError, FeatbenchError
-from methods.base import ActivationSet, ArtifactError, Features
-from methods.diffmean import DiffMean
-from methods.neurons import Neurons
-from methods.pca import PCA
-from methods.random import RandomDirections
-from methods.sae_pretrained import SAEPretrained, SAEUnavailable
-from methods.snmf import SNMF, make_features
-from methods.snmf_hier import HierarchicalSNMF
-from methods.topk_sae import TopKSAE
-from tasks.base import TaskData
-from tasks.concept_detection import ConceptDetection
+from featbench.methods.base import ActivationSet, ArtifactError, Features
+from featbench.methods.diffmean import DiffMean
+from featbench.methods.neurons import Neurons
+from featbench.methods.pca import PCA
+from featbench.methods.random import RandomDirections
+from featbench.methods.sae_pretrained import SAEPretrained, SAEUnavailable
+from featbench.methods.snmf import SNMF, make_features
+from featbench.methods.snmf_hier import HierarchicalSNMF
+from featbench.methods.topk_sae import TopKSAE
+from featbench.tasks.base import TaskData
+from featbench.tasks.concept_detection import ConceptDetection
 from tests.conftest import REPO
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -152,7 +152,7 @@ def _with_base(overrides: list[str]) -> list[str]:
         (["method=snmf_hier", "method.sparsity=-0.1"], r"method.sparsity=-0.1: must be in \(0, 1\]"),
         (["method=snmf", "method.rank=0"], r"method.rank=0: must be >= 1"),
         (["method=snmf_hier", "method.ranks=[10,20]"], r"method.ranks=\[10, 20\]: must be .*decreasing"),
-        (["method=snmf", "+method.rnak=5"], r"(?s)method 'methods.snmf.SNMF' could not be built.*unexpected keyword argument 'rnak'"),
+        (["method=snmf", "+method.rnak=5"], r"(?s)method 'featbench.methods.snmf.SNMF' could not be built.*unexpected keyword argument 'rnak'"),
         ([*STEERING, "task.steering.kl_targets=[0.1,-0.2]"], r"task.steering.kl_targets=.*must be"),
         ([*STEERING, "task.steering.kl_targets=[0]"], r"task.steering.kl_targets=\[0\].*must be"),
         ([*STEERING, "task.steering.kl_targets=[]"], r"task.steering.kl_targets=\[\].*must be"),
@@ -189,7 +189,7 @@ def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expens
 def test_a_misspelled_task_target_is_an_error_not_dropped(no_expensive_work, tmp_path):
     """Settings of an unselected task are ignored; a task node whose `_target_` is
     misspelled would be dropped the same way, so it is refused, naming the key."""
-    cfg = _compose(_with_base(["+task.extra._taget_=tasks.steering.Steering"]))
+    cfg = _compose(_with_base(["+task.extra._taget_=featbench.tasks.steering.Steering"]))
     with pytest.raises(ConfigError, match=r"task.extra has no _target_ but has '_taget_'"):
         bench.job.run_job(cfg, tmp_path / "job")
     leftover = _compose(_with_base(["experiment=smoke", "task=[concept_detection]"]))
@@ -402,7 +402,7 @@ def sae_artifact(tmp_path) -> Path:
     """A saved SAEFeatures artifact (the subclass with the most checks on load)."""
     from sae_lens import SAE
 
-    from methods.topk_sae import sae_features
+    from featbench.methods.topk_sae import sae_features
 
     sae = SAE.from_dict(
         {"architecture": "standard", "d_in": 8, "d_sae": 4, "metadata": {"hook_name": HOOK}}

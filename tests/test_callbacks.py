@@ -21,13 +21,13 @@ from bench.report import build, comparison_table, plot_job
 from bench.report.tables import LEGEND, MARK
 from bench.results import finalize, write_metrics
 from bench.stats import mean_estimate
-from tasks.concept_detection import ConceptDetection
-from tasks.reconstruction import Reconstruction
-from tasks.steering import Steering
+from featbench.tasks.concept_detection import ConceptDetection
+from featbench.tasks.reconstruction import Reconstruction
+from featbench.tasks.steering import Steering
 from tests.test_report import write_job
 
 HOOK = "blocks.3.mlp.hook_post"
-# What a job of this code records about its tasks (tasks.base.Task.declaration).
+# What a job of this code records about its tasks (featbench.tasks.base.Task.declaration).
 META = {"tasks": {c.name: c.declaration() for c in (ConceptDetection, Steering, Reconstruction)}}
 PNG = b"\x89PNG\r\n\x1a\n"
 

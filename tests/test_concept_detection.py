@@ -12,9 +12,9 @@ import torch
 from bench import stats
 from bench.datasets import NEUTRAL, ConceptDataset
 from bench.encodings import projection_codes
-from methods.base import ActivationSet, Features
-from tasks.base import Task, TaskData
-from tasks.concept_detection import (
+from featbench.methods.base import ActivationSet, Features
+from featbench.tasks.base import Task, TaskData
+from featbench.tasks.concept_detection import (
     ConceptDetection,
     ResampledAuroc,
     auroc_matrix,

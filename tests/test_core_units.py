@@ -25,8 +25,8 @@ from bench.results import (
 )  # fmt: skip
 from bench.secrets import REDACTED, is_secret_name, redact
 from bench.storage import atomic_write, atomic_write_text
-from methods.base import ActivationSet, ArtifactError, Features
-from methods.diffmean import DiffMean
+from featbench.methods.base import ActivationSet, ArtifactError, Features
+from featbench.methods.diffmean import DiffMean
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
        "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
@@ -214,6 +214,21 @@ def test_features_round_trip_and_tampering(tmp_path):
         tamper()
         with pytest.raises(ArtifactError, match=message):
             Features.load(tmp_path)
+
+
+def test_an_artifact_saved_before_the_package_rename_still_loads(tmp_path):
+    """features.json written when methods/ installed as top-level `methods` names
+    `methods.snmf.SNMFFeatures`; it resolves to `featbench.methods.snmf.SNMFFeatures`."""
+    from featbench.methods.snmf import SNMFFeatures
+
+    feats = SNMFFeatures(torch.rand(3, 4), method="snmf", hook="blocks.1.hook_mlp_out")
+    feats.save(tmp_path)
+    meta_path = tmp_path / "features.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["class"] == "featbench.methods.snmf.SNMFFeatures"
+    meta_path.write_text(json.dumps({**meta, "class": "methods.snmf.SNMFFeatures"}))
+    back = Features.load(tmp_path)
+    assert type(back) is SNMFFeatures and torch.equal(back.directions, feats.directions)
 
 
 def _brute_auroc(scores, positive):

@@ -52,7 +52,7 @@ def test_token_count_alone_separates_no_label(shipped):
     from transformers import AutoTokenizer
 
     from bench.models import embedded_gguf_path
-    from tasks.concept_detection import auroc_matrix
+    from featbench.tasks.concept_detection import auroc_matrix
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from bench.results import read_metrics
-from methods.diffmean import DiffMean
-from methods.neurons import Neurons
-from methods.pca import PCA
-from methods.random import RandomDirections
-from methods.snmf_hier import HierarchicalSNMF
-from methods.topk_sae import TopKSAE
+from featbench.methods.diffmean import DiffMean
+from featbench.methods.neurons import Neurons
+from featbench.methods.pca import PCA
+from featbench.methods.random import RandomDirections
+from featbench.methods.snmf_hier import HierarchicalSNMF
+from featbench.methods.topk_sae import TopKSAE
 from tests.conftest import featbench_cmd
 from tests.test_bad_input import _acts, _labels
 

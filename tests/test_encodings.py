@@ -10,11 +10,11 @@ import torch
 
 from bench import datasets
 from bench.activations import extract, padded_batches, tokenize
-from methods.pca import PCA
-from tasks.base import TaskData
-from tasks.concept_detection import ConceptDetection
-from tasks.reconstruction import Reconstruction
-from tasks.steering import Steering
+from featbench.methods.pca import PCA
+from featbench.tasks.base import TaskData
+from featbench.tasks.concept_detection import ConceptDetection
+from featbench.tasks.reconstruction import Reconstruction
+from featbench.tasks.steering import Steering
 
 
 @pytest.fixture()

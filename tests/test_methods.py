@@ -14,14 +14,14 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from methods.base import ActivationSet, Features
-from methods.diffmean import DiffMean
-from methods.neurons import Neurons
-from methods.pca import PCA
-from methods.random import RandomDirections
-from methods.snmf import SNMF, winner_take_all
-from methods.snmf_hier import HierarchicalSNMF
-from tasks.synthetic_recovery import planted_snmf
+from featbench.methods.base import ActivationSet, Features
+from featbench.methods.diffmean import DiffMean
+from featbench.methods.neurons import Neurons
+from featbench.methods.pca import PCA
+from featbench.methods.random import RandomDirections
+from featbench.methods.snmf import SNMF, winner_take_all
+from featbench.methods.snmf_hier import HierarchicalSNMF
+from featbench.tasks.synthetic_recovery import planted_snmf
 from tests.conftest import featbench_cmd
 
 
@@ -196,7 +196,7 @@ PLUGIN = textwrap.dedent(
     '''
     from dataclasses import dataclass
     import torch
-    from methods.base import Features, Method
+    from featbench.methods.base import Features, Method
 
     @dataclass
     class FirstCoordinates(Method):
@@ -212,11 +212,16 @@ PLUGIN = textwrap.dedent(
 
 @pytest.mark.integration
 def test_a_plugin_outside_the_repo_runs_end_to_end(tmp_path, embedded):
+    """The researcher's package is called `methods`, as the repo's folder is: the built-in
+    methods and tasks install as featbench.methods / featbench.tasks, so it shadows nothing
+    (the smoke run's tasks import featbench.methods.base) and is itself found."""
     plugin_dir = tmp_path / "plugins"
-    (plugin_dir / "my_methods").mkdir(parents=True)
-    (plugin_dir / "my_methods" / "__init__.py").write_text(PLUGIN)
+    (plugin_dir / "methods").mkdir(parents=True)
+    (plugin_dir / "methods" / "__init__.py").write_text(PLUGIN)
+    (plugin_dir / "tasks").mkdir()
+    (plugin_dir / "tasks" / "__init__.py").write_text("raise ImportError('shadowed tasks')\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(plugin_dir)}
-    args = ["experiment=smoke", "method._target_=my_methods.FirstCoordinates", "+method.k=4",
+    args = ["experiment=smoke", "method._target_=methods.FirstCoordinates", "+method.k=4",
             f"paths.results_dir={tmp_path / 'res'}"]  # fmt: skip
     out = subprocess.run(
         featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
@@ -235,7 +240,7 @@ TASK_PLUGIN = textwrap.dedent(
     '''
     from dataclasses import dataclass
     from typing import ClassVar
-    from tasks.base import Headline, Task
+    from featbench.tasks.base import Headline, Task
 
     @dataclass
     class DirectionNorms(Task):

@@ -55,8 +55,8 @@ from bench.hooks import HOOKS
 from bench.job import build
 from bench.judges.base import Judge
 from bench.results import read_metrics
-from methods.base import Method
-from tasks.base import Task
+from featbench.methods.base import Method
+from featbench.tasks.base import Task
 from tests.conftest import REPO, featbench_cmd
 
 CONF = REPO / "conf"

@@ -27,11 +27,11 @@ from bench.judges.openai import OpenAIJudge
 from bench.sampling import next_token_probs, sample_next
 from bench.steer import generate, mlp_out_image, post_norm_targets
 from bench.steering_scores import EXCLUDED, aggregate
-from methods.base import Features
-from methods.pca import PCA
-from tasks.base import TaskData
-from tasks.concept_detection import ConceptDetection
-from tasks.steering import Steering
+from featbench.methods.base import Features
+from featbench.methods.pca import PCA
+from featbench.tasks.base import TaskData
+from featbench.tasks.concept_detection import ConceptDetection
+from featbench.tasks.steering import Steering
 from tests.test_paper_protocol_double import serving
 
 HOOK = "blocks.1.mlp.hook_post"
@@ -340,7 +340,7 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
 def test_generated_diffmean_wiring_against_the_test_double(
     tiny_model, setup, tmp_path, monkeypatch
 ):
-    import tasks.steering as steering
+    import featbench.tasks.steering as steering
 
     data, acts, features = setup
     steered = []

@@ -10,11 +10,11 @@ import torch
 
 from bench import datasets
 from bench.activations import extract
-from methods.base import Features
-from methods.diffmean import DiffMean
-from methods.pca import PCA
-from tasks.base import TaskData
-from tasks.reconstruction import LOGIT_BUDGET, Reconstruction, logit_batch_tokens
+from featbench.methods.base import Features
+from featbench.methods.diffmean import DiffMean
+from featbench.methods.pca import PCA
+from featbench.tasks.base import TaskData
+from featbench.tasks.reconstruction import LOGIT_BUDGET, Reconstruction, logit_batch_tokens
 
 
 class ZeroDecoder(Features):

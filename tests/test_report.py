@@ -28,13 +28,13 @@ from bench.results import (
     write_metrics,
     write_replicates,
 )
-from methods.base import ActivationSet
-from methods.snmf import SNMF
-from methods.snmf_hier import HierarchicalSNMF
-from tasks.concept_detection import ConceptDetection
-from tasks.reconstruction import Reconstruction
-from tasks.steering import Steering
-from tasks.synthetic_recovery import SyntheticRecovery
+from featbench.methods.base import ActivationSet
+from featbench.methods.snmf import SNMF
+from featbench.methods.snmf_hier import HierarchicalSNMF
+from featbench.tasks.concept_detection import ConceptDetection
+from featbench.tasks.reconstruction import Reconstruction
+from featbench.tasks.steering import Steering
+from featbench.tasks.synthetic_recovery import SyntheticRecovery
 from tests.conftest import REPO, featbench_cmd
 
 HOOK = "blocks.3.mlp.hook_post"

@@ -20,8 +20,8 @@ from bench.contexts import token_texts, top_contexts
 from bench.report import build, report
 from bench.report import html as html_module
 from bench.report.html import html_page
-from methods.base import ActivationSet, Features
-from methods.snmf_hier import HierarchicalSNMF
+from featbench.methods.base import ActivationSet, Features
+from featbench.methods.snmf_hier import HierarchicalSNMF
 from tests.test_report import _fit_features, _rows_concept, _rows_reconstruction, write_job
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'

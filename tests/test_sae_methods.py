@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from methods.base import ActivationSet, Features
-from methods.sae_pretrained import SAEPretrained
-from methods.topk_sae import SAEFeatures, TopKSAE, reconstruction_stats
+from featbench.methods.base import ActivationSet, Features
+from featbench.methods.sae_pretrained import SAEPretrained
+from featbench.methods.topk_sae import SAEFeatures, TopKSAE, reconstruction_stats
 
 HOOK = "blocks.3.mlp.hook_post"
 N, D, PLANTED, ACTIVE = 2000, 64, 8, 2

@@ -17,8 +17,8 @@ from bench.judges.base import Judge, Judgement, parse_rating
 from bench.stats import percentile_interval, resample_indices
 from bench.steer import generate, next_token_kl, sample_next, search_alpha
 from bench.steering_scores import HELDOUT
-from methods.base import ActivationSet, Features
-from tasks.steering import (
+from featbench.methods.base import ActivationSet, Features
+from featbench.tasks.steering import (
     EMPTY,
     UNREACHABLE,
     ZERO_NORM,
@@ -223,7 +223,7 @@ def _direction(d: int) -> torch.Tensor:
 
 
 def test_input_centric_descriptions_steer_and_judge_the_positive_sign_only(tiny_model, monkeypatch):
-    import tasks.steering as steering
+    import featbench.tasks.steering as steering
 
     searched, generated = [], []
 
@@ -477,9 +477,9 @@ def test_concept_protocol_aggregates_per_concept_and_pairs_over_concepts():
 def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path):
     from bench import datasets
     from bench.activations import extract
-    from methods.diffmean import DiffMean
-    from methods.random import RandomDirections as Random
-    from tasks.base import TaskData
+    from featbench.methods.diffmean import DiffMean
+    from featbench.methods.random import RandomDirections as Random
+    from featbench.tasks.base import TaskData
 
     data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=4)
     acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-cp", use_cache=False)
@@ -498,7 +498,7 @@ def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path
     random = Random(n_features=10).fit(train)
     _, picked, _, info = task._concept_units(random, task_data)
     from bench.detection_stats import auroc_matrix
-    from tasks.concept_detection import sentence_scores
+    from featbench.tasks.concept_detection import sentence_scores
 
     scores = sentence_scores(random, task_data)[data.indices("train")]
     labels = np.array(data.labels)[data.indices("train")]

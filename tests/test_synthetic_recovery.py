@@ -16,12 +16,12 @@ from sae_lens.synthetic import mean_correlation_coefficient
 
 from bench.errors import ConfigError
 from bench.job import build
-from methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
-from methods.sae_pretrained import SAEPretrained
-from methods.snmf import SNMF as SNMFMethod
-from methods.topk_sae import TopKSAE
-from tasks.base import Task
-from tasks.synthetic_recovery import (
+from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
+from featbench.methods.sae_pretrained import SAEPretrained
+from featbench.methods.snmf import SNMF as SNMFMethod
+from featbench.methods.topk_sae import TopKSAE
+from featbench.tasks.base import Task
+from featbench.tasks.synthetic_recovery import (
     SyntheticRecovery,
     build_method,
     config_changes,
@@ -29,11 +29,11 @@ from tasks.synthetic_recovery import (
 )
 from tests.conftest import REPO
 
-SNMF = {"_target_": "methods.snmf.SNMF", "rank": 100, "sparsity": 0.01, "max_iter": 200,
+SNMF = {"_target_": "featbench.methods.snmf.SNMF", "rank": 100, "sparsity": 0.01, "max_iter": 200,
         "patience": 50, "device": "cpu"}  # fmt: skip
-PCA = {"_target_": "methods.pca.PCA", "n_features": 100}
-TOPK = {"_target_": "methods.topk_sae.TopKSAE", "d_sae": 100, "k": 16, "device": "cpu"}
-RANDOM = {"_target_": "methods.random.RandomDirections", "n_features": 100, "seed": 0}
+PCA = {"_target_": "featbench.methods.pca.PCA", "n_features": 100}
+TOPK = {"_target_": "featbench.methods.topk_sae.TopKSAE", "d_sae": 100, "k": 16, "device": "cpu"}
+RANDOM = {"_target_": "featbench.methods.random.RandomDirections", "n_features": 100, "seed": 0}
 FULL = "capacity_and_sparsity"
 
 
@@ -94,7 +94,7 @@ def test_random_control_recovers_nothing():
 
 
 def test_label_needing_method_gives_missing_values_with_a_reason():
-    rows = run({"_target_": "methods.diffmean.DiffMean"}, noise_levels=[0.0, 0.1])
+    rows = run({"_target_": "featbench.methods.diffmean.DiffMean"}, noise_levels=[0.0, 0.1])
     assert len(rows) == 2 * 2 * 3  # generators x noise levels x metrics, none dropped
     for row in rows.values():
         assert row["value"] is None and "requires concept labels" in row["reason"]

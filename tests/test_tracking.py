@@ -175,7 +175,7 @@ def test_offline_run_mirrors_config_summary_tables_plots_and_no_secrets(
     monkeypatch.setenv("WANDB_API_KEY", ENV_SECRET)  # offline mode must neither need nor log it
     config = {
         "judge": {"api_key": SECRET, "model": "gpt-4o-mini"},
-        "method": {"_target_": "methods.snmf.SNMF", "k": 8},
+        "method": {"_target_": "featbench.methods.snmf.SNMF", "k": 8},
         "seed": 42,
     }
     job_dir = tmp_path / "job"
@@ -192,7 +192,7 @@ def test_offline_run_mirrors_config_summary_tables_plots_and_no_secrets(
     )  # fmt: skip
     assert list(run.tags) == ["unit"]
     assert got["config"]["judge"] == {"api_key": REDACTED, "model": "gpt-4o-mini"}
-    assert got["config"]["method"] == {"_target_": "methods.snmf.SNMF", "k": 8}
+    assert got["config"]["method"] == {"_target_": "featbench.methods.snmf.SNMF", "k": 8}
     assert got["config"]["seed"] == 42
 
     summary = got["summary"]

@@ -71,7 +71,7 @@ def continuations(model: Any, n: int, seed: int = 0) -> tuple[str, list[str]]:
     """The unsteered model's own continuations of the steering task's prompt, sampled as the
     steering task samples (its defaults): fluent text of the kind the judge is asked about."""
     from bench.steer import generate
-    from tasks.steering import Steering
+    from featbench.tasks.steering import Steering
 
     task = Steering()
     prompt = task.prompts[0]

@@ -102,7 +102,7 @@ def setting_labels(entries: dict[str, tuple[Any, str, dict | None]]) -> dict[str
 
 
 def declarations(metas: dict[str, dict], settings: dict[str, dict | None] | None = None) -> dict:
-    """task name -> its declaration (`tasks.base.Task.declaration`), as the jobs recorded
+    """task name -> its declaration (`featbench.tasks.base.Task.declaration`), as the jobs recorded
     them in their metadata. A job from code that recorded none: the declaration of the
     task class its setting names (`task.<key>._target_`), when it still imports; else the
     task has none, and the report shows every summary metric it wrote."""
