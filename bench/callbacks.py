@@ -12,23 +12,23 @@ in a config with
           _target_: bench.callbacks.ReportCallback
 
 A report that cannot be built is logged as an error. Jobs that failed (their folders
-hold `failed.json`, written by `bench.run.main`) are listed at the end, and the command
-then exits with their exit code (2 for a configuration or data error, 1 for a bug), so
-scripts and CI see a sweep with failures as a failure.
+hold `failed.json`, written by `bench.run.main`) are listed at the end, and the callback
+raises `bench.errors.SweepFailed` with their exit code (2 for a configuration or data
+error, 1 for a bug), which `featbench` returns, so scripts and CI see a sweep with
+failures as a failure.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bench.errors import FeatbenchError
+from bench.errors import FeatbenchError, SweepFailed
 from bench.report import build, comparison_table, read_reference, write_report
 from bench.report.common import one_line
 from bench.results import FAILED_FILE, METRICS_FILE
@@ -74,7 +74,7 @@ class ReportCallback(Callback):
                 log.error("failed job %s: %s", path.parent.name, record.get("error"))
             log.error("%d job(s) of the sweep failed; re-running the sweep retries only them",
                       len(failed))  # fmt: skip
-            sys.exit(max(codes))
+            raise SweepFailed(max(codes), len(failed))
 
     def _report(self, directory: Path) -> None:
         if not directory.is_dir() or not any(directory.rglob(METRICS_FILE)):

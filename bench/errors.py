@@ -20,3 +20,15 @@ class JudgeUnreachable(FeatbenchError):
 class JudgeFailures(FeatbenchError):
     """More of a job's judgements failed than `judge_failure_limit` allows: its results are
     written, but the job is marked failed (failed.json) and a rerun runs it again."""
+
+
+class SweepFailed(SystemExit):
+    """Raised when a sweep ends with failed jobs: the end-of-sweep callback's verdict, with
+    the exit code the sweep ends with (the largest of its jobs': 2 for a configuration or
+    data error, 1 for a bug). A SystemExit, because Hydra swallows (warns about) any
+    Exception a callback raises and only a SystemExit reaches the entry point, where
+    `bench.run.run_main` turns it into its return code."""
+
+    def __init__(self, exit_code: int, failed: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code, self.failed = exit_code, failed

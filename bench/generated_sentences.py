@@ -32,7 +32,7 @@ import torch
 
 from bench.activations import bos_offset, tokenize
 from bench.contexts import sentence_max
-from bench.detection_stats import s_cd_of
+from bench.detection_stats import mean_or_none, s_cd_of
 from bench.encodings import ENCODERS
 from bench.hooks import layer_of
 from bench.judges.writing import SENTENCE_TOKENS, sentence_prompt
@@ -134,6 +134,27 @@ def s_cd(activating: list[float], neutral: list[float]) -> tuple[float | None, s
     """log(mean activating score / mean neutral score), over all sentences (no split);
     missing with its reason when a side is empty or a mean is not positive."""
     return s_cd_of(activating, neutral, where="written")
+
+
+def score_sentences(
+    model: Any, features: Features, f: int, written: Sentences, encoders: list[str]
+) -> tuple[list[dict], dict[str, dict[str, list[float]]]]:
+    """Feature `f`'s S_CD on its written sentences, per encoder: the `s_cd` rows (a missing
+    value with its reason when undefined), and encoder -> mode -> each sentence's score."""
+    acts = {m: sentence_activations(model, getattr(written, m), features.hook) for m in MODES}
+    rows, scores = [], {}
+    for encoder in encoders:
+        scored = {m: sentence_scores_for(features, f, a, encoder) for m, a in acts.items()}
+        value, reason = s_cd(scored["activating"], scored["neutral"])
+        if reason and written.reason:
+            reason = f"{reason} ({written.reason})"
+        scores[encoder] = scored
+        rows.append({"feature": f, "metric": "s_cd", "value": value, "reason": reason,
+                     "encoder": encoder, "n_activating": len(written.activating),
+                     "n_neutral": len(written.neutral),
+                     "mean_activating_score": mean_or_none(scored["activating"]),
+                     "mean_neutral_score": mean_or_none(scored["neutral"])})  # fmt: skip
+    return rows, scores
 
 
 def diffmean_vector(model: Any, sentences: Sentences, hook: str,

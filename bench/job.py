@@ -38,6 +38,7 @@ from bench import activations, datasets
 from bench.config import validate
 from bench.contexts import top_contexts
 from bench.errors import ConfigError
+from bench.hub import check_available
 from bench.job_checks import (
     check_judge_failures,
     check_rank,
@@ -46,7 +47,7 @@ from bench.job_checks import (
     refuse_misspelled_target,
 )
 from bench.judges.base import Judge
-from bench.models import GGUFSource, check_available, load_model, resolve_device
+from bench.models import GGUFSource, load_model, resolve_device
 from bench.results import (
     FAILED_FILE,
     METRICS_FILE,
@@ -164,7 +165,7 @@ def _run_job(cfg: DictConfig, job_dir: Path, group: str, name: str | None) -> pd
         if task.needs_judge and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
         task.check_judge(judge)
-    check_available(cfg.model.name, cfg.model.source)  # an offline hub model: say so first
+    online = check_available(cfg.model.name, cfg.model.source)  # offline hub model: say so now
     if judge is not None and any(task.needs_judge for task in tasks.values()):
         judge.check_reachable()  # one request now, not hours of work judged by nobody
     tracker = _build_tracker(cfg)
@@ -172,13 +173,24 @@ def _run_job(cfg: DictConfig, job_dir: Path, group: str, name: str | None) -> pd
     job_dir.mkdir(parents=True, exist_ok=True)
     # One process at a time per job folder: a second identical sweep waits here, then
     # finds the results and skips (force=true reruns after the wait, as asked).
+    plan = Plan(identity, method, tasks, judge, online)
     with entry_lock(job_dir / JOB_LOCK):
-        return _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, name,
-                           started)  # fmt: skip
+        return _run_locked(cfg, job_dir, plan, tracker, group, name, started)
 
 
-def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, name, started):
-    container, chash = identity.config, identity.config_hash
+class Plan(NamedTuple):
+    """A job as checked before its lock: what it is, its plugins, and whether the hub
+    answered (`check_available`; True for embedded and local models)."""
+
+    identity: Identity
+    method: Method
+    tasks: dict[str, Task]
+    judge: Judge | None
+    online: bool
+
+
+def _run_locked(cfg, job_dir, plan: Plan, tracker, group, name, started) -> pd.DataFrame:
+    container, chash = plan.identity.config, plan.identity.config_hash
     if cfg.force:
         shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
     elif (done := completed(job_dir, chash, code_version())) is not None:
@@ -192,7 +204,7 @@ def _run_locked(cfg, job_dir, identity, method, tasks, judge, tracker, group, na
     (job_dir / FAILED_FILE).unlink(missing_ok=True)  # this run decides afresh
     try:
         with seeded(cfg.seed, cfg.device):  # the job's randomness, scoped to the job
-            frame, info = _run(cfg, job_dir, identity, method, tasks, judge, started)
+            frame, info = _run(cfg, job_dir, plan, started)
         check_judge_failures(frame, cfg.judge_failure_limit, job_dir)
     except BaseException:
         if tracker is not None:
@@ -238,8 +250,9 @@ def _build_tracker(cfg: DictConfig) -> Any:
     return build(cfg.logger, "logger", Tracker)
 
 
-def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, started) -> tuple:
+def _run(cfg, job_dir: Path, plan: Plan, started: float) -> tuple[pd.DataFrame, dict]:
     """The job's work, stage by stage: its table, and the method's fit report."""
+    identity, method, tasks, judge = plan.identity, plan.method, plan.tasks, plan.judge
     chash = identity.config_hash
     stage = Stages()
     dataset = datasets.load(
@@ -262,7 +275,7 @@ def _run(cfg, job_dir: Path, identity: Identity, method: Method, tasks, judge, s
     with stage("load_model"):
         loaded = _load_model_once(
             cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype,
-            cfg.model.n_ctx, GGUFSource.of(cfg.model.gguf), cfg.model.tl_config,
+            cfg.model.n_ctx, GGUFSource.of(cfg.model.gguf), cfg.model.tl_config, plan.online,
         )  # fmt: skip
     model = loaded.model
     with stage("extract"):
@@ -377,24 +390,3 @@ def _overrides() -> list[str]:
         secret = sep and is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1])
         redacted.append(f"{key}={REDACTED}" if secret else redact_text(item))
     return redacted
-
-
-def headline(frame: pd.DataFrame) -> str:
-    """The job's summary rows (no feature, no concept) as text: one block per task,
-    one line per metric (and generator/noise where the task has them), with the
-    95% interval where the task gives one."""
-    summary = frame[frame["feature"].isna() & frame["concept"].isna()]
-    if summary.empty:
-        return "(no summary rows)"
-    blocks = []
-    for task, rows in summary.groupby("task", sort=False):
-        dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
-        lines = []
-        for _, row in rows.iterrows():
-            label = " ".join(str(row[c]) for c in ["metric", *dims] if pd.notna(row[c]))
-            value = "missing" if pd.isna(row["value"]) else f"{row['value']:.4f}"
-            if "ci_low" in row and pd.notna(row["ci_low"]):
-                value += f"  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
-            lines.append(f"  {label:<34} {value}")
-        blocks.append(f"{task}\n" + "\n".join(lines))
-    return "\n".join(blocks)

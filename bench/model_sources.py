@@ -33,6 +33,9 @@ from bench.storage import atomic_write_text, cache_dir, entry_lock, sha256_file
 log = logging.getLogger(__name__)
 
 
+EMBEDDED_NAME = "smollm2-135m"  # the default model (conf/config.yaml): offline, instruction-tuned
+
+
 class ModelUnavailable(FeatbenchError, RuntimeError):
     """The model cannot be loaded here (no hub, unknown name, missing files)."""
 

@@ -15,7 +15,7 @@ Three sources (`model.source`):
 - `hub`: a TransformerLens model name (`gpt2-small`, `gemma-2-2b`,
   `meta-llama/Llama-3.1-8B`, ...). Without a reachable hub and without the
   files in the local Hugging Face cache, this fails at once naming the
-  embedded models instead of hanging on retries.
+  embedded models instead of hanging on retries (bench.hub).
 - `local`: a Hugging Face checkpoint directory of an architecture that
   TransformerLens converts (or one `tl_config` names).
 
@@ -25,28 +25,25 @@ hook activations equal the Hugging Face model's own.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
-import os
-import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from bench.conversion import _hooked, _plain_hf_config, _tl_config, hooked_from_hf
 from bench.dtypes import torch_dtype
+from bench.hub import load_hub
 from bench.model_sources import (
+    EMBEDDED_NAME,
     GGUFSource,
     ModelUnavailable,
     embedded_model,
-    embedded_models,
     gguf_path,
     gguf_sha256,
 )
@@ -68,7 +65,6 @@ __all__ = [
     "ModelUnavailable",
     "embedded_gguf_path",
     "hooked_from_hf",
-    "hub_reachable",
     "load_hf_embedded",
     "load_model",
     "resolve_device",
@@ -76,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m"  # the default model (conf/config.yaml): offline, instruction-tuned
 CONVERSION_VERSION = 1  # bump when the conversion below changes: old cache entries become stale
 
 
@@ -108,12 +103,15 @@ def load_model(
     n_ctx: int | None = None,
     gguf: GGUFSource | Mapping[str, Any] | None = None,
     tl_config: str | None = None,
+    hub_online: bool | None = None,
 ) -> LoadedModel:
     """Load the model a run's `model` config names.
 
     For `source=embedded`, `gguf` and `tl_config` are the model config's nodes; when
     `gguf` is not given they are read from the installed `conf/model/*.yaml` entry of
-    that `name`, so `load_model("gemma3-270m")` works outside a Hydra run too."""
+    that `name`, so `load_model("gemma3-270m")` works outside a Hydra run too. For
+    `source=hub`, `hub_online` is what `bench.hub.check_available` already found (a job
+    checks before its model loads); None checks now."""
     weights_dtype = torch_dtype(dtype)
     device = resolve_device(device)
     start = time.perf_counter()
@@ -131,7 +129,8 @@ def load_model(
             None,
         )
     elif source == "hub":
-        model, fingerprint, hit = _load_hub(name, n_ctx), f"hub:{name}:{_versions()}", None
+        model = load_hub(name, n_ctx, hub_online)
+        fingerprint, hit = f"hub:{name}:{_versions()}", None
     else:
         raise ValueError(f"model.source={source!r}; allowed: ['embedded', 'hub', 'local']")
     if dtype != "float32":
@@ -318,94 +317,3 @@ def _local_fingerprint(path: str | None) -> str:
     folder = Path(path or "").expanduser().resolve()
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return sha256_json([(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files])
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hugging Face endpoint answers a TCP connect within `timeout`."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _embedded_choices() -> str:
-    """`model=a or model=b`: the embedded models, the default first."""
-    names = sorted(embedded_models(), key=lambda n: (n != EMBEDDED_NAME, n)) or [EMBEDDED_NAME]
-    return " or ".join(f"model={n}" for n in names)
-
-
-def _offline_message(name: str, why: str) -> str:
-    return (
-        f"model {name!r} needs the Hugging Face hub, {why}. "
-        f"Use an embedded model, {_embedded_choices()}, which work offline "
-        "(or model=hf_local model.path=<checkpoint dir>)."
-    )
-
-
-def check_available(name: str, source: str) -> bool:
-    """Fail now, before any work, when a hub model can be neither downloaded nor read from the
-    local cache: a `ModelUnavailable` naming the embedded models. True when the hub itself
-    answers (False: only the local cache has it). Embedded and local models: True."""
-    if source != "hub":
-        return True
-    from huggingface_hub import try_to_load_from_cache
-    from transformer_lens import loading_from_pretrained as loading
-
-    try:
-        official = loading.get_official_model_name(name)
-    except ValueError:
-        raise ModelUnavailable(
-            f"model.name={name!r} is not a TransformerLens model name; use an embedded model "
-            f"({_embedded_choices()}), a name from transformer_lens.supported_models, or "
-            "model=hf_local model.path=<dir>"
-        ) from None
-    if hub_reachable():
-        return True
-    if not isinstance(try_to_load_from_cache(official, "config.json"), str):
-        raise ModelUnavailable(
-            _offline_message(
-                name, "which is not reachable from here, and it is not in the local cache"
-            )
-        )
-    return False
-
-
-def _load_hub(name: str, n_ctx: int | None) -> Any:
-    if not check_available(name, "hub"):
-        log.info("hub unreachable; loading %s from the local Hugging Face cache", name)
-        with offline_hub():
-            return _from_pretrained(name, n_ctx)
-    return _from_pretrained(name, n_ctx)
-
-
-def _from_pretrained(name: str, n_ctx: int | None) -> Any:
-    from transformer_lens import HookedTransformer
-
-    kwargs = {"n_ctx": n_ctx} if n_ctx else {}
-    return HookedTransformer.from_pretrained_no_processing(name, device="cpu", **kwargs)
-
-
-@contextlib.contextmanager
-def offline_hub() -> Iterator[None]:
-    """huggingface_hub in offline mode for the block, then as it was: the environment
-    variable (read by libraries that import it later) and the constant huggingface_hub
-    read at its own import. A load from the local cache then never waits on retries, and
-    the caller's process is left as it was."""
-    from huggingface_hub import constants
-
-    env, flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = flag
-        if env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = env

@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bench.config import register_schema
-from bench.errors import FeatbenchError
-from bench.job import headline, run_job
+from bench.errors import FeatbenchError, SweepFailed
+from bench.job import run_job
 from bench.naming import register_resolvers
 from bench.results import FAILED_FILE
 from bench.secrets import is_secret_name, looks_like_secret, redact_text
@@ -156,6 +157,8 @@ def run_main() -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
+    except SweepFailed as failed:  # the end-of-sweep callback's verdict, already logged
+        return failed.exit_code
     except (HydraException, OmegaConfBaseException) as err:
         if wanted == "1":
             raise
@@ -178,3 +181,24 @@ def run_main() -> int:
 
 if __name__ == "__main__":
     cli()
+
+
+def headline(frame: pd.DataFrame) -> str:
+    """The job's summary rows (no feature, no concept) as text: one block per task,
+    one line per metric (and generator/noise where the task has them), with the
+    95% interval where the task gives one."""
+    summary = frame[frame["feature"].isna() & frame["concept"].isna()]
+    if summary.empty:
+        return "(no summary rows)"
+    blocks = []
+    for task, rows in summary.groupby("task", sort=False):
+        dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
+        lines = []
+        for _, row in rows.iterrows():
+            label = " ".join(str(row[c]) for c in ["metric", *dims] if pd.notna(row[c]))
+            value = "missing" if pd.isna(row["value"]) else f"{row['value']:.4f}"
+            if "ci_low" in row and pd.notna(row["ci_low"]):
+                value += f"  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            lines.append(f"  {label:<34} {value}")
+        blocks.append(f"{task}\n" + "\n".join(lines))
+    return "\n".join(blocks)

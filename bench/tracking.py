@@ -13,8 +13,8 @@ Finished and unfinished runs: a run that featbench closed gets `featbench-finish
 in its folder, written after W&B's `finish` returns. A job killed mid-run (SIGKILL, the
 OOM killer, a cluster's time limit) leaves a W&B folder without it: a partial run that
 `wandb sync` would upload as if it were a result. `featbench-wandb-sync DIR...`
-(`sync_cli`) uploads only the finished offline runs under DIR and names the others; the
-same by hand:
+(bench.wandb_sync) uploads only the finished offline runs under DIR and names the others;
+the same by hand:
 
     wandb sync $(find DIR -path '*/offline-run-*/featbench-finished.json' -printf '%h ')
 
@@ -33,14 +33,11 @@ variables are never logged.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import netrc
 import os
-import subprocess
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -65,7 +62,6 @@ _DEFAULT_HOST = "https://api.wandb.ai"  # W&B's own server, used when WANDB_BASE
 # Written into a W&B run's folder once featbench has closed the run: its absence marks a
 # partial run (the job was killed), which `featbench-wandb-sync` never uploads.
 FINISHED_MARKER = "featbench-finished.json"
-OFFLINE_RUN_GLOB = "offline-run-*"  # W&B's name for an offline run's folder under wandb/
 # wandb-core's error reporting looks up its server even offline; the service reads this
 # variable when it starts (inside the first `wandb.init` of a process).
 ERROR_REPORTING_ENV = "WANDB_ERROR_REPORTING"
@@ -256,61 +252,6 @@ def _run_folder(run: Any) -> Path | None:
     except (AttributeError, TypeError):
         return None
     return folder if folder.is_dir() else None
-
-
-def offline_runs(*roots: Path) -> tuple[list[Path], list[Path]]:
-    """The offline W&B run folders under `roots` (searched recursively): those featbench
-    finished (they hold FINISHED_MARKER) and those it did not (killed or still running)."""
-    finished: list[Path] = []
-    unfinished: list[Path] = []
-    for root in roots:
-        for folder in sorted(Path(root).rglob(OFFLINE_RUN_GLOB)):
-            if folder.is_dir() and any(folder.glob("*.wandb")):
-                (finished if (folder / FINISHED_MARKER).is_file() else unfinished).append(folder)
-    return finished, unfinished
-
-
-def sync_cli(argv: list[str] | None = None) -> None:
-    """Console-script entry point: `featbench-wandb-sync DIR... [-- WANDB-SYNC-OPTIONS]`.
-
-    Runs `wandb sync` on the finished offline runs under each DIR, never on a partial
-    one (a job killed mid-run); arguments after `--` go to `wandb sync` as they are
-    (e.g. `-- -p myproject --dry-run`). Exit code: wandb's, or 2 for a DIR that does not
-    exist.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    ours = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
-        prog="featbench-wandb-sync",
-        description="Upload the finished offline W&B runs under DIR (wandb sync), never "
-        "the partial runs of killed jobs. Arguments after -- go to wandb sync.",
-    )
-    parser.add_argument(
-        "dirs", nargs="+", type=Path, help="job or sweep folders (searched recursively)"
-    )
-    parser.add_argument("--list", action="store_true", help="list the runs; upload nothing")
-    args = parser.parse_args(ours)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    missing = [str(d) for d in args.dirs if not d.is_dir()]
-    if missing:
-        sys.stderr.write(f"featbench-wandb-sync: no such folder: {', '.join(missing)}\n")
-        sys.exit(2)
-    finished, unfinished = offline_runs(*args.dirs)
-    for folder in unfinished:
-        log.warning("skipped %s: a partial run (its job was killed, or is still running)",
-                    folder)  # fmt: skip
-    if args.list:
-        sys.stdout.write("".join(f"finished {f}\n" for f in finished))
-        sys.stdout.write("".join(f"partial {f}\n" for f in unfinished))
-        return
-    if not finished:
-        log.info("no finished offline W&B run under %s; nothing to sync",
-                 ", ".join(map(str, args.dirs)))  # fmt: skip
-        return
-    command = [sys.executable, "-m", "wandb", "sync", *extra, *map(str, finished)]
-    log.info("wandb sync: %d finished run(s), %d partial skipped", len(finished), len(unfinished))
-    sys.exit(subprocess.run(command, check=False).returncode)
 
 
 def summary_metrics(frame: pd.DataFrame) -> tuple[dict[str, float], int]:

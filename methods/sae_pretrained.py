@@ -33,7 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bench.errors import ConfigError
-from bench.models import EMBEDDED_NAME, hub_reachable
+from bench.hub import hub_reachable
+from bench.model_sources import EMBEDDED_NAME
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from featbench.methods.topk_sae import reconstruction_stats, sae_features
 

@@ -75,14 +75,7 @@ from bench.detection_stats import (  # noqa: F401  (auroc_matrix, ResampledAuroc
 )
 from bench.encodings import ENCODERS
 from bench.errors import ConfigError
-from bench.generated_sentences import (
-    MAX_FAILURES,
-    N_SENTENCES,
-    s_cd,
-    sentence_activations,
-    sentence_scores_for,
-    write_sentences,
-)
+from bench.generated_sentences import MAX_FAILURES, N_SENTENCES, score_sentences, write_sentences
 from bench.judges.base import Judge
 from bench.storage import atomic_write_text
 from featbench.methods.base import Features
@@ -364,21 +357,10 @@ class ConceptDetection(Task):
                 record.append(entry)
                 continue
             written = write_sentences(judge, desc.texts[1], self.sentences, self.max_failed_tries)
-            acts = {m: sentence_activations(model, getattr(written, m), features.hook)
-                    for m in ("activating", "neutral")}  # fmt: skip
+            scored, entry["scores"] = score_sentences(model, features, f, written, self.encoders)
             entry.update(activating=written.activating, neutral=written.neutral,
-                         failed_tries=written.failures, scores={})  # fmt: skip
-            for encoder in self.encoders:
-                scored = {m: sentence_scores_for(features, f, a, encoder) for m, a in acts.items()}
-                value, reason = s_cd(scored["activating"], scored["neutral"])
-                if reason and written.reason:
-                    reason = f"{reason} ({written.reason})"
-                entry["scores"][encoder] = scored
-                rows.append({"feature": f, "metric": "s_cd", "value": value, "reason": reason,
-                             "encoder": encoder, "n_activating": len(written.activating),
-                             "n_neutral": len(written.neutral), "description_text": desc.texts[1],
-                             "mean_activating_score": mean_or_none(scored["activating"]),
-                             "mean_neutral_score": mean_or_none(scored["neutral"])})  # fmt: skip
+                         failed_tries=written.failures)  # fmt: skip
+            rows += [{**row, "description_text": desc.texts[1]} for row in scored]
             record.append(entry)
         atomic_write_text(data.output_dir / "generated_sentences.json",
                           json.dumps(record, indent=1, ensure_ascii=False))  # fmt: skip

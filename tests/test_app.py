@@ -167,3 +167,16 @@ def test_configuration_errors_are_exit_code_2(tmp_path):
         out = _run([*args, "hydra.mode=RUN", f"paths.results_dir={tmp_path}"], tmp_path, 120)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_a_sweep_with_a_failed_job_exits_with_that_jobs_code(tmp_path):
+    """The end-of-sweep callback's verdict (bench.errors.SweepFailed) is featbench's exit
+    code: a sweep whose job failed on a configuration error exits 2, naming the job."""
+    out = _run(["-m", "experiment=smoke", "method=snmf", "method.rank=99999", "logger=none",
+                f"paths.results_dir={tmp_path}"], tmp_path, 300)  # fmt: skip
+    printed = out.stdout + out.stderr  # Hydra's log lines go to stdout
+    assert out.returncode == 2, printed[-2000:]
+    assert "rank 99999 exceeds the mlp_post width" in printed
+    assert "1 job(s) of the sweep failed" in printed and "Traceback" not in printed
+    [failed] = list(tmp_path.rglob("failed.json"))
+    assert json.loads(failed.read_text())["exit_code"] == 2

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bench.callbacks import ReportCallback
+from bench.errors import SweepFailed
 from bench.report import build, comparison_table, plot_job
 from bench.report.tables import LEGEND, MARK
 from bench.results import finalize, write_metrics
@@ -198,9 +199,10 @@ def test_failed_jobs_are_listed_and_set_the_exit_code(tmp_path, caplog):
         record = {"error": f"ConfigError: bad {name}", "exit_code": code}
         (sweep / name / "failed.json").write_text(json.dumps(record))
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
-    with caplog.at_level("INFO", logger="bench.callbacks"), pytest.raises(SystemExit) as exit:
+    with caplog.at_level("INFO", logger="bench.callbacks"), pytest.raises(SweepFailed) as exit:
         ReportCallback().on_multirun_end(config)
-    assert exit.value.code == 2
+    assert exit.value.code == exit.value.exit_code == 2 and exit.value.failed == 2
+    assert isinstance(exit.value, SystemExit)  # Hydra swallows a callback's other exceptions
     errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert "bad method=snmf" in errors and "bad method=random" in errors
     assert "2 job(s) of the sweep failed" in errors

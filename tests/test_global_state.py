@@ -130,7 +130,8 @@ def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_p
     expected_caller = torch.randn(3)
     torch.manual_seed(1234)
     with pytest.raises(_Drew):
-        bench.job._run_locked(cfg, tmp_path, identity, None, {}, None, None, "g", "n", 0.0)
+        plan = bench.job.Plan(identity, None, {}, None, online=True)
+        bench.job._run_locked(cfg, tmp_path, plan, None, "g", "n", 0.0)
     assert torch.equal(torch.randn(3), expected_caller)  # the caller's sequence goes on
     torch.manual_seed(7)
     assert torch.equal(drawn[0], torch.randn(5))  # what the process-wide seed gave

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from bench import models
+from bench import hub, models
 from bench.errors import ConfigError
 from bench.model_sources import GGUFSource, embedded_models, gguf_path
 from bench.models import ModelUnavailable, load_model
@@ -157,7 +157,7 @@ def test_offline_hub_mode_is_scoped_to_the_block(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     before = constants.HF_HUB_OFFLINE
-    with models.offline_hub():
+    with hub.offline_hub():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and before == constants.HF_HUB_OFFLINE
 

@@ -103,7 +103,7 @@ def test_rows_cannot_claim_run_provenance(bad):
 def test_the_printed_headline_names_no_missing_dimension():
     """A task whose rows have an encoder on some rows only (concept detection's judge
     counters have none) prints the metric alone, never `nan` after it."""
-    from bench.job import headline
+    from bench.run import headline
 
     frame = finalize(
         [{"metric": "mean_feature_auroc", "value": 0.9, "encoder": "native"},

@@ -317,3 +317,32 @@ def test_a_steering_cell_names_its_judge_its_failure_policy_and_its_direction():
     )
     ours = pd.DataFrame({"judge": ["offline"], "judge_failure_policy": ["missing"]})
     assert _judged_by(ours) == "offline"
+
+
+def test_the_plotted_and_compared_numbers_are_computed_once_by_the_series_module():
+    """bench.report.series computes what plots and the paper comparison show: the steering
+    curve is the mean over features, signs and samples per KL target; S_CD's per-feature
+    mean is per job, then over the seeds of one setting."""
+    from bench.report.series import feature_means, plot_series
+
+    base = {"model": "m", "layer": 3, "hook": "h", "method": "snmf", "setting": "snmf",
+            "setting_hash": "s1", "encoder": pd.NA}  # fmt: skip
+    steer = [{**base, "task": "steering", "metric": "steering_score", "feature": f,
+              "kl_target": kl, "sample": s, "value": v, "job_dir": "0"}
+             for f, kl, s, v in [(0, 0.5, 0, 1.0), (1, 0.5, 0, 0.0), (0, 1.0, 0, 2.0),
+                                 (0, 1.0, 1, 1.0)]]  # fmt: skip
+    detect = [{**base, "task": "concept_detection", "metric": "auroc", "feature": f,
+               "kl_target": pd.NA, "sample": pd.NA, "value": v, "job_dir": "0"}
+              for f, v in [(0, 0.9), (1, 0.7)]]  # fmt: skip
+    s_cd = [{**base, "task": "concept_detection", "metric": "s_cd", "feature": f,
+             "kl_target": pd.NA, "sample": pd.NA, "value": v, "job_dir": job}
+            for job, f, v in [("0", 0, 1.0), ("0", 1, 3.0), ("1", 0, 5.0), ("1", 1, 7.0)]]  # fmt: skip
+    summary = pd.DataFrame(steer + detect + s_cd)
+    series = plot_series(summary)
+    curve = series.steering_vs_kl.set_index("kl_target")["value"]
+    assert curve.to_dict() == {0.5: 0.5, 1.0: 1.5}
+    assert sorted(series.auroc["value"]) == [0.7, 0.9]
+    [mean] = feature_means(summary).to_dict("records")
+    assert mean["value"] == 4.0 and mean["text"].endswith("(n=2 features, 2 seeds)")
+    empty = plot_series(summary[summary["task"] == "reconstruction"])
+    assert empty.steering_vs_kl.empty and empty.auroc.empty

@@ -28,14 +28,9 @@ import pytest
 from bench.errors import ConfigError
 from bench.results import finalize
 from bench.secrets import REDACTED
-from bench.tracking import (
-    FINISHED_MARKER,
-    WandbLogger,
-    offline_runs,
-    summary_metrics,
-    sync_cli,
-    table_rows,
-)
+from bench.tracking import FINISHED_MARKER, WandbLogger, summary_metrics, table_rows
+from bench.wandb_sync import cli as sync_cli
+from bench.wandb_sync import offline_runs
 
 SECRET = "sk-FAKE-SECRET-123"
 ARGV_SECRET = "sk-ARGV-SECRET-456"

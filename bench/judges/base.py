@@ -136,7 +136,17 @@ class Judge(ABC):
 
 # --- LLM judges -------------------------------------------------------------
 
-CONCEPT_PROMPT = """Please act as an impartial judge. Rate how clearly the concept below appears in the text fragment.
+# Every rating prompt ends with the same instruction, and both fluency prompts share
+# their scale; the prompts are composed from these so the wording cannot drift apart.
+ANSWER = 'Answer with one short sentence of reasoning, then the rating exactly in the form "Rating: [[n]]" with n being 0, 1 or 2.'
+
+FLUENCY_SCALE = """Scale:
+0 - not fluent: broken, repetitive or incoherent.
+1 - somewhat fluent: understandable with noticeable errors or repetition.
+2 - fluent: reads like natural text."""
+
+CONCEPT_PROMPT = (
+    """Please act as an impartial judge. Rate how clearly the concept below appears in the text fragment.
 
 Concept: {description}
 
@@ -147,32 +157,34 @@ Scale:
 1 - the concept is somewhat present, or only loosely related.
 2 - the concept is clearly present.
 
-Answer with one short sentence of reasoning, then the rating exactly in the form "Rating: [[n]]" with n being 0, 1 or 2."""
+"""
+    + ANSWER
+)
 
-FLUENCY_PROMPT = """Please act as an impartial judge. Rate the fluency of the text fragment, which continues the prompt below. Judge only grammar and coherence, not content or style.
+FLUENCY_PROMPT = (
+    """Please act as an impartial judge. Rate the fluency of the text fragment, which continues the prompt below. Judge only grammar and coherence, not content or style.
 
 Prompt: {prompt}
 
 Text fragment: {text}
 
-Scale:
-0 - not fluent: broken, repetitive or incoherent.
-1 - somewhat fluent: understandable with noticeable errors or repetition.
-2 - fluent: reads like natural text.
-
-Answer with one short sentence of reasoning, then the rating exactly in the form "Rating: [[n]]" with n being 0, 1 or 2."""
+"""
+    + FLUENCY_SCALE
+    + "\n\n"
+    + ANSWER
+)
 
 #: FLUENCY_PROMPT for a text that already holds its prompt (the reference's judged text)
-FLUENCY_TEXT_ONLY_PROMPT = """Please act as an impartial judge. Rate the fluency of the text fragment below. Judge only grammar and coherence, not content, style or whether it is complete.
+FLUENCY_TEXT_ONLY_PROMPT = (
+    """Please act as an impartial judge. Rate the fluency of the text fragment below. Judge only grammar and coherence, not content, style or whether it is complete.
 
 Text fragment: {text}
 
-Scale:
-0 - not fluent: broken, repetitive or incoherent.
-1 - somewhat fluent: understandable with noticeable errors or repetition.
-2 - fluent: reads like natural text.
-
-Answer with one short sentence of reasoning, then the rating exactly in the form "Rating: [[n]]" with n being 0, 1 or 2."""
+"""
+    + FLUENCY_SCALE
+    + "\n\n"
+    + ANSWER
+)
 
 DESCRIBE_PROMPT = """Here are text snippets where one feature of a language model is active; the strongest token is marked [[like this]].
 

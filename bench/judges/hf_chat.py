@@ -28,14 +28,9 @@ import torch
 
 from bench.dtypes import DTYPES
 from bench.errors import ConfigError
+from bench.hub import hub_reachable
 from bench.judges.base import ChatJudge
-from bench.models import (
-    EMBEDDED_NAME,
-    ModelUnavailable,
-    hub_reachable,
-    load_hf_embedded,
-    resolve_device,
-)
+from bench.models import EMBEDDED_NAME, ModelUnavailable, load_hf_embedded, resolve_device
 
 log = logging.getLogger(__name__)
 

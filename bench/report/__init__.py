@@ -23,8 +23,9 @@ Every input is read first; then each output is written atomically into DIR:
   the comparison, the concept view, a feature gallery per job and the SNMF trees.
 
 The data flows one way: `build` reads the jobs (`collect`), names their settings and makes
-the cells (`cells`) and their differences (`differences`); `write_report` renders them
-(`tables`, `paper`, `plots`, `pages`), and no renderer recomputes a number.
+the cells (`cells`), their differences (`differences`) and what the plots and the paper
+comparison show (`series`); `write_report` renders them (`tables`, `paper`, `plots`,
+`pages`, `html`), and no renderer computes a number.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from bench.report.pages import features_page
 from bench.report.paper import compare_section, packaged_reference
 from bench.report.paper import read_reference as _read_reference
 from bench.report.plots import plot_job, plot_section, tree_section
+from bench.report.series import PlotSeries, feature_means, plot_series
 from bench.report.tables import comparison_table, headline_tables
 from bench.results import METRICS_FILE, read_metrics, read_replicates, write_metrics
 from bench.storage import atomic_write_text
@@ -92,6 +94,8 @@ class Built(NamedTuple):
     cells: pd.DataFrame  # bench.report.cells.headline_cells
     differences: pd.DataFrame  # bench.report.differences.COLUMNS
     jobs: list[Job]
+    series: PlotSeries  # what the plots draw (bench.report.series.plot_series)
+    feature_means: pd.DataFrame  # per-feature means the paper comparison shows
     unreadable: tuple[tuple[str, str], ...] = ()  # (metrics file, why) left out of the report
 
 
@@ -117,7 +121,7 @@ def build(directory: Path) -> Built:
             replicates[str(name)] = {}
     cells = headline_cells(summary, replicates, declarations(metas, settings))
     return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory),
-                 tuple(unreadable))  # fmt: skip
+                 plot_series(summary), feature_means(summary), tuple(unreadable))  # fmt: skip
 
 
 def write_report(
@@ -129,14 +133,16 @@ def write_report(
     summary, cells, diffs = built.summary, built.cells, built.differences
     supervised = supervised_methods(summary)
     compared = (
-        compare_section(cells, summary, built.settings, reference) if reference is not None else ""
+        compare_section(cells, built.feature_means, built.settings, reference)
+        if reference is not None
+        else ""
     )
     sections = [
         _intro(summary, directory, supervised, built.unreadable),
         headline_tables(cells, diffs),
         differences_section(diffs, cells),
         compared,
-        plots := plot_section(summary, built.jobs, directory, supervised),
+        plots := plot_section(built.series, built.jobs, directory),
         tree_section(built.jobs),
     ]
     meta = {"report_of": sorted(summary["job_dir"].unique())}

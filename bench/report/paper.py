@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from bench.hooks import HOOKS
-from bench.report.common import MISSING, ReportError, md_table, norm, num, one_line, place, plain
+from bench.report.common import MISSING, ReportError, md_table, norm, num, one_line, plain
+from bench.report.series import PER_FEATURE
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ["model", "layer", "method", "metric", "value", "source", "confidence"]
 PAPER_JUDGE = "gpt-4o-mini"  # the paper's judge (steering)
-PER_FEATURE = {"s_cd"}  # reference metrics given as a mean over features
 RANK_KEYS = ("method.rank", "method.d_sae", "method.n_features")  # a method's capacity k
 FIXED = {"sparsity": "method.sparsity", "init": "method.init"}  # reference column -> our key
 
@@ -60,12 +60,12 @@ def read_reference(compare: str, packaged: Traversable | Path) -> pd.DataFrame:
 
 def compare_section(
     cells: pd.DataFrame,
-    summary: pd.DataFrame,
+    feature_means: pd.DataFrame,
     settings: dict[str, dict | None],
     reference: pd.DataFrame,
 ) -> str:
     """report.md's comparison: per reference row, each of our settings with that method and
-    metric (summary cells, or per-feature means for PER_FEATURE metrics)."""
+    metric (summary cells, or bench.report.series.feature_means for PER_FEATURE metrics)."""
     head = (
         "## Comparison with the paper\n\nA paper value stands beside ours only when every "
         "setting the paper fixes matches (model, layer, hook, rank, sparsity, init and, for "
@@ -73,7 +73,9 @@ def compare_section(
         "and ours is not shown. The paper's per-feature numbers (S_CD) are compared with the "
         "mean of our per-feature rows."
     )
-    ours = pd.concat([cells.assign(_unit="summary"), _per_feature(summary)], ignore_index=True)
+    ours = pd.concat(
+        [cells.assign(_unit="summary"), feature_means.assign(_unit="feature")], ignore_index=True
+    )
     ours["_method"] = ours["method"].map(norm)
     body, unmatched = [], 0
     for ref in reference.to_dict("records"):
@@ -123,35 +125,6 @@ def mismatches(ref: dict, cell: dict, setting: dict | None) -> list[str]:
         if judge != PAPER_JUDGE:
             out.append(f"judge: ours {judge or 'unknown'}, paper {PAPER_JUDGE}")
     return out
-
-
-def _per_feature(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per setting (and encoder), the mean of our per-feature rows of each PER_FEATURE metric:
-    per job, then over seeds; `m ± sd (n=k features)` with sd over all features pooled."""
-    rows = summary[summary["metric"].isin(PER_FEATURE) & summary["feature"].notna()]
-    rows = rows[rows["value"].notna()]
-    encoder = rows["encoder"] if "encoder" in rows else pd.Series(pd.NA, index=rows.index)
-    out = []
-    keys = [rows["setting_hash"], rows["metric"], encoder]
-    for (_, metric, enc), part in rows.groupby(keys, dropna=False, sort=False):
-        values = part["value"].astype(float)
-        per_job = values.groupby(part["job_dir"]).mean()
-        seeds = len(per_job)
-        text = (
-            f"{num(per_job.mean())} ± {num(values.std(ddof=1))} (n={len(values) // seeds} features"
-        )
-        first = part.iloc[0]
-        out.append({
-            "place": place(part.iloc[:1]).iloc[0], "model": first["model"], "layer": first["layer"],
-            "hook": first["hook"], "setting_hash": first["setting_hash"],
-            "setting": first["setting"], "method": first["method"], "task": first["task"],
-            "metric": metric, "encoder": enc, "value": per_job.mean(),
-            "label": f"{metric} (mean over features{'' if pd.isna(enc) else f', {enc}'})",
-            "text": text + (f", {seeds} seeds)" if seeds > 1 else ")"), "judge": "",
-        })  # fmt: skip
-    columns = ["place", "model", "layer", "hook", "setting_hash", "setting", "method", "task",
-               "metric", "encoder", "value", "label", "text", "judge"]  # fmt: skip
-    return pd.DataFrame(out, columns=columns).assign(_unit="feature")
 
 
 def _paper_value(ref: dict) -> str:

@@ -2,29 +2,21 @@
 loss curves as PNGs (matplotlib's Agg canvas, no display needed), and hierarchical SNMF
 trees as indented markdown lists.
 
-`plot_section` draws them for a whole sweep into its folder; `plot_job` draws those that
-apply to one job's metrics table (for a logger to attach to that run).
+`plot_section` draws them for a whole sweep into its folder from the series `build`
+computed (bench.report.series); `plot_job` computes one job's series and draws those that
+apply (for a logger to attach to that run). Drawing computes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench.report.common import (
-    Job,
-    Labels,
-    contexts_of,
-    inline,
-    num,
-    place,
-    series_labels,
-    supervised_methods,
-)
+from bench.report.common import Job, contexts_of, inline, num
+from bench.report.series import PlotSeries, plot_series
 from bench.storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -34,15 +26,11 @@ FIGSIZE = (7, 4.5)  # inches; with DPI, a 700 x 450 pixel PNG
 DPI = 100  # dots per inch of every PNG
 
 
-def plot_section(
-    summary: pd.DataFrame, jobs: list[Job], directory: Path, supervised: set[str]
-) -> str:
+def plot_section(series: PlotSeries, jobs: list[Job], directory: Path) -> str:
     """Draw each plot whose data exists into `directory`; markdown linking them."""
-    several = place(summary).nunique() > 1
-    labels = partial(series_labels, several=several, supervised=supervised)
     links = []
     for name, title, draw in _PLOTS:
-        skipped = _draw(directory / name, title, draw, summary, jobs, labels)
+        skipped = _draw(directory / name, title, draw, series, jobs)
         if skipped:
             log.info("plot %s skipped: %s", name, skipped)
         else:
@@ -59,10 +47,10 @@ def plot_job(frame: pd.DataFrame, out_dir: Path, info: dict | None = None) -> li
     method = str(frame["method"].iloc[0]) if len(frame) else "job"
     name = str(frame["run_id"].iloc[0]) if len(frame) and "run_id" in frame else out_dir.name
     jobs = [Job(name, method, frame, info or {}, None)]
-    labels = partial(series_labels, several=False, supervised=supervised_methods(frame))
+    series = plot_series(frame)
     written = []
     for file, title, draw in _PLOTS:
-        skipped = _draw(out_dir / file, title, draw, frame, jobs, labels)
+        skipped = _draw(out_dir / file, title, draw, series, jobs)
         if skipped:
             log.debug("plot %s skipped for %s: %s", file, name, skipped)
         else:
@@ -70,9 +58,7 @@ def plot_job(frame: pd.DataFrame, out_dir: Path, info: dict | None = None) -> li
     return written
 
 
-def _draw(
-    path: Path, title: str, draw: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels
-) -> str | None:
+def _draw(path: Path, title: str, draw: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
     """One plot written atomically to `path`; or why it was skipped (nothing written)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -80,7 +66,7 @@ def _draw(
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    skipped = draw(ax, summary, jobs, labels)
+    skipped = draw(ax, series, jobs)
     if skipped:
         return skipped
     ax.set_title(title)
@@ -89,36 +75,29 @@ def _draw(
     return None
 
 
-def _plot_steering(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
-    rows = summary[(summary["task"] == "steering") & (summary["metric"] == "steering_score")]
-    rows = rows[rows["feature"].notna() & rows["value"].notna() & rows["kl_target"].notna()]
-    rows = rows[rows["sample"].notna()] if "sample" in rows else rows.iloc[:0]
-    if rows.empty:
+def _plot_steering(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
+    curves = series.steering_vs_kl
+    if curves.empty:
         return "no per-sample steering_score rows"
-    for label, part in rows.groupby(labels(rows)):
-        means = part.groupby("kl_target")["value"].mean()  # features, signs and samples pooled
-        ax.plot(means.index.astype(float), means.astype(float), marker="o", label=label)
+    for label, curve in curves.groupby("label", sort=True):
+        ax.plot(curve["kl_target"].astype(float), curve["value"], marker="o", label=label)
     ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), signs judged")
     ax.legend(fontsize=8)
     return None
 
 
-def _plot_auroc(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
-    rows = summary[(summary["task"] == "concept_detection") & (summary["metric"] == "auroc")]
-    rows = rows[rows["feature"].notna() & rows["value"].notna()]
-    if rows.empty:
+def _plot_auroc(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
+    if series.auroc.empty:
         return "no per-feature auroc rows"
-    groups = list(rows.groupby(labels(rows)))
-    ax.boxplot(
-        [part["value"].astype(float) for _, part in groups], tick_labels=[g for g, _ in groups]
-    )
+    groups = list(series.auroc.groupby("label", sort=True))
+    ax.boxplot([part["value"] for _, part in groups], tick_labels=[g for g, _ in groups])
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # chance
     ax.set(ylabel="test AUROC for the feature's concept")
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
     return None
 
 
-def _plot_loss(ax: Any, summary: pd.DataFrame, jobs: list[Job], labels: Labels) -> str | None:
+def _plot_loss(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
     curves = []
     for job in jobs:  # SNMF keeps its fit report in info; hierarchical SNMF one per level
         fits = [job.info] if "loss_curve" in job.info else job.info.get("level_reports") or []
