@@ -332,8 +332,11 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log_file = tmp_path_factory.mktemp("llama-server") / "server.log"
+    # tests/llama_server.py is `python -m llama_cpp.server` with llama.cpp's AMX/repack
+    # buffers off: a CPU that advertises AMX in a VM that refuses it dies with SIGILL.
     cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+        sys.executable, str(Path(__file__).with_name("llama_server.py")),
+        "--model", str(embedded_gguf_path()),
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False",
     ]  # fmt: skip
     with open(log_file, "wb") as out:
