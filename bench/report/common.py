@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +20,6 @@ from bench.errors import FeatbenchError
 log = logging.getLogger(__name__)
 
 MISSING = "—"
-Labels = Callable[[pd.DataFrame], pd.Series]  # rows -> the plot's series label of each row
 
 
 class ReportError(FeatbenchError):
