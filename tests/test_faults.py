@@ -147,7 +147,8 @@ def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, e
 # `featbench` with safetensors' file writer paused half-way: it writes the first half of
 # the file's bytes, flushes them, and waits, so the kill lands while the activation cache
 # entry's temporary file (bench/storage.atomic_write: `.<name>.*.tmp` beside the entry) is
-# half-written, every time. (Unpaused, the write of the smoke entry's few MB takes
+# half-written, every time; it touches `paused` in its working folder once the half is
+# flushed, since a poll that only watched the file's size saw it mid-write. (Unpaused, the write of the smoke entry's few MB takes
 # milliseconds, and a kill timed by polling mostly lands before or after it.) The bytes,
 # the file and the code path are the real ones; only the moment is held open.
 HALF_WRITTEN = """
@@ -159,6 +160,7 @@ def save_file(tensors, filename, metadata=None):
     with open(filename, "wb") as handle:
         handle.write(data[: len(data) // 2])
         handle.flush()
+        open("paused", "w").close()  # in the test's cwd: the half is on disk, kill now
         time.sleep(600)  # killed here
         handle.write(data[len(data) // 2 :])
 
@@ -182,7 +184,9 @@ def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
     folder = fresh_activations / "activations"
     at_kill: dict[Path, int] = {}
 
-    def half_written() -> bool:  # the entry's temporary file exists and holds bytes
+    def half_written() -> bool:  # the writer paused, its temporary file holds the half
+        if not (tmp_path / "paused").exists():  # still writing the half: its size moves
+            return False
         for tmp in folder.glob(".*.safetensors.*.tmp") if folder.is_dir() else []:
             try:
                 size = tmp.stat().st_size
