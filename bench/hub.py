@@ -1,9 +1,9 @@
 """Models from the Hugging Face hub, checked before any work: is the hub reachable, is the
 model in the local cache, and a load that never waits on retries when offline.
 
-A job calls `check_available` before its model loads (an offline hub model fails at once,
-naming the embedded models) and hands the answer to `load_model`, so the hub is probed
-once per job. Offline mode is scoped to the load (`offline_hub`), never set for the
+A job calls `HubSource.check` (`check_available`) before its model loads (an offline hub
+model fails at once, naming the embedded models) and hands the answer to `load_model`, so
+the hub is probed once per job. Offline mode is scoped to the load (`offline_hub`), never set for the
 process.
 """
 
@@ -46,16 +46,14 @@ def _offline_message(name: str, why: str) -> str:
     return (
         f"model {name!r} needs the Hugging Face hub, {why}. "
         f"Use an embedded model, {_embedded_choices()}, which work offline "
-        "(or model=hf_local model.path=<checkpoint dir>)."
+        "(or model=hf_local model.source.path=<checkpoint dir>)."
     )
 
 
-def check_available(name: str, source: str) -> bool:
-    """Fail now, before any work, when a hub model can be neither downloaded nor read from the
-    local cache: a `ModelUnavailable` naming the embedded models. True when the hub itself
-    answers (False: only the local cache has it). Embedded and local models: True."""
-    if source != "hub":
-        return True
+def check_available(name: str) -> bool:
+    """Fail now, before any work, when hub model `name` can be neither downloaded nor read
+    from the local cache: a `ModelUnavailable` naming the embedded models. True when the hub
+    itself answers (False: only the local cache has it)."""
     from huggingface_hub import try_to_load_from_cache
     from transformer_lens import loading_from_pretrained as loading
 
@@ -65,7 +63,7 @@ def check_available(name: str, source: str) -> bool:
         raise ModelUnavailable(
             f"model.name={name!r} is not a TransformerLens model name; use an embedded model "
             f"({_embedded_choices()}), a name from transformer_lens.supported_models, or "
-            "model=hf_local model.path=<dir>"
+            "model=hf_local model.source.path=<dir>"
         ) from None
     if hub_reachable():
         return True
@@ -83,7 +81,7 @@ def load_hub(name: str, n_ctx: int | None, online: bool | None = None) -> Any:
     (`check_available`'s result, when the caller already has it; None asks now). Offline,
     it is read from the local Hugging Face cache with the hub client in offline mode."""
     if online is None:
-        online = check_available(name, "hub")
+        online = check_available(name)
     if not online:
         log.info("hub unreachable; loading %s from the local Hugging Face cache", name)
         with offline_hub():

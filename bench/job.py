@@ -37,8 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bench import activations, datasets
 from bench.config import validate
 from bench.contexts import top_contexts
-from bench.errors import ConfigError
-from bench.hub import check_available
+from bench.errors import ConfigError, FeatbenchError
 from bench.job_checks import (
     check_judge_failures,
     check_rank,
@@ -47,7 +46,7 @@ from bench.job_checks import (
     refuse_misspelled_target,
 )
 from bench.judges.base import Judge
-from bench.models import GGUFSource, load_model, resolve_device
+from bench.models import ModelSource, load_model, resolve_device
 from bench.results import (
     FAILED_FILE,
     METRICS_FILE,
@@ -79,6 +78,8 @@ def build(node: DictConfig, kind: str, base: type) -> Any:
     try:
         obj = hydra.utils.instantiate(node, _convert_="all")
     except InstantiationException as err:
+        if isinstance(err.__cause__, FeatbenchError):  # the plugin's own clear message
+            raise err.__cause__ from None
         raise ConfigError(f"{kind} {node.get('_target_')!r} could not be built: {err}") from None
     if not isinstance(obj, base):
         raise ConfigError(
@@ -165,7 +166,8 @@ def _run_job(cfg: DictConfig, job_dir: Path, group: str, name: str | None) -> pd
         if task.needs_judge and judge is None:
             raise ConfigError(f"task {key} needs a judge; choose judge=offline, openai or hf_chat")
         task.check_judge(judge)
-    online = check_available(cfg.model.name, cfg.model.source)  # offline hub model: say so now
+    source: ModelSource = build(cfg.model.source, "model.source", ModelSource)
+    checked = source.check(cfg.model.name)  # an offline hub model: said now, not after the fit
     if judge is not None and any(task.needs_judge for task in tasks.values()):
         judge.check_reachable()  # one request now, not hours of work judged by nobody
     tracker = _build_tracker(cfg)
@@ -173,20 +175,21 @@ def _run_job(cfg: DictConfig, job_dir: Path, group: str, name: str | None) -> pd
     job_dir.mkdir(parents=True, exist_ok=True)
     # One process at a time per job folder: a second identical sweep waits here, then
     # finds the results and skips (force=true reruns after the wait, as asked).
-    plan = Plan(identity, method, tasks, judge, online)
+    plan = Plan(identity, method, tasks, judge, source, checked)
     with entry_lock(job_dir / JOB_LOCK):
         return _run_locked(cfg, job_dir, plan, tracker, group, name, started)
 
 
 class Plan(NamedTuple):
-    """A job as checked before its lock: what it is, its plugins, and whether the hub
-    answered (`check_available`; True for embedded and local models)."""
+    """A job as checked before its lock: what it is, its plugins (the model's source among
+    them), and what `source.check` answered (the hub's: whether the hub itself answered)."""
 
     identity: Identity
     method: Method
     tasks: dict[str, Task]
     judge: Judge | None
-    online: bool
+    source: ModelSource
+    checked: bool
 
 
 def _run_locked(cfg, job_dir, plan: Plan, tracker, group, name, started) -> pd.DataFrame:
@@ -255,9 +258,7 @@ def _run(cfg, job_dir: Path, plan: Plan, started: float) -> tuple[pd.DataFrame, 
     identity, method, tasks, judge = plan.identity, plan.method, plan.tasks, plan.judge
     chash = identity.config_hash
     stage = Stages()
-    dataset = datasets.load(
-        **{k: v for k, v in OmegaConf.to_container(cfg.dataset).items() if k != "name"}
-    )
+    dataset = build(cfg.dataset, "dataset", datasets.ConceptDataset)
     if method.requires_labels and len(dataset.concepts) < 2:
         raise ConfigError(
             f"method {plugin_name(method)} needs at least two concepts; dataset has {dataset.concepts}"
@@ -274,9 +275,8 @@ def _run(cfg, job_dir: Path, plan: Plan, started: float) -> tuple[pd.DataFrame, 
     check_rank(method, cfg, dataset)
     with stage("load_model"):
         loaded = _load_model_once(
-            cfg.model.name, cfg.model.source, cfg.model.path, cfg.device, cfg.dtype,
-            cfg.model.n_ctx, GGUFSource.of(cfg.model.gguf), cfg.model.tl_config, plan.online,
-        )  # fmt: skip
+            cfg.model.name, plan.source, cfg.device, cfg.dtype, cfg.model.n_ctx, plan.checked
+        )
     model = loaded.model
     with stage("extract"):
         acts = activations.extract(

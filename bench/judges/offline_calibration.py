@@ -311,5 +311,5 @@ def main(argv: list[str] | None = None) -> None:
     from bench.datasets import load
     from bench.models import load_model
 
-    model = load_model("smollm2-135m", "embedded", None, args.device, "float32", None).model
+    model = load_model("smollm2-135m", device=args.device).model
     print("\n".join(report(calibrate(model, load()))))  # the command prints its findings
