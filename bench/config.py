@@ -139,8 +139,9 @@ def validate(cfg: DictConfig) -> None:
     source = cfg.model.source
     if not isinstance(source, DictConfig) or not source.get("_target_"):
         raise ConfigError(
-            f"model.source={source!r} names no _target_; choose model=<name> from conf/model/, whose source: node names a "
-            "bench.models.ModelSource (EmbeddedSource, HubSource, LocalSource, or your own)"
+            f"model.source={source!r} names no _target_; choose model=<name> from "
+            "conf/model/, whose source: node names a bench.models.ModelSource "
+            "(EmbeddedSource, HubSource, LocalSource, or your own)"
         )
     if cfg.activations.batch_tokens < 1 or cfg.activations.max_length < 2:
         raise ConfigError(

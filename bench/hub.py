@@ -3,8 +3,8 @@ model in the local cache, and a load that never waits on retries when offline.
 
 A job calls `HubSource.check` (`check_available`) before its model loads (an offline hub
 model fails at once, naming the embedded models) and hands the answer to `load_model`, so
-the hub is probed once per job. Offline mode is scoped to the load (`offline_hub`), never set for the
-process.
+the hub is probed once per job. Offline mode is scoped to the load (`offline_hub`), never
+set for the process.
 """
 
 from __future__ import annotations

