@@ -42,9 +42,11 @@ class Checkpoints:
             else f"{self.config_hash}:{digest}"
         )
 
-    def load(self, feature: int, direction: torch.Tensor) -> dict | None:
-        """The saved result of `feature`, if saved by this configuration for this direction."""
-        path = self.folder / f"feature_{feature}.json"
+    def load(self, feature: int, direction: torch.Tensor, stage: str = "feature") -> dict | None:
+        """The saved result of `feature` at `stage` (a task's name for how far the item
+        got, e.g. steering's `generated` texts before its judged `feature` rows), if saved
+        by this configuration for this direction."""
+        path = self.folder / f"{stage}_{feature}.json"
         if not self.config_hash or not path.exists():
             return None
         try:
@@ -54,10 +56,12 @@ class Checkpoints:
             return None
         if saved.get("key") != self._key(direction):
             return None
-        log.info("feature %d resumed from %s", feature, path)
+        log.info("%s %d resumed from %s", stage, feature, path)
         return saved["result"]
 
-    def save(self, feature: int, direction: torch.Tensor, result: dict) -> None:
+    def save(
+        self, feature: int, direction: torch.Tensor, result: dict, stage: str = "feature"
+    ) -> None:
         """Save one finished item. A folder that takes no file (a full or read-only disk)
         only loses the ability to resume: it is logged once, and the job goes on with its
         results in memory (bench.run saves them elsewhere if the folder still refuses)."""
@@ -65,7 +69,7 @@ class Checkpoints:
             return
         record = {"key": self._key(direction), "result": result}
         try:
-            atomic_write_text(self.folder / f"feature_{feature}.json", json.dumps(record))
+            atomic_write_text(self.folder / f"{stage}_{feature}.json", json.dumps(record))
         except OSError as err:
             self.failed = True
             log.warning("cannot checkpoint to %s (%s); the job goes on without checkpoints, "

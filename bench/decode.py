@@ -191,6 +191,18 @@ class LeanDecoder:
         """One new token per row (rows,); returns its logits (rows x vocab)."""
         return self._forward(token[:, None], hooks)[:, -1]
 
+    @torch.inference_mode()
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices) in the cache: finished rows stop costing steps."""
+        rows = rows.to(self.cache_k.device)
+        self.cache_k = self.cache_k.index_select(1, rows)
+        self.cache_v = self.cache_v.index_select(1, rows)
+
+    def release(self) -> None:
+        """Free the cache (the next `prefill` allocates a new one)."""
+        self.cache_k = self.cache_v = None
+        self.length = 0
+
     def _forward(self, tokens: torch.Tensor, hooks: Sequence[Hook]) -> torch.Tensor:
         table = _hook_table(hooks, len(self.layers))
         start, width = self.length, tokens.shape[1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import tempfile
 import time
@@ -53,6 +52,7 @@ from bench.results import (
     REPLICATES_FILE,
     SEED_PLACEHOLDER,
     ResultsError,
+    code_digest,
     code_version,
     config_hash,
     finalize,
@@ -63,6 +63,7 @@ from bench.results import (
     write_replicates,
 )
 from bench.secrets import REDACTED, is_secret_name, redact, redact_text
+from bench.stages import Stages
 from bench.storage import atomic_write_text, entry_lock, sha256_json, using_cache
 from featbench.methods.base import Method
 from featbench.tasks.base import Task, TaskData
@@ -86,23 +87,6 @@ def build(node: DictConfig, kind: str, base: type) -> Any:
             f"{kind} {node.get('_target_')!r} is not a {base.__module__}.{base.__name__} subclass"
         )
     return obj
-
-
-class Stages:
-    """Wall time and peak memory of each stage of a job, for the job's metadata
-    (`featbench.meta` in metrics.parquet) and `benchmarks/default_job.py`."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-        self.records.append(
-            {"stage": stage, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_kb / 1024}
-        )
 
 
 @cache
@@ -196,7 +180,7 @@ def _run_locked(cfg, job_dir, plan: Plan, tracker, group, name, started) -> pd.D
     container, chash = plan.identity.config, plan.identity.config_hash
     if cfg.force:
         shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
-    elif (done := completed(job_dir, chash, code_version())) is not None:
+    elif (done := completed(job_dir, chash, code_digest())) is not None:
         log.info("skipped: %s already holds these results (force=true runs it again)", job_dir)
         return done
     atomic_write_text(
@@ -299,11 +283,13 @@ def _run(cfg, job_dir: Path, plan: Plan, started: float) -> tuple[pd.DataFrame, 
         "hook": acts.hook, "dataset_hash": dataset.content_hash[:16],
         "dataset_version": dataset.version, "config_hash": chash,
         "setting_hash": identity.setting_hash, "code_version": code_version(),
+        "code_digest": code_digest(),
     })  # fmt: skip
-    # Task checkpoints are keyed by the config and the code: a resumed job never takes
-    # another code version's partial results.
-    checkpoint_key = sha256_json([chash, code_version()])[:16]
-    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key)
+    # Task checkpoints are keyed by the config and the code identity: a resumed job never
+    # takes partial results of code that computes differently.
+    checkpoint_key = sha256_json([chash, code_digest()])[:16]
+    data = TaskData(dataset, acts, cfg.layer, cfg.hook, cfg.seed, job_dir, judge, checkpoint_key,
+                    stage=stage)  # fmt: skip
     with stage("encode"):  # once per job: the contexts and every task share these codes
         encodings = data.encodings(features)
         codes = encodings.tokens()[encodings.rows(dataset.indices("train"))]
@@ -329,6 +315,7 @@ def _run(cfg, job_dir: Path, plan: Plan, started: float) -> tuple[pd.DataFrame, 
         "config_hash": chash,
         "setting_hash": identity.setting_hash,
         "code_version": code_version(),
+        "code_digest": code_digest(),
         "dataset_hash": dataset.content_hash[:16],
         "dataset_version": dataset.version,
     }

@@ -29,9 +29,10 @@ def plugin_name(obj: object) -> str:
     return getattr(type(obj), "name", None) or type(obj).__name__.lower()
 
 
-def completed(job_dir: Path, chash: str, version: str) -> pd.DataFrame | None:
-    """The job's table when `metrics.parquet` holds results of this config hash made
-    by this code version, else None (with a log line saying why it runs again)."""
+def completed(job_dir: Path, chash: str, digest: str) -> pd.DataFrame | None:
+    """The job's table when `metrics.parquet` holds results of this config hash made by code
+    with this code digest (`bench.results.code_digest`: what computes results, not the
+    commit), else None, with a log line saying why the job runs again."""
     path = job_dir / METRICS_FILE
     if not path.exists():
         return None
@@ -46,11 +47,16 @@ def completed(job_dir: Path, chash: str, version: str) -> pd.DataFrame | None:
     if frame.empty or set(frame["config_hash"].dropna().unique()) != {chash}:
         log.info("%s holds another configuration's results; running the job again", path)
         return None
-    found = sorted(frame["code_version"].dropna().unique()) if "code_version" in frame else []
-    if found != [version]:
+    found = sorted(frame["code_digest"].dropna().unique()) if "code_digest" in frame else []
+    if found != [digest]:
+        versions = (
+            sorted(frame["code_version"].dropna().unique()) if "code_version" in frame else []
+        )
         log.info(
-            "%s: results from %s, code is now %s; running the job again",
-            path, ", ".join(found) or "code that recorded no version", version,
+            "%s: results from code %s (%s); the code that computes results is now %s, "
+            "so the job runs again",
+            path, ", ".join(found) or "that recorded no code digest",
+            ", ".join(versions) or "no version", digest,
         )  # fmt: skip
         return None
     return frame

@@ -18,8 +18,14 @@ Provenance:
   output paths, the logger and `force`;
 - `setting_hash`: the same with the seed replaced by a placeholder, so jobs
   that differ only by seed share it (a report cell averages over seeds only);
-- `code_version`: featbench's version, plus the git commit and a hash of the
-  uncommitted changes when run from a checkout;
+- `code_digest`: the code identity, a digest of what computes results (the packages'
+  Python sources, shipped configs and shipped data; not the report, which is rebuilt
+  from the metrics). A finished job is reused only by code with the same digest, so a
+  commit that touches docs, tests, the README or `results/` keeps finished jobs, and an
+  installed copy of other code never passes for this one;
+- `code_version`: the human-readable version, featbench's version plus the git commit
+  and a hash of the uncommitted changes when run from a checkout (`featbench
+  0.1.0+g<commit>`): who computed the row, not whether it is reused;
 - `dataset_hash`: the dataset's sentences and labels; `dataset_version` its name
   (`concepts-v2` for the shipped one).
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import platform
@@ -67,13 +74,15 @@ SCHEMA = {
     "config_hash": "string",
     "setting_hash": "string",
     "code_version": "string",
+    "code_digest": "string",
     "dataset_hash": "string",
     "dataset_version": "string",
     "created_at": "datetime64[ns, UTC]",
 }
 ROW_FIELDS = ("feature", "concept", "metric", "value", "kl_target", "sign")
 RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "config_hash",
-              "setting_hash", "code_version", "dataset_hash", "dataset_version")  # fmt: skip
+              "setting_hash", "code_version", "code_digest", "dataset_hash",
+              "dataset_version")  # fmt: skip
 PACKAGES = ("featbench", "torch", "transformer-lens", "sae-lens", "transformers", "numpy",
             "pandas", "pyarrow", "hydra-core", "wandb")  # fmt: skip
 METRICS_FILE = "metrics.parquet"
@@ -156,6 +165,52 @@ def code_version() -> str:
         digest = hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest()[:8]
         text += f".dirty-{digest}"
     return text
+
+
+#: the packages whose files compute a job's results, by import name
+COMPUTING = ("bench", "bench.conf", "featbench.methods", "featbench.tasks")
+#: packages inside those that only read finished results (the report is rebuilt from the
+#: metrics on every run; bench.reference holds the paper's published numbers for it)
+READING = ("bench.report", "bench.reference")
+#: the files that count: sources, shipped configs and shipped data
+DIGESTED_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".jsonl", ".csv")
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    places = list(spec.submodule_search_locations or []) if spec else []
+    return Path(places[0]).resolve() if places else None
+
+
+@cache
+def code_digest() -> str:
+    """The code identity: a digest of every source, config and data file of COMPUTING (by
+    package and relative path, so the same code digests the same in a checkout and in an
+    installed copy), READING left out. Computed once per process."""
+    dirs = {name: _package_dir(name) for name in (*COMPUTING, *READING)}
+    for name in READING:  # a data-only folder may not import as a package: find it by place
+        parent, _, leaf = name.rpartition(".")
+        if dirs[name] is None and dirs.get(parent) is not None:
+            dirs[name] = dirs[parent] / leaf
+    own = {d.resolve(): name for name, d in dirs.items() if d is not None}
+    files: dict[str, Path] = {}  # "package:relative path" -> file, each file once
+    for name in COMPUTING:
+        if dirs[name] is None:
+            continue
+        for path in dirs[name].rglob("*"):
+            real = path.resolve()
+            if real.suffix not in DIGESTED_SUFFIXES or "__pycache__" in real.parts:
+                continue
+            # a file belongs to its nearest package folder: bench.conf's YAML is hashed once,
+            # under bench.conf, whether conf/ sits beside bench/ or inside it
+            home = next((p for p in real.parents if p in own), None)
+            if home is None or own[home] in READING or not real.is_file():
+                continue
+            files[f"{own[home]}:{real.relative_to(home).as_posix()}"] = real
+    digest = hashlib.sha256()
+    for key in sorted(files):
+        digest.update(key.encode() + b"\0" + files[key].read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 @cache

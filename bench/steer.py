@@ -11,7 +11,8 @@ Settings arguments are typed by the protocols `GenerationSettings` here and
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -92,31 +93,65 @@ class GenerationSettings(SamplingSettings, Protocol):
     judged_text: str  # one of JUDGED_TEXTS
 
 
+class Row(NamedTuple):
+    """One continuation to generate: its prompt, the vector added at the hook at every
+    position, the seed key of its random numbers, and the hook (None: `generate`'s)."""
+
+    prompt: str
+    vector: torch.Tensor
+    key: tuple
+    hook: str | None = None
+
+
 @torch.no_grad()
 def generate(
     model,
     hook: str,
-    specs: list[tuple[str, torch.Tensor, tuple]],
+    specs: list[Row] | list[tuple],
     settings: GenerationSettings,
     stats: dict | None = None,
     engine: str | None = None,
 ) -> list[str]:
-    """One text per (prompt, steering vector, seed key), in batches of
-    `settings.batch_size` rows sharing a prompt, with a KV cache. Each row's random
-    numbers come from its own seed key, so results do not depend on batching.
-    `stats["tokens"]` counts the tokens generated (up to and including EOS when
-    generation stops there). The text is `settings.judged_text` (JUDGED_TEXTS).
+    """One text per row (`Row`, or a (prompt, vector, seed key) tuple steered at `hook`):
+    `generate_batches` run to the end, its texts in the order of `specs`."""
+    texts: list[str | None] = [None] * len(specs)
+    for index, got in generate_batches(model, hook, specs, settings, stats, engine):
+        for i, text in zip(index, got, strict=True):
+            texts[i] = text
+    return texts  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_batches(
+    model,
+    hook: str,
+    specs: list[Row] | list[tuple],
+    settings: GenerationSettings,
+    stats: dict | None = None,
+    engine: str | None = None,
+) -> Iterator[tuple[list[int], list[str]]]:
+    """Generate `specs` in batches of `settings.batch_size` rows with a KV cache, yielding
+    each batch's (indices into `specs`, texts) as soon as it is done, in the order of
+    `specs` (rows sharing a prompt share a batch; rows of any unit and any hook do). Each
+    row's random numbers come from its own seed key, so a text does not depend on which
+    rows share its batch. `stats["tokens"]` counts the tokens generated (up to and
+    including EOS when generation stops there). The text is `settings.judged_text`
+    (JUDGED_TEXTS).
 
     `engine` (default `settings.engine`, else `lean`): `lean` decodes with `bench.decode`
     (same weights, same hook, a preallocated cache; about 1e-5 from TransformerLens's
     logits) where the model is supported, else falls back to `reference`,
-    TransformerLens's own forward with its KV cache."""  # fmt: skip
+    TransformerLens's own forward with its KV cache. When rows stop at EOS, the lean
+    decoder drops finished rows from the batch (`COMPACT_AT`), so they cost nothing more."""
     engine = engine or getattr(settings, "engine", "lean")
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
-    stop, judged = settings.stop_at_eos, settings.judged_text
-    if judged not in JUDGED_TEXTS:
-        raise ValueError(f"judged_text={judged!r}: choose one of {list(JUDGED_TEXTS)}")
+    if settings.judged_text not in JUDGED_TEXTS:
+        raise ValueError(
+            f"judged_text={settings.judged_text!r}: choose one of {list(JUDGED_TEXTS)}"
+        )
+    rows = [Row(*spec) if not isinstance(spec, Row) else spec for spec in specs]
+    rows = [row if row.hook else row._replace(hook=hook) for row in rows]
     decoder = None
     if engine == "lean":
         reason = unsupported(model)
@@ -124,45 +159,78 @@ def generate(
             decoder = LeanDecoder(model)
         else:
             log.info("lean decoder unavailable (%s); using TransformerLens's forward", reason)
-    eos = model.tokenizer.eos_token_id
+    order = sorted(range(len(rows)), key=lambda i: rows[i].prompt)  # stable: keeps input order
+    size = settings.batch_size
     new = settings.max_new_tokens
-    texts: list[str | None] = [None] * len(specs)
-    order = sorted(range(len(specs)), key=lambda i: specs[i][0])  # group by prompt
-    batches = [
-        order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)
-    ]
-    bar = tqdm(total=len(specs) * new, desc="steering: generate", unit="tok", leave=False)
-    for rows in batches:
-        prompts = {specs[i][0] for i in rows}
-        groups = [[i for i in rows if specs[i][0] == p] for p in sorted(prompts)]
-        for group in groups:
-            tokens = model.to_tokens(specs[group[0]][0]).expand(len(group), -1)
-            vectors = torch.stack([specs[i][1] for i in group]).to(tokens.device)
-            uniform = torch.stack([uniforms(specs[i][2], new) for i in group])
-            step = _lean_steps if decoder is not None else _reference_steps
-            out = torch.full((len(group), new), eos, dtype=torch.long)
-            done = torch.zeros(len(group), dtype=torch.bool)
-            steps = step(decoder or model, tokens, [(hook, _steer(vectors))], new)
-            logits = next(steps)
-            for t in range(new):
-                nxt = sample_next(logits.float().cpu(), uniform[:, t], settings)
-                if stop:
-                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                    done |= nxt == eos
-                out[:, t] = nxt
-                bar.update(len(group))
-                if (stop and done.all()) or t == new - 1:
-                    break
-                logits = steps.send(nxt.to(tokens.device))
-            steps.close()
-            prefix = tokens[0].tolist()
-            for i, row in zip(group, out.tolist(), strict=True):
-                cut = row.index(eos) if stop and eos in row else len(row)
-                if stats is not None:
-                    stats["tokens"] = stats.get("tokens", 0) + min(cut + 1, len(row))
-                texts[i] = _text(model.tokenizer, prefix, row[:cut], judged)
+    bar = tqdm(total=len(rows) * new, desc="steering: generate", unit="tok", leave=False)
+    for batch in (order[i : i + size] for i in range(0, len(order), size)):
+        for prompt in dict.fromkeys(rows[i].prompt for i in batch):
+            group = [i for i in batch if rows[i].prompt == prompt]
+            texts = _generate_group(model, decoder, [rows[i] for i in group], settings, stats,
+                                    bar.update)  # fmt: skip
+            yield group, texts
     bar.close()
-    return texts  # type: ignore[return-value]
+
+
+#: the lean decoder drops finished rows once this fraction of the batch's live rows has
+#: stopped (the copy of the cache costs about one step; each dropped row saves its share
+#: of every later step)
+COMPACT_AT = 1 / 8
+
+
+def _generate_group(model, decoder, rows: list[Row], settings, stats, progress) -> list[str]:
+    """The texts of rows that share one prompt, generated together; `progress(n)` is told
+    of every n row-steps done (a finished row's remaining steps when it stops)."""
+    eos, new, stop = model.tokenizer.eos_token_id, settings.max_new_tokens, settings.stop_at_eos
+    tokens = model.to_tokens(rows[0].prompt).expand(len(rows), -1)
+    vectors = _vectors_by_hook(rows, tokens.device)
+    uniform = torch.stack([uniforms(row.key, new) for row in rows])
+    out = torch.full((len(rows), new), eos, dtype=torch.long)
+    alive = torch.arange(len(rows))  # rows still generating, as indices into `rows`
+    if decoder is not None:
+        steps = _LeanSteps(decoder, tokens, vectors, new)
+    else:
+        steps = _ReferenceSteps(model, tokens, vectors)
+    logits = steps.first
+    done = torch.zeros(len(rows), dtype=torch.bool)  # per live row: it has written EOS
+    for t in range(new):
+        nxt = sample_next(logits.float().cpu(), uniform[alive, t], settings)
+        if stop:
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            done |= nxt == eos
+        out[alive, t] = nxt
+        progress(len(alive))
+        if t == new - 1 or (stop and bool(done.all())):
+            progress(len(alive) * (new - 1 - t))  # steps these rows no longer need
+            break
+        if steps.can_drop and int(done.sum()) >= max(1, len(alive) * COMPACT_AT):
+            keep = (~done).nonzero()[:, 0]
+            progress((len(alive) - len(keep)) * (new - 1 - t))  # the dropped rows' steps
+            alive, nxt, done = alive[keep], nxt[keep], done[keep]
+            steps.keep(keep)
+        logits = steps.step(nxt.to(tokens.device))
+    steps.close()
+    prefix = tokens[0].tolist()
+    texts = []
+    for row in out.tolist():
+        cut = row.index(eos) if stop and eos in row else len(row)
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + min(cut + 1, len(row))
+        texts.append(_text(model.tokenizer, prefix, row[:cut], settings.judged_text))
+    return texts
+
+
+def _vectors_by_hook(rows: list[Row], device) -> dict[str, torch.Tensor]:
+    """hook -> rows x width: each row's vector at its own hook, zeros at the others (adding
+    0.0 changes no activation, so a row steered at one hook is unaffected by another's)."""
+    out = {}
+    for hook in dict.fromkeys(row.hook for row in rows):
+        width = next(row.vector.shape[-1] for row in rows if row.hook == hook)
+        zero = torch.zeros(width)
+        out[hook] = torch.stack([row.vector if row.hook == hook else zero for row in rows]).to(
+            device
+        )
+    return out
 
 
 def _text(tokenizer, prefix: list[int], row: list[int], judged: str) -> str:
@@ -214,21 +282,51 @@ def has_post_mlp_norm(model) -> bool:
     return getattr(model.blocks[0], "ln2_post", None) is not None
 
 
-def _reference_steps(model, tokens, hooks, max_new):
-    """TransformerLens's own path: its forward with the hooks and its KV cache. A
-    generator: yields the next-token logits, receives the chosen tokens."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+class _ReferenceSteps:
+    """TransformerLens's own path: its forward with the hooks and its KV cache (rows cannot
+    be dropped from it)."""
 
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, len(tokens))
-    step_input = tokens
-    with model.hooks(fwd_hooks=hooks):
-        while True:
-            nxt = yield model(step_input, past_kv_cache=cache)[:, -1]
-            step_input = nxt[:, None]
+    can_drop = False
+
+    def __init__(self, model, tokens, vectors: dict[str, torch.Tensor]) -> None:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self.model = model
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, len(tokens))
+        self.hooks = [(hook, _steer(v)) for hook, v in vectors.items()]
+        self.first = self.step(tokens)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens if tokens.dim() == 2 else tokens[:, None]
+        with self.model.hooks(fwd_hooks=self.hooks):
+            return self.model(tokens, past_kv_cache=self.cache)[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.cache = None
 
 
-def _lean_steps(decoder, tokens, hooks, max_new):
-    """The lean decoder's path (bench.decode), with the same protocol as _reference_steps."""
-    nxt = yield decoder.prefill(tokens, hooks, max_new)
-    while True:
-        nxt = yield decoder.step(nxt, hooks)
+class _LeanSteps:
+    """The lean decoder's path (bench.decode): prefill, then one token per step; finished
+    rows can be dropped from its cache and from the steering vectors."""
+
+    can_drop = True
+
+    def __init__(self, decoder: LeanDecoder, tokens, vectors: dict[str, torch.Tensor], new):
+        self.decoder, self.vectors = decoder, vectors
+        self.first = decoder.prefill(tokens, self._hooks(), new)
+
+    def _hooks(self) -> list:
+        return [(hook, _steer(v)) for hook, v in self.vectors.items()]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(tokens, self._hooks())
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.decoder.keep(index)
+        self.vectors = {hook: v[index.to(v.device)] for hook, v in self.vectors.items()}
+
+    def close(self) -> None:
+        self.decoder.release()

@@ -10,8 +10,15 @@
    fraction of the FLOP limit (the step's matmuls at this batch's shapes, timed in the
    same run); how many texts are identical under the same per-sample seeds, and the
    first divergence; and a few rows generated one at a time (batching changes no text).
+3. The steering task end to end (`--concepts` concepts, 8 by default, under the default
+   concept protocol, DiffMean's directions, the offline judge): the tokens it generated
+   divided by the wall time of the whole task, against the lean decoder's rate at the
+   task's batch measured above (`task_vs_decoder`), with the task's own stage timings
+   (describe, calibrate, generate, judge) and the generation stage's rate alone
+   (`generate_vs_decoder`).
 
-    python benchmarks/steering.py [--model smollm2-135m] [--features 2] [--rows 128] [--layer L] [--json out.json]
+    python benchmarks/steering.py [--model smollm2-135m] [--features 2] [--rows 128] [--layer L]
+        [--concepts 8] [--json out.json]
 
 Run it on an otherwise idle machine: on 2 cores any other process halves it.
 Progress bars go to stderr: `python benchmarks/steering.py 2>/dev/null`.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +38,13 @@ import torch
 from bench.activations import extract
 from bench.datasets import load
 from bench.decode import LeanDecoder
+from bench.judges.offline import OfflineJudge
 from bench.model_sources import embedded_model
 from bench.models import load_model
+from bench.stages import Stages
 from bench.steer import generate, next_token_kl, search_alpha, unsteered
 from featbench.methods.diffmean import DiffMean
+from featbench.tasks.base import TaskData
 from featbench.tasks.steering import Steering
 
 
@@ -114,6 +125,27 @@ def first_divergence(a: list[str], b: list[str]) -> str | None:
     return None
 
 
+def task_rate(model, ds, acts, feats, args) -> dict:
+    """The steering task run whole on DiffMean's directions (`args.concepts` concepts, the
+    default concept protocol, the offline judge), timed by its own stages."""
+    with tempfile.TemporaryDirectory() as folder:
+        stages = Stages()
+        data = TaskData(ds, acts, args.layer, "mlp_post", 42, Path(folder), OfflineJudge(),
+                        stage=stages)  # fmt: skip
+        task = Steering(concepts=args.concepts)
+        start = time.perf_counter()
+        task.evaluate(model, feats, data, None)
+        seconds = time.perf_counter() - start
+    generated = next(r for r in stages.records if r["stage"] == "steering:generate")
+    return {
+        "tokens": generated["tokens"],
+        "seconds": seconds,
+        "tokens_per_second": generated["tokens"] / seconds,
+        "generate_tokens_per_second": generated["tokens"] / generated["seconds"],
+        "stages": {r["stage"]: r["seconds"] for r in stages.records},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", type=int, default=2, help="DiffMean features to search")
@@ -124,6 +156,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="an embedded model (conf/model/)")
     parser.add_argument("--layer", type=int, default=None, help="default: the model's own")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the task's 50")
+    parser.add_argument("--concepts", type=int, default=8, help="concepts the task steers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -205,6 +238,18 @@ def main() -> None:
           f"batched is {single_tokens / t_single and (tokens_lean / t_lean) / (single_tokens / t_single):.1f}x; "
           f"identical texts: {single == lean[:single_rows]}")  # fmt: skip
 
+    end_to_end = task_rate(model, ds, acts, feats, args)
+    lean_rate = tokens_lean / t_lean
+    print(f"\n# the steering task end to end, {args.concepts} concepts (DiffMean, offline judge)")
+    for name, seconds in end_to_end["stages"].items():
+        print(f"  {name:<22}: {seconds:7.1f} s")
+    print(f"task: {end_to_end['tokens']} tokens in {end_to_end['seconds']:.1f} s = "
+          f"{end_to_end['tokens_per_second']:.1f} tok/s")  # fmt: skip
+    print(f"task_vs_decoder             : {end_to_end['tokens_per_second'] / lean_rate:.2f} "
+          f"(target >= 0.8; the decoder alone: {lean_rate:.1f} tok/s at {rows} rows)")  # fmt: skip
+    print(f"generate_vs_decoder         : {end_to_end['generate_tokens_per_second'] / lean_rate:.2f} "
+          "(the generation stage alone)")  # fmt: skip
+
     if args.json:
         result = {
             "model": args.model,
@@ -240,6 +285,13 @@ def main() -> None:
             "single_rows": single_rows,
             "single_tokens_per_second": single_tokens / t_single,
             "single_identical_to_batched": single == lean[:single_rows],
+            "task_concepts": args.concepts,
+            "task_tokens": end_to_end["tokens"],
+            "task_seconds": end_to_end["seconds"],
+            "task_stage_seconds": end_to_end["stages"],
+            "task_tokens_per_second": end_to_end["tokens_per_second"],
+            "task_vs_decoder": end_to_end["tokens_per_second"] / lean_rate,
+            "generate_vs_decoder": end_to_end["generate_tokens_per_second"] / lean_rate,
         }
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -18,6 +18,7 @@ from bench.datasets import NEUTRAL, ConceptDataset
 from bench.encodings import Encodings
 from bench.errors import ConfigError
 from bench.judges.base import Judge
+from bench.stages import Stages
 from featbench.methods.base import ActivationSet, Features
 
 
@@ -33,6 +34,7 @@ class TaskData:
     output_dir: Path  # the job's directory, for artifacts and checkpoints
     judge: Judge | None = None  # the configured judge (tasks that score text need one)
     config_hash: str = ""  # the job's config hash: keys task checkpoints in output_dir
+    stage: Stages = field(default_factory=Stages)  # the job's stage timer: tasks time their parts
     _encodings: Encodings | None = field(default=None, init=False, repr=False)
 
     def encodings(self, features: Features) -> Encodings:

@@ -4,7 +4,13 @@ behaviour, survives a round trip through the features.
 On the test split's tokens, with x the activation at the features' hook and
 x_hat = decode(encode(x)):
 
-- `fvu`: fraction of variance unexplained, ||x - x_hat||^2 / ||x - mean(x)||^2;
+- `fvu`: fraction of variance unexplained, pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+  over the split's tokens. A few tokens of massive norm can carry most of the denominator
+  (SmolLM2's first real token at resid_post holds ~93% of the variance there), and then
+  `fvu` says how well those few are reconstructed, not the rest;
+- `explained_variance_per_token`: the mean over tokens of 1 - ||x - x_hat||^2 /
+  ||x - mean(x)||^2 (SAEBench's core evaluation), where every token counts once; read it
+  beside `fvu` to see when a few tokens dominate;
 - `kl_spliced`: x_hat is spliced into the model in place of x (every real
   token; BOS and pads keep their own values) and the forward pass continues;
   the mean over positions of KL(P_clean || P_spliced) of the next-token
@@ -55,6 +61,7 @@ class Reconstruction(Task):
     title: ClassVar[str] = "Reconstruction"
     headlines: ClassVar[tuple[Headline, ...]] = (
         Headline("fvu", higher_is_better=False),
+        Headline("explained_variance_per_token"),
         Headline("kl_spliced", higher_is_better=False),
         Headline("ce_delta", higher_is_better=False),
     )
@@ -87,16 +94,18 @@ class Reconstruction(Task):
         acts = data.activations.subset(test)
         encodings = data.encodings(features)  # the job's codes: decoded here, not encoded again
         x, x_hat = acts.acts.float(), encodings.decoded(encodings.rows(test))
-        err = (x - x_hat).pow(2).sum(1)  # per token
-        dev = (x - x.mean(0)).pow(2).sum(1)
+        err, dev, explained = token_errors(x, x_hat)
         local = torch.as_tensor(np.searchsorted(test, acts.sentence_ids.numpy()))
         sums = {
             "err": _per_sentence(err, local, len(test)),
             "dev": _per_sentence(dev, local, len(test)),
+            "explained": _per_sentence(explained, local, len(test)),
+            "tokens": _per_sentence(torch.ones_like(err), local, len(test)),
         }
         sums.update(self._splice(model, features.hook, x_hat, acts, data, test, cfg))
         ratios = {  # metric: (numerator, denominator), each summed over sentences
             "fvu": (sums["err"], sums["dev"]),
+            "explained_variance_per_token": (sums["explained"], sums["tokens"]),
             "kl_spliced": (sums["kl"], sums["n_kl"]),
             "ce_delta": (sums["ce_spliced"] - sums["ce_clean"], sums["n_ce"]),
             "ce_clean": (sums["ce_clean"], sums["n_ce"]),
@@ -111,8 +120,9 @@ class Reconstruction(Task):
             rows.append({"metric": metric, **estimate.row()})
         values = {r["metric"]: r["value"] for r in rows}
         log.info(
-            "reconstruction: FVU %.4f, KL %.4f nats, CE delta %.3f (clean %.3f)",
-            values["fvu"], values["kl_spliced"], values["ce_delta"], values["ce_clean"],
+            "reconstruction: FVU %.4f (per-token explained variance %.4f), KL %.4f nats, "
+            "CE delta %.3f (clean %.3f)", values["fvu"], values["explained_variance_per_token"],
+            values["kl_spliced"], values["ce_delta"], values["ce_clean"],
         )  # fmt: skip
         return rows
 
@@ -156,6 +166,16 @@ class Reconstruction(Task):
                                ("ce_spliced", ce_s), ("n_ce", has_next)):  # fmt: skip
                 out[key][batch] = value.double().sum(1).cpu().numpy()
         return out
+
+
+def token_errors(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per token: the squared error ||x - x_hat||^2, the squared deviation from the tokens'
+    mean ||x - mean(x)||^2 (FVU's denominator), and the explained variance 1 - error /
+    deviation. Summed, the first two give the pooled `fvu`; the third, averaged, gives
+    `explained_variance_per_token`."""
+    err = (x - x_hat).pow(2).sum(1)
+    dev = (x - x.mean(0)).pow(2).sum(1)
+    return err, dev, 1.0 - err / dev.clamp_min(torch.finfo(dev.dtype).tiny)
 
 
 LOGIT_BUDGET = 2 << 30  # bytes of full-vocabulary tensors per batch: well inside 24 GiB

@@ -1,6 +1,7 @@
 """Causal steering: push the model along a feature and judge what it writes.
 
-The protocol, in the order `evaluate` runs it:
+The protocol, in the order `evaluate` runs it. Each stage runs over all of the job's
+units before the next starts, so generation and judging work in full batches:
 
 1. **Select**: the units steered. `concept`: a seeded sample of concepts, each with
    every method's best-matching feature; `feature` / `paper`: features drawn with the
@@ -10,15 +11,18 @@ The protocol, in the order `evaluate` runs it:
    one is judged on. What is steered is the feature's direction, or
    (`direction=generated_diffmean`) the paper's DiffMean of sentences written from
    that description (`bench/generated_sentences.py`).
-3. **Calibrate**: for each KL target and sign, alpha such that adding alpha * unit
-   vector at the hook, at every position, moves the next-token distribution after the
-   prompt by KL(P_base || P_steered) = target (`bench/alpha_search.py`: `batched` or
-   the reference's `bisection`; the -1 sign `calibrated` or `mirrored`).
-4. **Generate**: `samples` continuations per (unit, target, sign), batched with a KV
-   cache, each from its own seed (`bench/steer.py`, sampler in `bench/sampling.py`).
+3. **Calibrate**: for each unit, KL target and sign, alpha such that adding alpha *
+   unit vector at the hook, at every position, moves the next-token distribution after
+   the prompt by KL(P_base || P_steered) = target (`bench/alpha_search.py`: `batched`
+   or the reference's `bisection`; the -1 sign `calibrated` or `mirrored`).
+4. **Generate**: `samples` continuations per (unit, target, sign), and the unsteered
+   baseline, in batches of `batch_size` rows whatever unit each row belongs to, with a
+   KV cache (`bench/steer.py`, sampler in `bench/sampling.py`). Each row draws from its
+   own seed key, so its text does not depend on the rows beside it.
 5. **Judge**: concept (against that sign's description) and fluency, 0-2; the
-   sample's `steering_score` is their harmonic mean. A failed judgement is missing
-   (`judge_failure=missing`) or 0 (`zero`, the paper's), counted either way.
+   sample's `steering_score` is their harmonic mean (`bench/steering_units.py`). A
+   failed judgement is missing (`judge_failure=missing`) or 0 (`zero`, the paper's),
+   counted either way.
 6. **Aggregate** (`bench/steering_scores.py`, on plain rows): per unit the headline
    `heldout_steering_score` (target and sign chosen on even samples, reported on
    odd ones) and the paper's `best_kl_steering_score`; summaries with 95% intervals.
@@ -28,8 +32,9 @@ The protocol, in the order `evaluate` runs it:
 `PROTOCOL_VALUES`; a value set explicitly wins, so one deviation from the paper can
 be removed at a time. docs/paper-protocol.md lists every difference.
 
-Each finished unit is checkpointed in the job's folder, so a killed job resumes at
-the next unit; run.py removes the checkpoints once `metrics.parquet` exists.
+A unit is checkpointed in the job's folder when its texts are generated and again when
+they are judged, so a killed job resumes with what it finished; the job removes the
+checkpoints once `metrics.parquet` exists.
 """
 
 from __future__ import annotations
@@ -49,28 +54,26 @@ from bench.descriptions import INPUT_CENTRIC, Describer, Description, check_kind
 from bench.detection_stats import auroc_matrix, best_feature_per_concept
 from bench.errors import ConfigError
 from bench.generated_sentences import diffmean_vector, write_sentences
-from bench.judges.base import Judge, Judgement
+from bench.judges.base import Judge
 from bench.stats import RESAMPLES, units_hash
-from bench.steer import generate, post_norm_targets
+from bench.steer import Row, generate, generate_batches, post_norm_targets
 from bench.steering_scores import (
-    EMPTY,
     EXCLUDED,
     NO_DIRECTION,
     UNDESCRIBED,
     UNREACHABLE,
     ZERO_NORM,
-    _row,
     aggregate,
 )
 from bench.steering_settings import PROTOCOL, PROTOCOL_VALUES, check, resolve
+from bench.steering_units import GENERATED, JUDGED, Unit, failure_row, judge_samples
 from featbench.methods.base import Features
 from featbench.tasks.base import Headline, Task, TaskData
 from featbench.tasks.concept_detection import select_features, sentence_scores
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = "steering-3"  # bumped when a checkpoint's content changes meaning
-EMPTY_REASON = "empty generation"
+CHECKPOINT_VERSION = "steering-4"  # bumped when a checkpoint's content changes meaning
 
 
 @dataclass
@@ -156,67 +159,52 @@ class Steering(Task):
     # --- the protocol ----------------------------------------------------------
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
+        """The protocol in stages over all of the job's units: select, describe, calibrate
+        every unit, generate every row in full batches whatever unit it belongs to, judge
+        in batches, aggregate. Each row's own seed key keeps its text independent of the
+        batch it lands in."""
         self.check_judge(data.judge)
         judge = data.judge.with_policy(self.judge_attempts, self.rating_format)
         judge.bind(model)
         start = judge.stats()  # this task's judge counters are the change from here
         norms = features.directions.norm(dim=1)
         unit = features.directions / norms[:, None].clamp_min(1e-12)
-        # select: the units steered, each with its feature (and, for concepts, its label)
-        if self.protocol == "concept":
-            units, feature_of, describe, extra = self._concept_units(features, data)
-            kind, pairing = "label", units_hash(data.dataset.content_hash, units)
-        else:
-            units = select_features(len(features), self.max_features, data.seed)
-            feature_of, describe, extra = {f: f for f in units}, None, {}
-            kind, pairing = self.description, None
-        # A unit's key names its checkpoint and seeds its samples: the feature index under
-        # the feature protocols, the concept's position under the concept protocol.
-        keys = units if self.protocol != "concept" else list(range(len(units)))
+        units, describe, extra, kind, pairing = self._select(features, data)
         store = Checkpoints(data.output_dir / "checkpoints" / f"steering-{self.protocol}",
                             data.config_hash, version=CHECKPOINT_VERSION)  # fmt: skip
-        done = {i: store.load(keys[i], unit[feature_of[u]]) for i, u in enumerate(units)}
-        todo = [feature_of[u] for i, u in enumerate(units) if done[i] is None]
-        steered = post_norm_targets(model, features, unit, todo) if self.post_norm_mlp_out else {}
-        if describe is None:  # describe (the feature protocols; concepts have their label)
-            split = data.dataset.indices("train")
-            encodings = data.encodings(features)  # the job's codes: nothing encoded twice
-            wanted = todo and self.description in INPUT_CENTRIC  # kinds that read train codes
-            codes = encodings.tokens()[encodings.rows(split)] if wanted else None
-            describe = Describer(self.description, model, features, data.activations.subset(split),
-                                 judge, todo, unit, self.top_tokens, codes=codes, steered=steered)  # fmt: skip
-        baseline = self._baseline(model, features.hook, unit.shape[1], data.seed) if todo else []
-        resumed: dict[str, float] = {}
-        for i, u in enumerate(tqdm(units, desc="steering", unit=self.protocol, leave=False)):
-            if done[i] is not None:
-                for k, v in done[i]["judge_stats"].items():
-                    resumed[k] = resumed.get(k, 0.0) + v
-                continue
-            f = feature_of[u]
-            before = judge.stats()
-            desc = describe(u).for_signs(self.description_signs)
-            # what is steered: the feature's direction, or the DiffMean of generated sentences
-            hook, vector, norm = features.hook, unit[f], float(norms[f])
-            info: dict = {}
-            if f in steered:
-                vector, hook = steered[f]
-            if self.direction == "generated_diffmean" and desc.texts:  # (none: undescribed)
-                hook, vector, norm, why, info = self._generated_diffmean(model, hook, desc, judge)
-            if vector is None:
-                result = {"rows": [_failure(f, desc, NO_DIRECTION, why)], "passes": 0}
-            else:  # calibrate -> generate -> judge, for one unit
-                result = self._steer_feature(model, hook, f, vector, norm, desc, baseline, judge,
-                                             data.seed, keys[i])  # fmt: skip
-            result["rows"] = [{**row, **info} for row in result["rows"]]  # sentences written
-            done[i] = self._save(store, keys[i], unit[f], result, judge, before)
+        for u in units:
+            u.direction = unit[u.feature]
+            u.restore(store.load(u.key, u.direction), store.load(u.key, u.direction, GENERATED))
+        todo = [u for u in units if not u.finished]
+        if todo:
+            steered = {}
+            if self.post_norm_mlp_out:
+                steered = post_norm_targets(model, features, unit, [u.feature for u in todo])
+            fresh = [u for u in todo if u.texts is None]  # neither generated nor judged yet
+            with data.stage("steering:describe"):
+                if describe is None:  # the feature protocols: one description kind for all
+                    describe = self._describer(model, features, data, judge, fresh, unit, steered)
+                for u in tqdm(fresh, desc="steering: describe", unit=self.protocol, leave=False):
+                    self._prepare(u, model, features.hook, float(norms[u.feature]), unit,
+                                  steered, describe, judge)  # fmt: skip
+            with data.stage("steering:calibrate"):
+                for u in tqdm(fresh, desc="steering: calibrate", unit=self.protocol, leave=False):
+                    self._calibrate(model, u)
+            with data.stage("steering:generate") as record:
+                unsteered = self._baseline(features.hook, unit.shape[1], data.seed)
+                baseline = self._generate(model, fresh, data.seed, store, unsteered, record)
+            with data.stage("steering:judge"):
+                self._judge_all(todo, baseline, judge, store)
         stats = {k: v - start.get(k, 0.0) for k, v in judge.stats().items()}
-        stats.update({k: stats.get(k, 0.0) + v for k, v in resumed.items()})
-        rows = [{**row, **extra.get(u, {})} for i, u in enumerate(units) for row in done[i]["rows"]]
+        for u in units:  # the counters of work done before the job was interrupted
+            for k, v in u.earlier.items():
+                stats[k] = stats.get(k, 0.0) + v
+        rows = [{**row, **extra.get(u.name, {})} for u in units for row in u.rows]
         # aggregate: per unit, then the summary with intervals over units
-        passes = {u: done[i]["passes"] for i, u in enumerate(units)}
         per = "concept" if self.protocol == "concept" else "feature"
-        rows += aggregate(rows, units, passes=passes, judge_stats=stats, seed=data.seed,
-                          n_resamples=self.bootstrap, unit=per, units_hash=pairing,
+        rows += aggregate(rows, [u.name for u in units], passes={u.name: u.passes for u in units},
+                          judge_stats=stats, seed=data.seed, n_resamples=self.bootstrap,
+                          unit=per, units_hash=pairing,
                           settings=json.dumps(self.resolved()))  # fmt: skip
         for row in rows:
             row.setdefault("judge", type(judge).name or type(judge).__name__.lower())
@@ -227,10 +215,44 @@ class Steering(Task):
             row.setdefault("direction", self.direction)
         return rows
 
-    def _save(self, store, key, direction, result, judge, before) -> dict:
-        result["judge_stats"] = {k: v - before.get(k, 0.0) for k, v in judge.stats().items()}
-        store.save(key, direction, result)
-        return result
+    # --- select and describe ---------------------------------------------------------
+
+    def _select(self, features: Features, data: TaskData) -> tuple:
+        """(units, describe or None, per-unit extra columns, description kind, pairing hash).
+        A unit's key names its checkpoint and seeds its samples: the feature index under
+        the feature protocols, the concept's position under the concept protocol."""
+        if self.protocol == "concept":
+            picked, feature_of, describe, extra = self._concept_units(features, data)
+            units = [Unit(c, feature_of[c], i) for i, c in enumerate(picked)]
+            return units, describe, extra, "label", units_hash(data.dataset.content_hash, picked)
+        chosen = select_features(len(features), self.max_features, data.seed)
+        return [Unit(f, f, f) for f in chosen], None, {}, self.description, None
+
+    def _describer(self, model, features, data, judge, fresh: list[Unit], unit, steered):
+        """The feature protocols' describer, built once for the units still to describe."""
+        split = data.dataset.indices("train")
+        encodings = data.encodings(features)  # the job's codes: nothing encoded twice
+        wanted = fresh and self.description in INPUT_CENTRIC  # kinds that read train codes
+        codes = encodings.tokens()[encodings.rows(split)] if wanted else None
+        return Describer(self.description, model, features, data.activations.subset(split),
+                         judge, [u.feature for u in fresh], unit, self.top_tokens, codes=codes,
+                         steered=steered)  # fmt: skip
+
+    def _prepare(self, u: Unit, model, hook: str, norm: float, unit, steered, describe, judge):
+        """The unit's description and what is steered: the feature's direction at the
+        features' hook, its post-norm image (Gemma, `post_norm_mlp_out`), or the DiffMean of
+        sentences written from its description (`direction=generated_diffmean`)."""
+        before = judge.stats()
+        u.desc = describe(u.name).for_signs(self.description_signs)
+        u.hook, u.vector, u.norm = hook, unit[u.feature], norm
+        if u.feature in steered:
+            u.vector, u.hook = steered[u.feature]
+        if self.direction == "generated_diffmean" and u.desc.texts:  # (none: undescribed)
+            u.hook, u.vector, u.norm, why, u.info = self._generated_diffmean(model, u.hook, u.desc,
+                                                                          judge)  # fmt: skip
+            if u.vector is None:
+                u.rows = [failure_row(u.feature, u.desc, NO_DIRECTION, why)]
+        u.add_stats(judge.stats(), before)
 
     def _generated_diffmean(self, model, hook: str, desc: Description, judge) -> tuple:
         """(hook, unit vector or None, its norm, why None, row info): the paper's DiffMean of
@@ -267,108 +289,120 @@ class Steering(Task):
             extra[c] = {"match_auroc": float(auc[concepts.index(c), f])}
         return picked, feature_of, lambda c: label(c, examples[c]), extra
 
-    def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,
-                       judge, seed, key: int | None = None) -> dict:  # fmt: skip
-        """Calibrate, generate and judge one unit (feature f, described by `desc`): its rows
-        and search passes. `key` seeds its samples (default: the feature index)."""
-        key = f if key is None else key
-        if not norm > 1e-12:  # NaN too
-            why = "zero-norm direction" if np.isfinite(norm) else "non-finite direction"
-            return {"rows": [_failure(f, desc, ZERO_NORM, why)], "passes": 0}
-        rows = [_failure(f, desc, EXCLUDED, why, sign=s) for s, why in desc.excluded.items()]
+    # --- calibrate, generate, judge ----------------------------------------------------
+
+    def _calibrate(self, model, u: Unit) -> None:
+        """The unit's alpha for each (KL target, sign) it is judged on; a target not found
+        is a row with its reason. A zero or undescribed unit is not searched."""
+        f, desc = u.feature, u.desc
+        if u.rows:  # already failed (no direction to steer)
+            return
+        if not u.norm > 1e-12:  # NaN too
+            why = "zero-norm direction" if np.isfinite(u.norm) else "non-finite direction"
+            u.rows = [failure_row(f, desc, ZERO_NORM, why)]
+            return
+        u.rows = [failure_row(f, desc, EXCLUDED, why, sign=s) for s, why in desc.excluded.items()]
         if not desc.texts:
-            return {"rows": rows or [_failure(f, desc, UNDESCRIBED, desc.reason)], "passes": 0}
-        found, passes = calibrate(model, hook, direction, self, signs=desc.signs)
-        jobs = []  # (target index, sign, alpha, kl)
+            u.rows = u.rows or [failure_row(f, desc, UNDESCRIBED, desc.reason)]
+            return
+        found, u.passes = calibrate(model, u.hook, u.vector, self, signs=desc.signs)
         for (t, sign), (alpha, kl, reason) in sorted(found.items()):
             if alpha is None:
-                rows.append(_failure(f, desc, UNREACHABLE, reason, self.kl_targets[t], sign,
-                                     kl_achieved=kl))  # fmt: skip
+                u.rows.append(failure_row(f, desc, UNREACHABLE, reason, self.kl_targets[t], sign,
+                                       kl_achieved=kl))  # fmt: skip
             else:
-                jobs.append((t, sign, float(alpha), kl))
-        specs = [(prompt, alpha * direction, (seed, key + 1, t, sign + 1, s))
-                 for t, sign, alpha, _ in jobs for s, prompt in enumerate(self._sample_prompts())]  # fmt: skip
-        texts = generate(model, hook, specs, self) if specs else []
-        for sign in desc.signs:
-            mine = [(j, job) for j, job in enumerate(jobs) if job[1] == sign]
-            samples = [(job, s, texts[j * self.samples + s])
-                       for j, job in mine for s in range(self.samples)]  # fmt: skip
-            rows += self._judge(f, desc, sign, samples, baseline, judge)
-        return {"rows": rows, "passes": passes}
+                u.jobs.append((t, sign, float(alpha), kl))
+
+    def _specs(self, u: Unit, seed: int) -> list[Row]:
+        """The unit's rows to generate: `samples` per (KL target, sign) found, each with
+        its own seed key (seed, unit key + 1, target, sign + 1, sample)."""
+        return [Row(prompt, alpha * u.vector, (seed, u.key + 1, t, sign + 1, s), u.hook)
+                for t, sign, alpha, _ in u.jobs for s, prompt in enumerate(self._sample_prompts())]  # fmt: skip
+
+    def _generate(self, model, units: list[Unit], seed: int, store: Checkpoints,
+                  baseline: list[Row], counted: dict | None = None) -> list[str]:  # fmt: skip
+        """The baseline's rows, then every unit's, in full batches; each unit's texts are
+        checkpointed as soon as its last row is generated, so a killed job regenerates only
+        unfinished units. Returns the baseline's texts; `counted["tokens"]` counts the tokens
+        generated (`generate_batches`)."""
+        out: list[str] = [""] * len(baseline)
+        specs, owner = list(baseline), [(None, j) for j in range(len(baseline))]
+        for u in units:
+            mine = self._specs(u, seed)
+            u.texts = [None] * len(mine)
+            owner += [(u, j) for j in range(len(mine))]
+            specs += mine
+            if not mine:
+                self._save(store, u, GENERATED)
+        left = {id(u): len(u.texts) for u in units}
+        for index, texts in generate_batches(model, "", specs, self, counted):
+            for i, text in zip(index, texts, strict=True):
+                u, j = owner[i]
+                if u is None:
+                    out[j] = text
+                    continue
+                u.texts[j] = text
+                left[id(u)] -= 1
+                if left[id(u)] == 0:
+                    self._save(store, u, GENERATED)
+        return out
+
+    def _judge_all(self, units: list[Unit], baseline, judge, store: Checkpoints) -> None:
+        """Judge every unit's texts in chunks of units holding about a batch of texts (the
+        judge sees a chunk's texts together); the chunk's judge counters go to its first
+        unit, so their sum is the task's. Each unit is checkpointed once judged."""
+        chunk: list[Unit] = []
+        for i, u in enumerate(units):
+            chunk.append(u)
+            if sum(len(v.texts or []) for v in chunk) >= self.batch_size or i == len(units) - 1:
+                before = judge.stats()
+                self._judge_units(chunk, baseline, judge)
+                chunk[0].add_stats(judge.stats(), before)
+                for v in chunk:
+                    self._save(store, v)
+                chunk = []
+
+    def _judge_units(self, units: list[Unit], baseline, judge) -> None:
+        """Each unit's sample rows, after its failure rows (with its extra columns: the
+        sentences written under generated_diffmean)."""
+        groups, owner = [], []
+        for u in units:
+            for sign, samples in u.groups(self.samples):
+                groups.append((u.feature, u.desc, sign, samples))
+                owner.append(u)
+        judged = judge_samples(self, groups, baseline, judge) if groups else []
+        for u in units:
+            mine = [row for v, rows in zip(owner, judged, strict=True) if v is u for row in rows]
+            u.rows = [{**row, **u.info} for row in u.rows + mine]
+
+    def _save(self, store: Checkpoints, u: Unit, stage: str = JUDGED) -> None:
+        """Checkpoint a unit: its texts once generated, its rows once judged."""
+        if stage == JUDGED:
+            u.finished = True
+        store.save(u.key, u.direction, u.state(stage), stage)
+
+    def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,
+                       judge, seed, key: int | None = None) -> dict:  # fmt: skip
+        """Calibrate, generate and judge one unit (feature f, described by `desc`) through
+        the same stages as `evaluate`: its rows and search passes. `key` seeds its samples
+        (default: the feature index)."""
+        u = Unit(f, f, f if key is None else key, desc=desc, hook=hook, vector=direction,
+                 norm=norm)  # fmt: skip
+        self._calibrate(model, u)
+        specs = self._specs(u, seed)
+        u.texts = generate(model, hook, specs, self) if specs else []
+        self._judge_units([u], baseline, judge)
+        return {"rows": u.rows, "passes": u.passes}
 
     def _judge(self, f, desc: Description, sign, samples, baseline, judge) -> list[dict]:
-        """Rows of one sign's samples, each judged against that sign's description; an
-        empty text scores 0 unjudged (the steering broke the model, not the judge); a
-        failed judgement is missing or 0 by `judge_failure`, and marked `judge_failed`."""
-        description = desc.texts[sign]
-        prompts = [self.prompts[s % len(self.prompts)] for _, s, _ in samples]
-        asked = [i for i, (_, _, text) in enumerate(samples) if text.strip()]
-        empty = Judgement(0.0, EMPTY_REASON)
-        concept, fluency = [empty] * len(samples), [empty] * len(samples)
-        if asked:
-            texts = [samples[i][2] for i in asked]
-            judged_c = judge.concept(texts, description, baseline, kind=desc.kind,
-                                     examples=desc.examples or None)  # fmt: skip
-            # a text that holds its prompt is rated alone (the reference's fluency rubric)
-            holds = self.judged_text == "bos_prompt_continuation"
-            judged_f = _fluency(judge, texts, ["" if holds else prompts[i] for i in asked])
-            for i, c, fl in zip(asked, judged_c, judged_f, strict=True):
-                concept[i], fluency[i] = c, fl
-        rows = []
-        mirrored = self.negative_alpha == "mirrored" and sign == -1
-        for i, ((t, _, alpha, kl), s, text) in enumerate(samples):
-            common = {"alpha": alpha, "kl_achieved": kl, "sample": s, "prompt": prompts[i],
-                      "text": text, "description_text": description, "alpha_calibrated": not mirrored,
-                      "failure": None if text.strip() else EMPTY}  # fmt: skip
-            failed_c, failed_f = concept[i].score is None, fluency[i].score is None
-            c, fl = self._policy(concept[i]), self._policy(fluency[i])
-            score = steering_score(c.score, fl.score)
-            reasons = "; ".join(dict.fromkeys(r for r in (c.reason, fl.reason) if r))
-            for metric, value, reason, failed in (
-                ("concept_score", c.score, c.reason, failed_c),
-                ("fluency_score", fl.score, fl.reason, failed_f),
-                ("steering_score", score, reasons or None, failed_c or failed_f),
-            ):
-                rows.append(_row(f, desc.concept, metric, value, self.kl_targets[t], sign,
-                                 reason=reason, judge_failed=failed, **common))  # fmt: skip
-        return rows
-
-    def _policy(self, judgement: Judgement) -> Judgement:
-        """A failed judgement under `judge_failure=zero` scores 0, its reason kept."""
-        if judgement.score is None and self.judge_failure == "zero":
-            return Judgement(0.0, f"{judgement.reason} (scored 0: judge_failure=zero)")
-        return judgement
+        """Rows of one sign's samples of feature f, judged against that sign's description."""
+        return judge_samples(self, [(f, desc, sign, samples)], baseline, judge)[0]
 
     def _sample_prompts(self) -> list[str]:
         return [self.prompts[s % len(self.prompts)] for s in range(self.samples)]
 
-    def _baseline(self, model, hook: str, d: int, seed: int) -> list[str]:
-        """Unsteered continuations, which the offline concept judge compares against."""
+    def _baseline(self, hook: str, d: int, seed: int) -> list[Row]:
+        """The unsteered continuations the offline concept judge compares against."""
         zero = torch.zeros(d)
-        specs = [(self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s))
-                 for s in range(self.baseline_samples)]  # fmt: skip
-        return generate(model, hook, specs, self)
-
-
-def steering_score(concept: float | None, fluency: float | None) -> float | None:
-    """Harmonic mean of the two 0-2 scores; 0 when either is 0, missing when either is."""
-    if concept is None or fluency is None:
-        return None
-    if concept == 0 or fluency == 0:
-        return 0.0
-    return 2 * concept * fluency / (concept + fluency)
-
-
-def _fluency(judge: Judge, texts: list[str], prompts: list[str]) -> list[Judgement]:
-    out: list[Judgement | None] = [None] * len(texts)
-    for prompt in dict.fromkeys(prompts):
-        where = [i for i, p in enumerate(prompts) if p == prompt]
-        for i, j in zip(where, judge.fluency([texts[i] for i in where], prompt), strict=True):
-            out[i] = j
-    return out  # type: ignore[return-value]
-
-
-def _failure(f, desc: Description, failure, reason, kl_target=None, sign=None, **extra) -> dict:
-    """A sample-less `steering_score` row saying why nothing was generated or judged."""
-    return _row(f, desc.concept, "steering_score", None, kl_target, sign, sample=None,
-                failure=failure, reason=reason, **extra)  # fmt: skip
+        return [Row(self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s), hook)
+                for s in range(self.baseline_samples)]  # fmt: skip

@@ -37,7 +37,7 @@ def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
     """One job's rows: per-feature AUROCs and steering samples plus their summary rows."""
     run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
            "method": method, "seed": seed, "config_hash": f"hash{seed}", "setting_hash": method,
-           "code_version": "featbench 0.1.0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
+           "code_version": "featbench 0.1.0", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
     concept = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
                for f, v in enumerate((0.9, 0.7))]  # fmt: skip
     concept += [{"metric": "mean_feature_auroc", "value": 0.925, "ci_low": 0.9, "ci_high": 0.95},
@@ -55,7 +55,7 @@ def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
 def _reconstruction_only(method: str) -> pd.DataFrame:
     run = {"run_id": f"{method}-0", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
            "method": method, "seed": 0, "config_hash": "hash0", "task": "reconstruction",
-           "setting_hash": method, "code_version": "featbench 0.1.0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
+           "setting_hash": method, "code_version": "featbench 0.1.0", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
     return finalize([{"metric": "fvu", "value": 0.2}, {"metric": "kl_spliced", "value": None,
                       "reason": "no model"}], run)  # fmt: skip
 

@@ -25,7 +25,7 @@ from bench.results import (
 
 RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
        "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
-       "code_version": "featbench 0.1.0+gold", "dataset_hash": "d0", "dataset_version": "v0"}  # fmt: skip
+       "code_version": "featbench 0.1.0+gold", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "v0"}  # fmt: skip
 
 
 def _cfg(*overrides: str):
@@ -66,11 +66,24 @@ def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, capl
     job = tmp_path / "job"
     frame = finalize([{"metric": "a", "value": 1.0}], RUN)
     write_metrics(frame, job / "metrics.parquet")
-    assert completed(job, "abc", "featbench 0.1.0+gold") is not None  # same code: skipped
+    assert completed(job, "abc", "digest0") is not None  # same code identity: skipped
     with caplog.at_level(logging.INFO, logger="bench.job_checks"):
-        assert completed(job, "abc", "featbench 0.1.0+gnew") is None
-    assert "results from featbench 0.1.0+gold, code is now featbench 0.1.0+gnew" in caplog.text
-    assert completed(job, "other", "featbench 0.1.0+gold") is None  # another config
+        assert completed(job, "abc", "digest1") is None
+    assert (
+        "results from code digest0 (featbench 0.1.0+gold); the code that computes " in caplog.text
+    )
+    assert "is now digest1, so the job runs again" in caplog.text
+    assert completed(job, "other", "digest0") is None  # another config
+    older = finalize([{"metric": "a", "value": 1.0}], RUN).drop(columns=["code_digest"])
+    write_metrics(older, job / "metrics.parquet")  # results from before code digests
+    assert completed(job, "abc", "digest0") is None
+
+
+def test_the_code_digest_covers_what_computes_and_nothing_else():
+    """Each digested file belongs to one package; the report and the docs are not in it."""
+    digest = results.code_digest()
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert results.code_digest() == digest  # once per process
 
 
 def test_replicates_leave_the_rows_and_come_back_by_id(tmp_path):

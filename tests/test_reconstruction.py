@@ -14,7 +14,12 @@ from featbench.methods.base import Features
 from featbench.methods.diffmean import DiffMean
 from featbench.methods.pca import PCA
 from featbench.tasks.base import TaskData
-from featbench.tasks.reconstruction import LOGIT_BUDGET, Reconstruction, logit_batch_tokens
+from featbench.tasks.reconstruction import (
+    LOGIT_BUDGET,
+    Reconstruction,
+    logit_batch_tokens,
+    token_errors,
+)
 
 
 class ZeroDecoder(Features):
@@ -102,3 +107,36 @@ def test_the_splice_batch_is_sized_by_the_vocabulary():
     assert logit_batch_tokens(4096, 262_144) == 341 and logit_batch_tokens(4096, 49_152) == 1820
     assert logit_batch_tokens(64, 49_152) == 64  # a smaller setting is kept
     assert logit_batch_tokens(4096, 10**12) == 1  # never zero
+
+
+def test_massive_tokens_carry_the_pooled_fvu_and_not_the_per_token_figure():
+    """A planted case with a known answer: two tokens of norm M (at +M and -M, so the mean
+    stays 0) reconstructed exactly, and n - 2 ordinary unit tokens reconstructed as zero.
+    The pooled FVU is (n - 2) / (2 M^2 + n - 2), nearly 0: the massive tokens hold the
+    variance. The per-token explained variance is 2 / n: every ordinary token is lost."""
+    n, big = 12, 1000.0
+    x = torch.zeros(n, 2, dtype=torch.float64)
+    x[0, 0], x[1, 0] = big, -big
+    x[2:, 1] = torch.tensor([1.0, -1.0] * ((n - 2) // 2))
+    x_hat = torch.zeros_like(x)
+    x_hat[:2] = x[:2]
+    err, dev, explained = token_errors(x, x_hat)
+    pooled = float(err.sum() / dev.sum())
+    assert pooled == pytest.approx((n - 2) / (2 * big**2 + n - 2), rel=1e-9) and pooled < 1e-5
+    assert float(explained.mean()) == pytest.approx(2 / n, rel=1e-9)
+    assert explained.tolist() == [1.0, 1.0] + [0.0] * (n - 2)
+
+
+@pytest.mark.integration
+def test_an_exact_reconstruction_spliced_at_resid_post_costs_nothing(embedded, tmp_path):
+    """At resid_post the embedded model's first real token carries activations of norm up to
+    ~26,000: an exact reconstruction spliced there still changes no next-token
+    distribution, and both variance figures say so."""
+    model, data = embedded.model, datasets.load(max_per_concept=6, max_neutral=6)
+    acts = extract(model, data, 12, "resid_post", model_fingerprint=embedded.fingerprint,
+                   use_cache=False)  # fmt: skip
+    full = PCA(n_features=acts.d).fit(acts.subset(data.indices("train")))
+    task_data = TaskData(data, acts, 12, "resid_post", 0, tmp_path)
+    values = _metrics(Reconstruction(bootstrap=20).evaluate(model, full, task_data, None))
+    assert values["fvu"] < 1e-6 and values["explained_variance_per_token"] > 1 - 1e-4
+    assert abs(values["kl_spliced"]) < 1e-4 and abs(values["ce_delta"]) < 1e-3

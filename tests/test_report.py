@@ -60,13 +60,14 @@ DECLARED = {
 
 
 def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], keys: dict | None = None,
-              code: str = CODE, dataset: str = "d0", meta: bool = True, **extra) -> int:  # fmt: skip
+              code: str = CODE, dataset: str = "d0", meta: bool = True, digest: str = "digest0",
+              **extra) -> int:  # fmt: skip
     """A job folder as bench.run writes it: metrics.parquet (with meta["setting"]) and
     replicates.parquet; summary rows may carry `replicates` (an Estimate's row())."""
     keys = keys if keys is not None else setting(method)
     run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
            "method": method, "seed": seed, "config_hash": f"{setting_hash(keys)}-{seed}",
-           "setting_hash": setting_hash(keys), "code_version": code, "dataset_hash": dataset, "dataset_version": "1"}  # fmt: skip
+           "setting_hash": setting_hash(keys), "code_version": code, "code_digest": digest, "dataset_hash": dataset, "dataset_version": "1"}  # fmt: skip
     frames, reps = [], {}
     for task, rows in tasks.items():
         rows = [dict(r) for r in rows]

@@ -137,13 +137,24 @@ def test_mixed_description_kinds_are_flagged_and_never_compared(tmp_path):
     assert diffs.empty
 
 
-def test_a_table_mixing_code_versions_says_so_and_lists_them(tmp_path):
+def test_a_table_mixing_code_identities_says_so_and_lists_them(tmp_path):
+    """Jobs reused across commits that did not change what computes (same code digest) mix
+    freely; jobs of code that computes differently are flagged with their digests."""
     old, new = "featbench 0.1.0+g1111111", "featbench 0.1.0+g2222222.dirty-abcd"
     write_job(tmp_path / "a", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)}, code=old)
     write_job(tmp_path / "b", "pca", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new)
-    text = report(tmp_path).read_text()
-    table = text.split("### Reconstruction")[1]
-    flag = f"These rows mix results from 2 code versions: {old}; {new}."
+    table = report(tmp_path).read_text().split("### Reconstruction")[1]
+    assert "These rows mix" not in table  # two commits, one code identity
+    write_job(tmp_path / "b", "pca", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new,
+              digest="digest1")  # fmt: skip
+    table = report(tmp_path).read_text().split("### Reconstruction")[1]
+    flag = f"These rows mix results from 2 code identities: digest0 ({old}); digest1 ({new})."
+    assert flag in table and table.index(flag) < table.index("| setting |")
+    write_job(tmp_path / "c", "nmf", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new)
+    table = report(tmp_path).read_text().split("### Reconstruction")[1]
+    flag = (
+        f"These rows mix results from 2 code identities: digest0 ({old}, {new}); digest1 ({new})."
+    )
     assert flag in table and table.index(flag) < table.index("| setting |")
 
 

@@ -153,3 +153,44 @@ def test_output_centric_descriptions_are_promoted_tokens(jobs):
     assert not math.isnan(summary.loc["heldout_steering_score", "value"])
     held = frame[(frame["metric"] == "heldout_steering_score") & frame["feature"].notna()]
     assert set(held["sign"].dropna()) <= {1, -1}
+
+
+def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alone(
+    embedded, tmp_path
+):
+    """The staged task generates every unit's rows (and the baseline's) in shared batches;
+    each text equals what generating its unit's rows alone gives (the pre-staging path),
+    because each row draws from its own seed key. Finished rows dropped from a batch
+    (`COMPACT_AT`) change no text either."""
+
+    from bench.activations import extract
+    from bench.datasets import load
+    from bench.judges.offline import OfflineJudge
+    from bench.steer import generate
+    from bench.steering_units import Unit
+    from featbench.methods.diffmean import DiffMean
+    from featbench.tasks.base import TaskData
+    from featbench.tasks.steering import Steering
+
+    model, ds = embedded.model, load()
+    acts = extract(model, ds, 3, "mlp_post", model_fingerprint=embedded.fingerprint)
+    features = DiffMean().fit(acts.subset(ds.indices("train")))
+    task = Steering(concepts=3, kl_targets=[0.1, 0.5], samples=4, max_new_tokens=24,
+                    baseline_samples=4, batch_size=128)  # fmt: skip
+    data = TaskData(ds, acts, 3, "mlp_post", 42, tmp_path, OfflineJudge())
+    rows = pd.DataFrame(task.evaluate(model, features, data, None))
+    samples = rows[(rows["metric"] == "steering_score") & rows["sample"].notna()]
+    records = [r for r in data.stage.records if r["stage"] == "steering:generate"]
+    assert samples["concept"].nunique() == 3 and len(records) == 1
+    assert records[0]["tokens"] > 0
+    unit = features.directions / features.directions.norm(dim=1, keepdim=True)
+    for key, (concept, mine) in enumerate(samples.groupby("concept", sort=True)):
+        f = int(mine["feature"].iloc[0])
+        jobs = sorted({(task.kl_targets.index(r.kl_target), int(r.sign), float(r.alpha), None)
+                       for r in mine.itertuples()})  # fmt: skip
+        u = Unit(concept, f, key, hook=features.hook, vector=unit[f], jobs=jobs)
+        alone = generate(model, features.hook, task._specs(u, 42), task)  # this unit only
+        expected = {(task.kl_targets[t], sign, s): alone[j * task.samples + s]
+                    for j, (t, sign, _, _) in enumerate(jobs) for s in range(task.samples)}  # fmt: skip
+        got = {(r.kl_target, r.sign, int(r.sample)): r.text for r in mine.itertuples()}
+        assert got == expected, concept

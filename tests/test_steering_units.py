@@ -16,18 +16,12 @@ from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement, parse_rating
 from bench.stats import percentile_interval, resample_indices
 from bench.steer import generate, next_token_kl, sample_next, search_alpha
-from bench.steering_scores import HELDOUT
+from bench.steering_scores import EMPTY, HELDOUT, UNREACHABLE, ZERO_NORM, aggregate
+from bench.steering_units import failure_row as _failure
+from bench.steering_units import steering_score
 from featbench.methods.base import ActivationSet, Features
-from featbench.tasks.steering import (
-    EMPTY,
-    UNREACHABLE,
-    ZERO_NORM,
-    Steering,
-    _failure,
-    aggregate,
-    select_features,
-    steering_score,
-)
+from featbench.tasks.concept_detection import select_features
+from featbench.tasks.steering import Steering
 
 HOOK = "blocks.1.mlp.hook_post"
 TOKENS = Description("tokens", {1: "food, pizza"})
@@ -243,7 +237,7 @@ def test_input_centric_descriptions_steer_and_judge_the_positive_sign_only(tiny_
     result = task._steer_feature(tiny_model, HOOK, 0, direction, 1.0, TOKENS, [], judge, 0)
     # No negative search, generation or row at all (half the cost of both signs).
     assert sorted(searched) == [(0, 1), (1, 1)]
-    assert len(generated) == 2 * 2 and all(float(v @ direction) > 0 for _, v, _ in generated)
+    assert len(generated) == 2 * 2 and all(float(row.vector @ direction) > 0 for row in generated)
     assert {r["sign"] for r in result["rows"]} == {1}
     samples = [r for r in result["rows"] if r.get("sample") is not None]
     assert len(samples) == 3 * 2 * 2  # 3 metrics x 2 targets x 2 samples

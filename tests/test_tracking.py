@@ -46,6 +46,7 @@ RUN = {
     "config_hash": "abc123",
     "setting_hash": "def456",
     "code_version": "featbench test",
+    "code_digest": "digest0",
     "dataset_hash": "d0",
     "dataset_version": "concepts-v2",
 }

@@ -105,6 +105,10 @@ class Judge(ABC):
     def fluency(self, texts: list[str], prompt: str) -> list[Judgement]:
         """How fluent each text is as a continuation of `prompt` (0-2)."""
 
+    def prepare(self, texts: list[str]) -> None:  # noqa: B027 - optional hook, default no-op
+        """The texts about to be judged, all at once, before the per-description calls: a
+        judge that can batch work on them (the offline judge embeds them) does it here."""
+
     def describe(self, contexts: list[str]) -> str | None:
         """A short description of what the contexts share (only when `can_write`)."""
         return None

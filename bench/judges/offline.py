@@ -158,6 +158,10 @@ class OfflineJudge(Judge):
             self._embeddings.update(zip(new, np.asarray(vectors, dtype=np.float32), strict=True))
         return np.stack([self._embeddings[t] for t in texts])
 
+    def prepare(self, texts: list[str]) -> None:
+        """Embed every text about to be judged in one batched call."""
+        self.embed([t for t in texts if t.strip()])
+
     def concept_values(
         self,
         texts: list[str],

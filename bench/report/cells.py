@@ -37,7 +37,7 @@ JUDGED_BY = ("judge_label", "judge_failure_policy", "direction")
 CELL_COLUMNS = [
     "place", *BLOCK, "setting_hash", "setting", "method", "task", "title", "task_order",
     "compared", "higher_is_better", "metric", *DIMS, "label", "order", "value", "ci_low", "ci_high", "n", "seeds", "defined", "paired_over",
-    "units_hash", "replicates", "dataset_hash", "code_version", "judge", *JUDGED_BY, "supervised",
+    "units_hash", "replicates", "dataset_hash", "code_version", "code_identity", "judge", *JUDGED_BY, "supervised",
     "text",
 ]  # fmt: skip
 
@@ -233,7 +233,8 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]], task
         "seeds": len(cell), "defined": len(defined),
         "paired_over": _first(cell, "paired_over"), "units_hash": _none(units_hash),
         "replicates": mean_reps, "dataset_hash": _first(cell, "dataset_hash"),
-        "code_version": ", ".join(_versions(cell)), "judge": ", ".join(_distinct(cell, "judge")),
+        "code_version": ", ".join(_versions(cell)), "code_identity": "; ".join(_identities(cell)),
+        "judge": ", ".join(_distinct(cell, "judge")),
         **{c: ", ".join(_distinct(cell, c)) for c in JUDGED_BY},
         "supervised": False,  # set per method by headline_cells
         "text": cell_text(value, low, high, n, len(cell), len(defined)),
@@ -243,6 +244,19 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]], task
 def _protocol_rank(protocol: Any) -> str:
     """The default protocol's columns first, then the others by name."""
     return "0" if pd.isna(protocol) or protocol == DEFAULT_PROTOCOL else f"1{protocol}"
+
+
+def _identities(rows: pd.DataFrame) -> list[str]:
+    """The distinct code identities of `rows`: `<digest> (<versions>)`, the versions that
+    computed with that digest; rows from code that recorded no digest are known by their
+    version alone."""
+    if "code_digest" not in rows:
+        return _versions(rows)
+    out = []
+    for digest, group in rows.groupby(rows["code_digest"].fillna(""), sort=True):
+        versions = ", ".join(_versions(group))
+        out += [f"{digest} ({versions})"] if digest else _versions(group)
+    return sorted(set(out))
 
 
 def _versions(rows: pd.DataFrame) -> list[str]:

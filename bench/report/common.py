@@ -137,3 +137,20 @@ def arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             frame[column] = frame[column].astype("string")
     return frame
+
+
+def code_identities(cells: pd.DataFrame) -> list[str]:
+    """The distinct code identities of a table's cells, each `<digest> (<versions>)`: the
+    versions (commits) that computed with that digest, merged over cells (see
+    `bench.report.cells`). More than one means rows computed by code that differs; one
+    digest over several commits is one identity."""
+    column = "code_identity" if "code_identity" in cells else "code_version"
+    versions: dict[str, set[str]] = {}
+    for text in cells[column].dropna():
+        for entry in filter(None, str(text).split("; ")):
+            digest, _, rest = entry.partition(" (")
+            if not rest:  # a version alone: code that recorded no digest
+                versions.setdefault(entry, set())
+                continue
+            versions.setdefault(digest, set()).update(rest.rstrip(")").split(", "))
+    return [f"{d} ({', '.join(sorted(v))})" if v else d for d, v in sorted(versions.items())]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from bench.report.common import MISSING, num, supervised_methods, task_order
+from bench.report.common import MISSING, code_identities, num, supervised_methods, task_order
 from bench.report.differences import UNPAIRED, differs_from_control, mark_key, separates
 from bench.report.html_assets import SCRIPT, STYLE
 from bench.report.html_features import complete, gallery_section, setting_of
@@ -255,12 +255,12 @@ def _tasks(cells: pd.DataFrame) -> list[str]:
 
 
 def _warnings(part: pd.DataFrame) -> str:
-    """What a reader must know before comparing a table's rows: mixed code versions, steering
+    """What a reader must know before comparing a table's rows: mixed code identities, steering
     cells judged against different description kinds."""
     notes = []
-    versions = sorted({v for vs in part["code_version"].dropna() for v in str(vs).split(", ") if v})
+    versions = code_identities(part)
     if len(versions) > 1:
-        notes.append(f"These rows mix results from {len(versions)} code versions: "
+        notes.append(f"These rows mix results from {len(versions)} code identities: "
                      f"{'; '.join(versions)}.")  # fmt: skip
     kinds = sorted(set(part.loc[part["task"] == "steering", "description"].dropna().astype(str)))
     if len(kinds) > 1:

@@ -4,7 +4,7 @@ for a terminal (`comparison_table`, logged at the end of a sweep).
 
 Both render cells (bench.report.cells.headline_cells) and the difference table
 (bench.report.differences): nothing is recomputed here. A cell whose difference from the
-`random` control excludes 0 is marked `*`; a table whose rows come from several code versions,
+`random` control excludes 0 is marked `*`; a table whose rows come from several code identities,
 or whose steering cells were judged against different description kinds, says so above it.
 """
 
@@ -14,7 +14,7 @@ import logging
 
 import pandas as pd
 
-from bench.report.common import MISSING, md_table, task_order
+from bench.report.common import MISSING, code_identities, md_table, task_order
 from bench.report.differences import differs_from_control, mark_key
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ def _judged_by(cells: pd.DataFrame) -> str:
 
 
 def _notes(part: pd.DataFrame) -> list[str]:
-    """Warnings printed above a table: mixed code versions, mixed description kinds."""
+    """Warnings printed above a table: mixed code identities, mixed description kinds."""
     notes = []
-    versions = sorted({v for vs in part["code_version"].dropna() for v in str(vs).split(", ") if v})
+    versions = code_identities(part)
     if len(versions) > 1:
-        notes.append(f"**These rows mix results from {len(versions)} code versions: "
+        notes.append(f"**These rows mix results from {len(versions)} code identities: "
                      f"{'; '.join(versions)}.** Rerun the older jobs to compare like with like.")  # fmt: skip
     steering = part[part["task"] == "steering"]
     kinds = sorted(set(steering["description"].dropna().astype(str)))
