@@ -137,6 +137,10 @@ class SNMF(Method):
     device: str = "auto"  # cuda when present
     encode: str = "nnls"  # nnls (coefficients, decodable) | cosine (the paper's detection score)
     encode_iters: int = 100  # multiplicative updates per encode call
+    # Drop train tokens whose norm exceeds this multiple of the median before fitting
+    # (null: fit every token, as the paper). In the residual stream a few tokens of massive
+    # norm can dominate the squared loss (docs/findings.md, "The spliced reconstruction").
+    massive_norm: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sparsity <= 1.0:
@@ -148,6 +152,11 @@ class SNMF(Method):
         for key in ("rank", "max_iter", "patience", "chunk_size", "encode_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key}={getattr(self, key)}: must be >= 1")
+        if self.massive_norm is not None and not self.massive_norm > 1:
+            raise ConfigError(
+                f"method.massive_norm={self.massive_norm}: must be > 1 (a multiple of the "
+                "median token norm) or null (fit every token)"
+            )
 
     def bounded_rank(self) -> int:
         return self.rank  # a factorization's rank: at most min(tokens, width)
@@ -160,8 +169,16 @@ class SNMF(Method):
         return replace(self, rank=k, sparsity=sparsity)
 
     def fit(self, acts: ActivationSet) -> Features:
-        fit = self.factorize(acts.acts)
-        info = {**fit.pop("report"), "encode": self.encode, "encode_iters": self.encode_iters}
+        x, dropped = acts.acts, 0
+        if self.massive_norm is not None:
+            norms = x.float().norm(dim=1)
+            keep = norms <= self.massive_norm * norms.median()
+            x, dropped = x[keep], int((~keep).sum())
+            log.info("snmf: %d of %d train tokens have a norm above %g x the median and are "
+                     "left out of the fit", dropped, len(keep), self.massive_norm)  # fmt: skip
+        fit = self.factorize(x)
+        info = {**fit.pop("report"), "encode": self.encode, "encode_iters": self.encode_iters,
+                "massive_tokens_dropped": dropped}  # fmt: skip
         return make_features(fit["Z"], self.name, acts.hook, info)
 
     def factorize(self, x: torch.Tensor, progress: bool = True) -> dict[str, Any]:
