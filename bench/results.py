@@ -16,7 +16,7 @@ finds them to compute paired differences between methods.
 Provenance:
 - `config_hash`: the whole resolved config (device resolved) minus secrets,
   output paths, the logger and `force`;
-- `setting_hash`: the same with the seed replaced by a placeholder, so jobs
+- `setting_hash`: the same without the run's seed (the config's only seed), so jobs
   that differ only by seed share it (a report cell averages over seeds only);
 - `code_digest`: the code identity, a digest of what computes results (the packages'
   Python sources, shipped configs and shipped data; not the report, which is rebuilt
@@ -50,13 +50,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.core.secrets import redact
+from bench.core.storage import atomic_write, sha256_json
 from bench.errors import FeatbenchError
-from bench.secrets import redact
-from bench.storage import atomic_write, sha256_json
 
 log = logging.getLogger(__name__)
 
-# The DESIGN.md row, in order, with its column types. Extra columns may follow.
+# The results row (docs/results.md, "Results schema"), in order, with its column types.
+# Extra columns may follow.
 SCHEMA = {
     "run_id": "string",
     "model": "string",
@@ -80,6 +81,9 @@ SCHEMA = {
     "created_at": "datetime64[ns, UTC]",
 }
 ROW_FIELDS = ("feature", "concept", "metric", "value", "kl_target", "sign")
+#: the task columns that tell apart summary rows of one task and metric (besides the run's):
+#: the report's cells, the W&B summary keys and the printed headline all split by these
+SUMMARY_DIMENSIONS = ("encoder", "protocol", "description", "generator", "noise")
 RUN_FIELDS = ("run_id", "model", "layer", "hook", "method", "task", "seed", "config_hash",
               "setting_hash", "code_version", "code_digest", "dataset_hash",
               "dataset_version")  # fmt: skip
@@ -90,12 +94,21 @@ REPLICATES_FILE = "replicates.parquet"  # bootstrap replicates of the summary ro
 # Config keys that never change what a job computes (output places, the tracker, whether
 # to rerun), and the seed, which only a setting leaves out.
 NOT_COMPUTED = ("paths", "logger", "force", "hydra")
-SEED_PLACEHOLDER = "<seed>"
+# the value older code gave the run's seed in a setting it resolved with a placeholder (the
+# report drops such keys from old jobs' settings, so old and new jobs share cells)
+LEGACY_SEED = "<seed>"
 FAILED_FILE = "failed.json"  # marks a sweep job that failed; the end-of-sweep callback counts them
+# in the sweep folder: the failure records of jobs whose own folder refused failed.json
+FAILED_LEDGER = ".featbench-failed"
 
 
 class ResultsError(FeatbenchError, OSError):
-    """Results could not be written; what was there before is untouched."""
+    """Results could not be written; what was there before is untouched. `rescued`: the
+    folder the finished results were saved to instead, when there is one."""
+
+    def __init__(self, message: str, rescued: Path | None = None) -> None:
+        super().__init__(message)
+        self.rescued = rescued
 
 
 def config_hash(config: Mapping) -> str:
@@ -111,8 +124,9 @@ def setting_of(config: Mapping) -> dict[str, Any]:
     seed and what `config_hash` leaves out. Two jobs that differ only by seed have
     the same setting; the report names cells by the keys that vary between settings.
 
-    `config` must be resolved with its seed set to SEED_PLACEHOLDER (see `bench.run`),
-    so that values interpolated from the seed (`method.seed: ${seed}`) drop out too."""
+    The run's `seed` is the only seed a config holds (methods get it from the job,
+    `Method.seeded`, and no value interpolates it: `bench.job.identity.job_identity` refuses
+    `${seed}`), so leaving out that one key leaves out every trace of it."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import norm
 
-from bench.storage import sha256_json
+from bench.core.storage import sha256_json
 
 log = logging.getLogger(__name__)
 

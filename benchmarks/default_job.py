@@ -17,7 +17,7 @@ in a fresh process:
   conversion and activation extraction included).
 
 Per stage it reports the seconds and the peak resident memory so far that
-`bench.run` records in the metrics file's metadata (`meta["meta"]["stages"]`,
+`bench.cli.featbench` records in the metrics file's metadata (`meta["meta"]["stages"]`,
 a list of {"stage", "seconds", "peak_rss_mb"}); for the whole job, the wall
 time and peak RSS of the process measured from outside (`os.wait4`).
 Extra Hydra overrides (`--override key=value`, repeatable) shrink the job for
@@ -35,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.core.storage import cache_dir
 from bench.results import read_metrics
-from bench.storage import cache_dir
 
 TASKS = "task=[concept_detection,steering,reconstruction]"
 
@@ -45,9 +45,7 @@ def featbench(args: list[str], cache: Path, log: Path) -> dict:
     """Run featbench with `args`; wall seconds and peak RSS (MB) of the process."""
     env = {**os.environ, "FEATBENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     script = Path(sys.executable).with_name("featbench")  # the console script, as users run it
-    command = (
-        [str(script), *args] if script.exists() else [sys.executable, "-m", "bench.run", *args]
-    )
+    command = [str(script), *args] if script.exists() else [sys.executable, "-m", "bench", *args]
     start = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -71,7 +69,7 @@ def job(method: str, cache_kind: str, overrides: list[str], work: Path) -> dict:
     _, meta = read_metrics(run_dir / "metrics.parquet")
     info = meta.get("meta", {})
     stages = info.get("stages")
-    if not stages:  # bench.run without per-stage records: what it does record
+    if not stages:  # bench.cli.featbench without per-stage records: what it does record
         stages = [{"stage": "load_model", "seconds": info.get("model_load_seconds")}]
         stages.append({"stage": "(job total, in-process)", "seconds": info.get("seconds")})
     command = f"featbench {' '.join(args)} hydra.run.dir=<tmp>"

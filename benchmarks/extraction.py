@@ -6,7 +6,7 @@ On the embedded model and the shipped dataset, measured side by side in one
 run and interleaved (extract, forward, extract, forward, ...) so that load
 from other processes hits both alike:
 
-- `bench.activations.extract(..., use_cache=False)`: tokenization, length
+- `bench.activations.extraction.extract(..., use_cache=False)`: tokenization, length
   batching, the forward pass up to the hook's layer, copying the hook's rows
   out, the finiteness check and the reordering into dataset order. The cache is
   off, so every repeat does the full work (nothing is read from or written to
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from bench.activations import extract, padded_batches, tokenize
-from bench.datasets import load
+from bench.activations.extraction import extract, padded_batches, tokenize
+from bench.data.datasets import load
 from bench.models import load_model
 
 

@@ -24,8 +24,8 @@ from collections import Counter
 
 import numpy as np
 
-from bench.activations import extract
-from bench.datasets import load
+from bench.activations.extraction import extract
+from bench.data.datasets import load
 from bench.models import load_model
 from featbench.methods.random import RandomDirections
 from featbench.tasks.concept_detection import auroc_matrix

@@ -1,11 +1,11 @@
 """Steering cost, measured side by side in one run on the embedded default.
 
 1. Alpha search: batched forward passes per feature spent by
-   `bench.steer.search_alpha` against sequential bisection (20 steps per
+   `bench.tasks.steering.generate.search_alpha` against sequential bisection (20 steps per
    target and sign over the 7 KL targets, one forward pass per step), at the
    same tolerance; wall time of both too.
 2. Generation at the steering task's batch (128 rows): tokens/s of the lean decoder
-   (`bench.decode`, the default) against the reference path (TransformerLens's own
+   (`bench.tasks.steering.decode`, the default) against the reference path (TransformerLens's own
    forward with its KV cache), both measured twice, interleaved, best of each; the
    fraction of the FLOP limit (the step's matmuls at this batch's shapes, timed in the
    same run); how many texts are identical under the same per-sample seeds, and the
@@ -35,14 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.activations import extract
-from bench.datasets import load
-from bench.decode import LeanDecoder
+from bench.activations.extraction import extract
+from bench.core.stages import Stages
+from bench.data.datasets import load
 from bench.judges.offline import OfflineJudge
-from bench.model_sources import embedded_model
 from bench.models import load_model
-from bench.stages import Stages
-from bench.steer import generate, next_token_kl, search_alpha, unsteered
+from bench.models.sources import embedded_model
+from bench.tasks.steering.calibrate import search_alpha
+from bench.tasks.steering.decode import LeanDecoder
+from bench.tasks.steering.generate import generate
+from bench.tasks.steering.kl import next_token_kl, unsteered
 from featbench.methods.diffmean import DiffMean
 from featbench.tasks.base import TaskData
 from featbench.tasks.steering import Steering
@@ -130,8 +132,7 @@ def task_rate(model, ds, acts, feats, args) -> dict:
     default concept protocol, the offline judge), timed by its own stages."""
     with tempfile.TemporaryDirectory() as folder:
         stages = Stages()
-        data = TaskData(ds, acts, args.layer, "mlp_post", 42, Path(folder), OfflineJudge(),
-                        stage=stages)  # fmt: skip
+        data = TaskData(dataset=ds, activations=acts, seed=42, output_dir=Path(folder), judge=OfflineJudge(), stage=stages)  # fmt: skip
         task = Steering(concepts=args.concepts)
         start = time.perf_counter()
         task.evaluate(model, feats, data, None)
@@ -213,7 +214,9 @@ def main() -> None:
     same = sum(a == b for a, b in zip(reference, lean, strict=True))
     limit = flop_limit(model, rows)
     print(f"reference (TransformerLens) : {tokens / t_ref:7.1f} tok/s ({t_ref:.1f} s)")
-    print(f"lean (bench.decode)         : {tokens_lean / t_lean:7.1f} tok/s ({t_lean:.1f} s)")
+    print(
+        f"lean (bench.tasks.steering.decode)         : {tokens_lean / t_lean:7.1f} tok/s ({t_lean:.1f} s)"
+    )
     print(f"FLOP limit at {rows} rows     : {limit['tokens_per_second']:7.1f} tok/s "
           f"({limit['gflops']:.0f} GFLOP/s: the step's matmuls over the model's weights, "
           "unembedding included)")  # fmt: skip

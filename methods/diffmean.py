@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.datasets import NEUTRAL
+from bench.data.datasets import NEUTRAL
 from bench.errors import ConfigError
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 

@@ -65,6 +65,9 @@ class PCA(Method):
             log.warning("pca: activations at %s have no variance; ratios are 0", acts.hook)
             explained = [0.0] * self.n_features
         return PCAFeatures(
-            directions, method=self.name, hook=acts.hook,
-            info={"explained_variance_ratio": explained}, extra={"mean": mean},
-        )  # fmt: skip
+            directions,
+            method=self.name,
+            hook=acts.hook,
+            info={"explained_variance_ratio": explained},
+            extra={"mean": mean},
+        )

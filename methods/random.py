@@ -23,7 +23,7 @@ class RandomDirections(Method):
     name: ClassVar[str] = "random"
 
     n_features: int = 100  # same count as SNMF's default rank, so the comparison is like for like
-    seed: int = 42  # the YAML passes the run's seed; same seed, same draw
+    seed: int = 42  # the run's seed, handed over by the job (Method.seeded): same seed, same draw
 
     def at_capacity(self, k: int, generator: GeneratorInfo | None = None) -> RandomDirections:
         """`n_features` <- k. The generator's sparsity, when given, is not used: this method

@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bench.errors import ConfigError
-from bench.hub import hub_reachable
-from bench.model_sources import EMBEDDED_NAME
+from bench.models.hub import hub_reachable
+from bench.models.sources import EMBEDDED_NAME
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from featbench.methods.topk_sae import reconstruction_stats, sae_features
 
@@ -186,9 +186,14 @@ class SAEPretrained(Method):
         features.info.update(mse=mse, fvu=fvu)  # of this run's train tokens
         log.info(
             "sae_pretrained: %s (%s, %d latents) at %s: MSE %.4g, FVU %.4f on %d tokens",
-            source, features.info["sae"]["architecture"], sae.cfg.d_sae, acts.hook, mse, fvu,
+            source,
+            features.info["sae"]["architecture"],
+            sae.cfg.d_sae,
+            acts.hook,
+            mse,
+            fvu,
             len(acts),
-        )  # fmt: skip
+        )
         return features
 
     @torch.no_grad()

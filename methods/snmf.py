@@ -55,8 +55,8 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from bench.core.device import resolve_device
 from bench.errors import ConfigError
-from bench.models import resolve_device
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class SNMF(Method):
     tol: float = 1e-4  # an improvement smaller than this (squared loss) does not count
     patience: int = 100  # stale iterations before stopping (paper runs: 1500; reference fit(): 100)
     reg: float = 1e-6  # lambda in (Y Y^T + lambda I)^-1, keeps the k x k solve well posed
-    seed: int = 42  # the paper's code seed
+    seed: int = 42  # the run's seed, handed over by the job (Method.seeded); 42: the paper's code's
     chunk_size: int = 8192  # tokens per fused matmul chunk: bounds memory beyond X
     device: str = "auto"  # cuda when present
     encode: str = "nnls"  # nnls (coefficients, decodable) | cosine (the paper's detection score)
@@ -174,11 +174,20 @@ class SNMF(Method):
             norms = x.float().norm(dim=1)
             keep = norms <= self.massive_norm * norms.median()
             x, dropped = x[keep], int((~keep).sum())
-            log.info("snmf: %d of %d train tokens have a norm above %g x the median and are "
-                     "left out of the fit", dropped, len(keep), self.massive_norm)  # fmt: skip
+            log.info(
+                "snmf: %d of %d train tokens have a norm above %g x the median and are "
+                "left out of the fit",
+                dropped,
+                len(keep),
+                self.massive_norm,
+            )
         fit = self.factorize(x)
-        info = {**fit.pop("report"), "encode": self.encode, "encode_iters": self.encode_iters,
-                "massive_tokens_dropped": dropped}  # fmt: skip
+        info = {
+            **fit.pop("report"),
+            "encode": self.encode,
+            "encode_iters": self.encode_iters,
+            "massive_tokens_dropped": dropped,
+        }
         return make_features(fit["Z"], self.name, acts.hook, info)
 
     def factorize(self, x: torch.Tensor, progress: bool = True) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from bench.core.storage import atomic_write, atomic_write_text
 from bench.errors import ConfigError
-from bench.storage import atomic_write, atomic_write_text
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 from featbench.methods.snmf import (
     EPS,
@@ -115,7 +115,7 @@ class HierarchicalSNMF(Method):
     tol: float = 1e-4
     patience: int = 100
     reg: float = 1e-6
-    seed: int = 42
+    seed: int = 42  # the run's seed, handed over by the job (Method.seeded)
     chunk_size: int = 8192
     device: str = "auto"
     encode: str = "nnls"
@@ -142,7 +142,11 @@ class HierarchicalSNMF(Method):
         return replace(self, ranks=[k, k // 2] if k >= 2 else [k], sparsity=sparsity)
 
     def _snmf(self, rank: int) -> SNMF:
-        shared = {f.name: getattr(self, f.name) for f in fields(SNMF) if f.name not in ("rank",)}
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in fields(SNMF)
+            if f.name not in ("rank", "massive_norm")
+        }
         return SNMF(rank=rank, **shared)
 
     def fit(self, acts: ActivationSet) -> Features:
@@ -174,17 +178,30 @@ class HierarchicalSNMF(Method):
                 as_tuple=True
             )
             for p, c in zip(parents.tolist(), children.tolist(), strict=True):
-                edges.append({"parent": levels[level]["start"] + p, "child": levels[level - 1]["start"] + c,
-                              "coefficient": float(y[p, c])})  # fmt: skip
+                edges.append(
+                    {
+                        "parent": levels[level]["start"] + p,
+                        "child": levels[level - 1]["start"] + c,
+                        "coefficient": float(y[p, c]),
+                    }
+                )
         norms = z_all.norm(dim=0)
         empty = (norms == 0).nonzero().flatten().tolist()
         if empty:
             log.warning(
                 "snmf_hier: %d of %d features are empty (all-zero); their direction is zero",
-                len(empty), len(norms),
-            )  # fmt: skip
-        info = {"levels": levels, "edges": edges, "level_reports": reports, "finetune_iters": self.finetune_iters,
-                "empty_features": empty, "encode": self.encode, "encode_iters": self.encode_iters}  # fmt: skip
+                len(empty),
+                len(norms),
+            )
+        info = {
+            "levels": levels,
+            "edges": edges,
+            "level_reports": reports,
+            "finetune_iters": self.finetune_iters,
+            "empty_features": empty,
+            "encode": self.encode,
+            "encode_iters": self.encode_iters,
+        }
         log.info("snmf_hier: levels %s, %d edges", list(self.ranks), len(edges))
         directions = (z_all / norms.clamp_min(1e-30)).T
         return HierarchicalFeatures(
@@ -222,8 +239,10 @@ class HierarchicalSNMF(Method):
                 ys[i] = y * update.sqrt()
             full = chain(0, n_levels - 1)  # k_L x n
             m = _xt_times(x, full.T, self.chunk_size, dev)  # d x k_L
-            z_top = winner_take_all(torch.linalg.solve(full @ full.T + torch.eye(full.shape[0]) * self.reg, m.T).T,
-                                    self.sparsity)  # fmt: skip
+            z_top = winner_take_all(
+                torch.linalg.solve(full @ full.T + torch.eye(full.shape[0]) * self.reg, m.T).T,
+                self.sparsity,
+            )
         zs = [
             z_top @ chain(i + 1, n_levels - 1) if i < n_levels - 1 else z_top
             for i in range(n_levels)

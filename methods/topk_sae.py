@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from bench.core.device import resolve_device
 from bench.errors import ConfigError
-from bench.models import resolve_device
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: only fit and sae_features import it
@@ -188,7 +188,7 @@ class TopKSAE(Method):
     batch_size: int = 256  # tokens per step: ~60 steps per epoch on 15k tokens, fast on CPU
     lr: float = 1e-3  # Adam; higher than sae-lens's 3e-4 because these runs are ~1k steps long
     lr_decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps (Gao et al.)
-    seed: int = 42  # initial weights and batch order; bitwise reproducible on CPU
+    seed: int = 42  # the run's seed (Method.seeded): initial weights and batch order
     device: str = "auto"  # auto = cuda when present, else cpu
     # Another name for d_sae, as SNMF calls its feature count: one grid sweeps both methods'
     # capacity (`-m method=snmf,topk_sae method.rank=50,100`). null = use d_sae.
@@ -233,9 +233,15 @@ class TopKSAE(Method):
         log.info(
             "topk_sae: %d latents (k=%d) at %s, %d steps in %.1f s, %d dead: "
             "final loss (MSE on the train tokens) %.4g, FVU %.4f",
-            self.d_sae, self.k, acts.hook, info["steps"], info["train_seconds"],
-            info["dead_latents"], mse, fvu,
-        )  # fmt: skip
+            self.d_sae,
+            self.k,
+            acts.hook,
+            info["steps"],
+            info["train_seconds"],
+            info["dead_latents"],
+            mse,
+            fvu,
+        )
         return features
 
     def train_sae(self, acts: ActivationSet) -> tuple[SAE[Any], dict[str, Any]]:

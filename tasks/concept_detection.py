@@ -32,14 +32,14 @@ DiffMean's, keeps its own label); on the test split we report
 
 `auroc_matrix` is the project's one AUROC implementation; the bootstrap
 computes the same Mann-Whitney statistic from resample multiplicities
-(`bench/detection_stats.py`). Supervised features (with labels) were fitted on
+(`bench/tasks/detection.py`). Supervised features (with labels) were fitted on
 the same train split, so their numbers are an upper reference for the
 unsupervised methods.
 
-`protocol: paper` is the SNMF paper's detection instead (`bench/generated_sentences.py`):
+`protocol: paper` is the SNMF paper's detection instead (`bench/tasks/sentences.py`):
 no dataset labels, no split. For each feature (`max_features`, null = all), a writing
 judge describes it from its top train tokens in context (the input-centric description,
-`bench/descriptions.py`) and writes 5 activating and 5 neutral sentences from that
+`bench/tasks/descriptions.py`) and writes 5 activating and 5 neutral sentences from that
 description; the sentence score is the max over its tokens of each encoder's score
 (the paper's: `projection`), and per feature `s_cd` = log(mean activating / mean
 neutral) over all 10 sentences. Summaries: `frac_s_cd_positive` and `mean_s_cd` with
@@ -49,7 +49,6 @@ neutral) over all 10 sentences. Summaries: `frac_s_cd_positive` and `mean_s_cd` 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,9 +57,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bench import stats
-from bench.datasets import NEUTRAL, ConceptDataset
-from bench.descriptions import INPUT_TOP, Describer
-from bench.detection_stats import (  # noqa: F401  (auroc_matrix, ResampledAuroc: this module's interface)
+from bench.data.datasets import NEUTRAL, ConceptDataset
+from bench.errors import ConfigError
+from bench.fit.encodings import ENCODERS
+from bench.fit.features import Features
+from bench.judges.base import Judge
+from bench.tasks.base import PROTOCOL, Headline, Task, TaskData
+from bench.tasks.detection import (  # noqa: F401  (auroc_matrix, ResampledAuroc: this module's interface)
     ResampledAuroc,
     auroc_matrix,
     best_feature_per_concept,
@@ -71,23 +74,18 @@ from bench.detection_stats import (  # noqa: F401  (auroc_matrix, ResampledAuroc
     pair_statistic,
     s_cd_of,
     s_cd_positive_statistic,
+    select_features,
     summarize_reasons,
 )
-from bench.encodings import ENCODERS
-from bench.errors import ConfigError
-from bench.generated_sentences import MAX_FAILURES, N_SENTENCES, score_sentences, write_sentences
-from bench.judges.base import Judge
-from bench.storage import atomic_write_text
-from featbench.methods.base import Features
-from featbench.tasks.base import Headline, Task, TaskData
+from bench.tasks.paper_detection import DESCRIPTIONS, paper_detection
+from bench.tasks.sentences import MAX_FAILURES, N_SENTENCES
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("dataset", "paper")
-#: the encoders each protocol scores with (`encoders: null`): both on the dataset; the
+#: the encoders each protocol scores with (`encoders: protocol`): both on the dataset; the
 #: paper's cosine with the unit direction on its generated sentences
 ENCODERS_BY_PROTOCOL = {"dataset": ["native", "projection"], "paper": ["projection"]}
-DESCRIPTIONS = {"input_centric": INPUT_TOP, "tokens": 8}  # paper: kind -> tokens it reads or lists
 PAIRED_OVER = "test sentence"
 BOOTSTRAP_SEED = 0  # one seed for every job: two methods on the same split get the same resamples
 
@@ -102,14 +100,6 @@ def units_hash(dataset: ConceptDataset, test: np.ndarray) -> str:
     """Same dataset content and same test sentences in the same order <=> same hash (the
     same id reconstruction gives the same units, through the one `bench.stats.units_hash`)."""
     return stats.units_hash(dataset.content_hash, [int(i) for i in test])
-
-
-def select_features(n_features: int, max_features: int | None, seed: int) -> list[int]:
-    """A seeded uniform sample of feature indices (all when there are few, or for None), sorted."""
-    if max_features is None or n_features <= max_features:
-        return list(range(n_features))
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(n_features, size=max_features, replace=False).tolist())
 
 
 @dataclass
@@ -127,9 +117,9 @@ class ConceptDetection(Task):
     # paper: the SNMF paper's sentences written per feature by a writing judge
     protocol: str = "dataset"
     coverage_threshold: float = 0.9  # a concept counts as covered at AUROC >= 0.9
-    # null: the protocol's (ENCODERS_BY_PROTOCOL); native = the method's own encoder,
+    # protocol: the protocol's (ENCODERS_BY_PROTOCOL); native = the method's own encoder,
     # projection = the cosine every method shares (direction quality)
-    encoders: list[str] | None = None
+    encoders: list[str] | str = PROTOCOL
     resamples: int = stats.RESAMPLES  # bootstrap resamples per interval
     # paper protocol only: features described and scored (null = all, the paper's), sentences
     # per kind (the paper's 5), empty or repeated replies allowed per kind (the paper's 10),
@@ -173,8 +163,13 @@ class ConceptDetection(Task):
             raise ConfigError(
                 f"task.concept_detection.protocol={self.protocol!r}: must be one of {list(PROTOCOLS)}"
             )
-        if self.encoders is None:
+        if self.encoders == PROTOCOL:
             self.encoders = list(ENCODERS_BY_PROTOCOL[self.protocol])
+        if isinstance(self.encoders, str) or not self.encoders:
+            raise ConfigError(
+                f"task.concept_detection.encoders={self.encoders!r}: must be a non-empty list of "
+                f"{sorted(ENCODERS)} or protocol"
+            )
         for key in ("sentences", "max_failed_tries"):
             if getattr(self, key) < 1:
                 raise ConfigError(
@@ -243,20 +238,39 @@ class ConceptDetection(Task):
         s_cd_values = []
         for f, c in enumerate(assigned):
             concept = concepts[c]
-            rows.append({"feature": f, "concept": concept, "metric": "auroc", "value": float(test_auc[c, f])})  # fmt: skip
+            rows.append(
+                {
+                    "feature": f,
+                    "concept": concept,
+                    "metric": "auroc",
+                    "value": float(test_auc[c, f]),
+                }
+            )
             value, reason = s_cd_of(scores[test[positives[test, c]], f], scores[neutral_test, f])
             if value is not None:
                 s_cd_values.append(value)
-            rows.append({"feature": f, "concept": concept, "metric": "s_cd", "value": value, "reason": reason})  # fmt: skip
+            rows.append(
+                {
+                    "feature": f,
+                    "concept": concept,
+                    "metric": "s_cd",
+                    "value": value,
+                    "reason": reason,
+                }
+            )
         # Per concept, the feature chosen on the train split (not the test maximum,
         # which would grow with the number of features), scored on the test split.
         chosen = best_feature_per_concept(train_auc, concepts, features.labels)  # C
         best = test_auc[np.arange(len(concepts)), chosen]
         for c, concept in enumerate(concepts):
             rows.append(
-                {"concept": concept, "metric": "concept_best_auroc", "value": float(best[c]),
-                 "selected_feature": int(chosen[c])}
-            )  # fmt: skip
+                {
+                    "concept": concept,
+                    "metric": "concept_best_auroc",
+                    "value": float(best[c]),
+                    "selected_feature": int(chosen[c]),
+                }
+            )
 
         test_scores, test_pos = scores[test], positives[test]
         estimate = self._estimator(len(test), units_hash(dataset, test))
@@ -287,8 +301,12 @@ class ConceptDetection(Task):
         ]
         log.info(
             "concept_detection (%s encoder): mean AUROC %s, coverage %s, %d dead of %d features",
-            encoder, fmt_estimate(mean_auroc), fmt_estimate(coverage), int(dead.sum()), len(features),
-        )  # fmt: skip
+            encoder,
+            fmt_estimate(mean_auroc),
+            fmt_estimate(coverage),
+            int(dead.sum()),
+            len(features),
+        )
         return rows
 
     def _estimator(self, n: int, hash_: str) -> Callable[[Callable], stats.Estimate]:
@@ -335,62 +353,7 @@ class ConceptDetection(Task):
 
     def _paper(self, model: Any, features: Features, data: TaskData) -> list[dict]:
         """Describe -> write sentences -> score them -> S_CD, per feature; summaries over
-        features (units: the features scored, `paired_over` feature)."""
+        features (units: the features scored, `paired_over` feature):
+        `bench/tasks/paper_detection.py`."""
         self.check_judge(data.judge)
-        judge = data.judge
-        start = judge.stats()  # this task's judge counters are the change from here
-        chosen = select_features(len(features), self.max_features, data.seed)
-        split = data.dataset.indices("train")
-        encodings = data.encodings(features)  # the job's codes: the descriptions' evidence
-        unit = features.directions / features.directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        describe = Describer(self.description, model, features, data.activations.subset(split),
-                             judge, chosen, unit, DESCRIPTIONS[self.description],
-                             codes=encodings.tokens()[encodings.rows(split)])  # fmt: skip
-        rows: list[dict] = []
-        record = []
-        for f in chosen:
-            desc = describe(f)
-            entry = {"feature": f, "description": desc.texts.get(1), "reason": desc.reason}
-            if not desc.texts:
-                rows += [{"feature": f, "metric": "s_cd", "value": None, "encoder": e,
-                          "reason": f"undescribed: {desc.reason}"} for e in self.encoders]  # fmt: skip
-                record.append(entry)
-                continue
-            written = write_sentences(judge, desc.texts[1], self.sentences, self.max_failed_tries)
-            scored, entry["scores"] = score_sentences(model, features, f, written, self.encoders)
-            entry.update(activating=written.activating, neutral=written.neutral,
-                         failed_tries=written.failures)  # fmt: skip
-            rows += [{**row, "description_text": desc.texts[1]} for row in scored]
-            record.append(entry)
-        atomic_write_text(data.output_dir / "generated_sentences.json",
-                          json.dumps(record, indent=1, ensure_ascii=False))  # fmt: skip
-        for encoder in self.encoders:
-            rows += self._paper_summary(
-                [r for r in rows if r.get("encoder") == encoder], encoder, data.seed
-            )
-        rows += [{"metric": f"judge_{k}", "value": float(v - start.get(k, 0.0))}
-                 for k, v in judge.stats().items()]  # fmt: skip
-        name = type(judge).name or type(judge).__name__.lower()
-        for row in rows:
-            row.update(protocol="paper", judge=name, judge_label=judge.label())
-        return rows
-
-    def _paper_summary(self, rows: list[dict], encoder: str, seed: int) -> list[dict]:
-        values = [r["value"] for r in rows]
-        positive = [float(v is not None and v > 0) for v in values]  # undefined: not positive
-        frac = stats.mean_estimate(
-            positive, paired_over="feature", n_resamples=self.resamples, seed=seed
-        )
-        mean = stats.mean_estimate(
-            values, paired_over="feature", n_resamples=self.resamples, seed=seed
-        )
-        undefined = [r["reason"] for r in rows if r["value"] is None]
-        log.info("concept_detection (paper, %s): %d features, S_CD > 0 for %s, %d undefined",
-                 encoder, len(rows), fmt_estimate(frac), len(undefined))  # fmt: skip
-        return [
-            {"metric": "frac_s_cd_positive", **frac.row(), "n_defined": len(rows) - len(undefined),
-             "encoder": encoder, "reason": summarize_reasons(undefined) or None},
-            {"metric": "mean_s_cd", **mean.row(), "encoder": encoder},
-            {"metric": "undescribed_features", "value": float(sum("undescribed" in (r or "") for r in undefined)),
-             "n": len(rows), "encoder": encoder},
-        ]  # fmt: skip
+        return paper_detection(self, model, features, data)

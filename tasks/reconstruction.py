@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from bench import stats
-from bench.activations import padded_batches, tokenize
+from bench.activations.extraction import padded_batches, tokenize
 from bench.errors import ConfigError
 from featbench.methods.base import Features
 from featbench.tasks.base import Headline, Task, TaskData
@@ -114,16 +114,24 @@ class Reconstruction(Task):
         rows = []
         for metric, (top, bottom) in ratios.items():
             estimate = stats.statistic_estimate(
-                len(test), partial(_ratio, top, bottom), paired_over="test sentence",
-                units_hash=units, n_resamples=self.bootstrap, seed=data.seed,
-            )  # fmt: skip
+                len(test),
+                partial(_ratio, top, bottom),
+                paired_over="test sentence",
+                units_hash=units,
+                n_resamples=self.bootstrap,
+                seed=data.seed,
+            )
             rows.append({"metric": metric, **estimate.row()})
         values = {r["metric"]: r["value"] for r in rows}
         log.info(
             "reconstruction: FVU %.4f (per-token explained variance %.4f), KL %.4f nats, "
-            "CE delta %.3f (clean %.3f)", values["fvu"], values["explained_variance_per_token"],
-            values["kl_spliced"], values["ce_delta"], values["ce_clean"],
-        )  # fmt: skip
+            "CE delta %.3f (clean %.3f)",
+            values["fvu"],
+            values["explained_variance_per_token"],
+            values["kl_spliced"],
+            values["ce_delta"],
+            values["ce_clean"],
+        )
         return rows
 
     @torch.inference_mode()
@@ -162,8 +170,13 @@ class Reconstruction(Task):
             target = tokens[:, 1:]
             ce_c = -clean[:, :-1].gather(-1, target[..., None]).squeeze(-1) * has_next
             ce_s = -spliced[:, :-1].gather(-1, target[..., None]).squeeze(-1) * has_next
-            for key, value in (("kl", kl), ("n_kl", mask), ("ce_clean", ce_c),
-                               ("ce_spliced", ce_s), ("n_ce", has_next)):  # fmt: skip
+            for key, value in (
+                ("kl", kl),
+                ("n_kl", mask),
+                ("ce_clean", ce_c),
+                ("ce_spliced", ce_s),
+                ("n_ce", has_next),
+            ):
                 out[key][batch] = value.double().sum(1).cpu().numpy()
         return out
 

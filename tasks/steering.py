@@ -7,30 +7,30 @@ units before the next starts, so generation and judging work in full batches:
    every method's best-matching feature; `feature` / `paper`: features drawn with the
    run's seed, `max_features` of them (null: every feature, as the paper).
 2. **Describe**: one kind of description for every feature (`description`, see
-   `bench/descriptions.py`); `description_signs` says which signs an input-centric
+   `bench/tasks/descriptions.py`); `description_signs` says which signs an input-centric
    one is judged on. What is steered is the feature's direction, or
    (`direction=generated_diffmean`) the paper's DiffMean of sentences written from
-   that description (`bench/generated_sentences.py`).
+   that description (`bench/tasks/sentences.py`).
 3. **Calibrate**: for each unit, KL target and sign, alpha such that adding alpha *
    unit vector at the hook, at every position, moves the next-token distribution after
-   the prompt by KL(P_base || P_steered) = target (`bench/alpha_search.py`: `batched`
+   the prompt by KL(P_base || P_steered) = target (`bench/tasks/steering/calibrate.py`: `batched`
    or the reference's `bisection`; the -1 sign `calibrated` or `mirrored`).
 4. **Generate**: `samples` continuations per (unit, target, sign), and the unsteered
    baseline, in batches of `batch_size` rows whatever unit each row belongs to, with a
-   KV cache (`bench/steer.py`, sampler in `bench/sampling.py`). Each row draws from its
+   KV cache (`bench/tasks/steering/generate.py`, sampler in `bench/tasks/steering/sampling.py`). Each row draws from its
    own seed key, so its text does not depend on the rows beside it.
 5. **Judge**: concept (against that sign's description) and fluency, 0-2; the
-   sample's `steering_score` is their harmonic mean (`bench/steering_units.py`). A
+   sample's `steering_score` is their harmonic mean (`bench/tasks/steering/units.py`). A
    failed judgement is missing (`judge_failure=missing`) or 0 (`zero`, the paper's),
    counted either way.
-6. **Aggregate** (`bench/steering_scores.py`, on plain rows): per unit the headline
+6. **Aggregate** (`bench/tasks/steering/scores.py`, on plain rows): per unit the headline
    `heldout_steering_score` (target and sign chosen on even samples, reported on
    odd ones) and the paper's `best_kl_steering_score`; summaries with 95% intervals.
 
-`protocol` is a preset: every field left at null (`protocol` for `top_p` and
-`max_features`, whose null means something) takes the protocol's value from
-`PROTOCOL_VALUES`; a value set explicitly wins, so one deviation from the paper can
-be removed at a time. docs/paper-protocol.md lists every difference.
+`protocol` is a preset: every field left at `protocol` takes the protocol's value from
+`PROTOCOL_VALUES` (bench/tasks/steering/settings.py, where every setting is declared);
+a value set explicitly wins, so one deviation from the paper can be removed at a time.
+docs/paper-protocol.md lists every difference.
 
 A unit is checkpointed in the job's folder when its texts are generated and again when
 they are judged, so a killed job resumes with what it finished; the job removes the
@@ -41,23 +41,26 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.alpha_search import calibrate
-from bench.checkpoints import Checkpoints
-from bench.descriptions import INPUT_CENTRIC, Describer, Description, check_kind, label
-from bench.detection_stats import auroc_matrix, best_feature_per_concept
+from bench.core.hooks import hook_name, layer_of
 from bench.errors import ConfigError
-from bench.generated_sentences import diffmean_vector, write_sentences
+from bench.fit.features import Features
 from bench.judges.base import Judge
-from bench.stats import RESAMPLES, units_hash
-from bench.steer import Row, generate, generate_batches, post_norm_targets
-from bench.steering_scores import (
+from bench.stats import units_hash
+from bench.tasks.base import Headline, Task, TaskData
+from bench.tasks.checkpoints import Checkpoints
+from bench.tasks.descriptions import INPUT_CENTRIC, Describer, Description, check_kind, label
+from bench.tasks.detection import concept_units, select_features
+from bench.tasks.sentences import generated_diffmean
+from bench.tasks.steering.calibrate import calibrate
+from bench.tasks.steering.generate import Row, generate, generate_batches, post_norm_targets
+from bench.tasks.steering.scores import (
     EXCLUDED,
     NO_DIRECTION,
     UNDESCRIBED,
@@ -65,11 +68,15 @@ from bench.steering_scores import (
     ZERO_NORM,
     aggregate,
 )
-from bench.steering_settings import PROTOCOL, PROTOCOL_VALUES, check, resolve
-from bench.steering_units import GENERATED, JUDGED, Unit, failure_row, judge_samples
-from featbench.methods.base import Features
-from featbench.tasks.base import Headline, Task, TaskData
-from featbench.tasks.concept_detection import select_features, sentence_scores
+from bench.tasks.steering.settings import SteeringSettings
+from bench.tasks.steering.units import (
+    GENERATED,
+    JUDGED,
+    Unit,
+    failure_row,
+    judge_samples,
+    judge_units,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,10 @@ CHECKPOINT_VERSION = "steering-4"  # bumped when a checkpoint's content changes 
 
 
 @dataclass
-class Steering(Task):
+class Steering(SteeringSettings, Task):
+    """The steering task: its settings are `SteeringSettings`
+    (bench/tasks/steering/settings.py, the one place they are declared)."""
+
     name: ClassVar[str] = "steering"
     needs_judge: ClassVar[bool] = True
     title: ClassVar[str] = "Steering"
@@ -88,56 +98,6 @@ class Steering(Task):
         Headline("fluency_score"),
     )
     report_order: ClassVar[int] = 0  # the causal test leads the comparison
-
-    # concept: for each concept, every method's feature with the best train-split AUROC for it
-    # (DiffMean: its own direction), judged against the concept's label, so methods pair over
-    # concepts; feature: sampled features with their own descriptions; paper: the SNMF
-    # reference code's choices (PROTOCOL_VALUES), on every feature.
-    protocol: str = "concept"
-    prompts: list[str] = field(default_factory=lambda: ["I think that"])  # the paper's prompt
-    kl_targets: list[float] = field(  # the paper's KL grid
-        default_factory=lambda: [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5]
-    )
-    tolerance: float = 0.01  # |KL - target| accepted by the alpha search (the paper's)
-    concepts: int | None = 8  # concept protocol: a seeded sample of concepts (null = all of them)
-    concept_seed: int = 0  # fixed, not the run's seed: every method and seed steers the same ones
-    max_features: int | str | None = PROTOCOL  # features drawn with the run's seed; null = all
-    direction: str = "feature"  # feature | generated_diffmean (the paper's DiffMean arm)
-    samples: int = 8  # continuations per (feature, target, sign), as the paper
-    max_new_tokens: int = 50  # as the paper
-    top_k: int = 30  # the paper's
-    top_p: float | str | None = PROTOCOL  # nucleus inside the top k; null = top-k only
-    temperature: float = 1.0  # the paper's: plain sampling within top-k / top-p
-    stop_at_eos: bool | None = None  # null: the protocol's
-    batch_size: int = 128  # sequences per generation batch: one feature's rows at once
-    engine: str = "lean"  # bench.decode: same weights and hook, faster; reference: TL forward
-    baseline_samples: int = 16  # unsteered continuations the concept judge compares against
-    description: str | None = None  # one kind for every method (null: the protocol's)
-    description_signs: str | None = None  # described | both (null: the protocol's)
-    top_tokens: int | None = None  # tokens listed / read by the writer (null: the kind's)
-    alpha_search: str | None = None  # batched | bisection (null: the protocol's)
-    negative_alpha: str | None = None  # calibrated | mirrored (null: the protocol's)
-    # bisection's [low, high] of alpha, the paper's
-    alpha_range: list[float] = field(default_factory=lambda: [1.0, 2000.0])
-    bisection_steps: int = 20  # the paper's: all 20 run, the last in-tolerance midpoint kept
-    search_points: int = 48  # batched: candidate alphas per search round (one batched pass)
-    search_rounds: int = 6  # batched: refinement rounds after the first grid
-    judged_text: str | None = None  # continuation | bos_prompt_continuation (null: the protocol's)
-    judge_failure: str | None = None  # missing | zero (null: the protocol's)
-    judge_attempts: int | None = None  # tries per rating (null: the protocol's)
-    rating_format: str | None = None  # strict | reference: how ratings are read (null: protocol's)
-    post_norm_mlp_out: bool | None = None  # Gemma: steer mlp_post features at hook_mlp_out
-    diffmean_bos: bool | None = None  # generated DiffMean: include the BOS row (null: protocol's)
-    bootstrap: int = RESAMPLES  # resamples for the 95% intervals
-
-    def __post_init__(self) -> None:
-        resolve(self)  # every setting left to the protocol takes the protocol's value
-        check(self)
-        log.info("steering protocol %s: %s", self.protocol, json.dumps(self.resolved()))
-
-    def resolved(self) -> dict[str, Any]:
-        """The protocol-dependent settings as resolved (for the log and the rows)."""
-        return {key: getattr(self, key) for key in (*PROTOCOL_VALUES, "direction", "top_tokens")}
 
     @property
     def min_concepts(self) -> int:  # type: ignore[override]
@@ -170,11 +130,11 @@ class Steering(Task):
         norms = features.directions.norm(dim=1)
         unit = features.directions / norms[:, None].clamp_min(1e-12)
         units, describe, extra, kind, pairing = self._select(features, data)
-        store = Checkpoints(data.output_dir / "checkpoints" / f"steering-{self.protocol}",
-                            data.config_hash, version=CHECKPOINT_VERSION)  # fmt: skip
+        store = self._checkpoints(data)
         for u in units:
             u.direction = unit[u.feature]
-            u.restore(store.load(u.key, u.direction), store.load(u.key, u.direction, GENERATED))
+            if store is not None:
+                u.restore(store.load(u.key, u.direction), store.load(u.key, u.direction, GENERATED))
         todo = [u for u in units if not u.finished]
         if todo:
             steered = {}
@@ -185,8 +145,16 @@ class Steering(Task):
                 if describe is None:  # the feature protocols: one description kind for all
                     describe = self._describer(model, features, data, judge, fresh, unit, steered)
                 for u in tqdm(fresh, desc="steering: describe", unit=self.protocol, leave=False):
-                    self._prepare(u, model, features.hook, float(norms[u.feature]), unit,
-                                  steered, describe, judge)  # fmt: skip
+                    self._prepare(
+                        u,
+                        model,
+                        features.hook,
+                        float(norms[u.feature]),
+                        unit,
+                        steered,
+                        describe,
+                        judge,
+                    )
             with data.stage("steering:calibrate"):
                 for u in tqdm(fresh, desc="steering: calibrate", unit=self.protocol, leave=False):
                     self._calibrate(model, u)
@@ -202,10 +170,17 @@ class Steering(Task):
         rows = [{**row, **extra.get(u.name, {})} for u in units for row in u.rows]
         # aggregate: per unit, then the summary with intervals over units
         per = "concept" if self.protocol == "concept" else "feature"
-        rows += aggregate(rows, [u.name for u in units], passes={u.name: u.passes for u in units},
-                          judge_stats=stats, seed=data.seed, n_resamples=self.bootstrap,
-                          unit=per, units_hash=pairing,
-                          settings=json.dumps(self.resolved()))  # fmt: skip
+        rows += aggregate(
+            rows,
+            [u.name for u in units],
+            passes={u.name: u.passes for u in units},
+            judge_stats=stats,
+            seed=data.seed,
+            n_resamples=self.bootstrap,
+            unit=per,
+            units_hash=pairing,
+            settings=json.dumps(self.resolved()),
+        )
         for row in rows:
             row.setdefault("judge", type(judge).name or type(judge).__name__.lower())
             row.setdefault("judge_label", judge.label())
@@ -234,9 +209,18 @@ class Steering(Task):
         encodings = data.encodings(features)  # the job's codes: nothing encoded twice
         wanted = fresh and self.description in INPUT_CENTRIC  # kinds that read train codes
         codes = encodings.tokens()[encodings.rows(split)] if wanted else None
-        return Describer(self.description, model, features, data.activations.subset(split),
-                         judge, [u.feature for u in fresh], unit, self.top_tokens, codes=codes,
-                         steered=steered)  # fmt: skip
+        return Describer(
+            self.description,
+            model,
+            features,
+            data.activations.subset(split),
+            judge,
+            [u.feature for u in fresh],
+            unit,
+            self.top_tokens,
+            codes=codes,
+            steered=steered,
+        )
 
     def _prepare(self, u: Unit, model, hook: str, norm: float, unit, steered, describe, judge):
         """The unit's description and what is steered: the feature's direction at the
@@ -248,8 +232,9 @@ class Steering(Task):
         if u.feature in steered:
             u.vector, u.hook = steered[u.feature]
         if self.direction == "generated_diffmean" and u.desc.texts:  # (none: undescribed)
-            u.hook, u.vector, u.norm, why, u.info = self._generated_diffmean(model, u.hook, u.desc,
-                                                                          judge)  # fmt: skip
+            u.hook, u.vector, u.norm, why, u.info = self._generated_diffmean(
+                model, u.hook, u.desc, judge
+            )
             if u.vector is None:
                 u.rows = [failure_row(u.feature, u.desc, NO_DIRECTION, why)]
         u.add_stats(judge.stats(), before)
@@ -257,36 +242,18 @@ class Steering(Task):
     def _generated_diffmean(self, model, hook: str, desc: Description, judge) -> tuple:
         """(hook, unit vector or None, its norm, why None, row info): the paper's DiffMean of
         sentences written from the feature's description, at the layer's hook_mlp_out."""
-        hook = f"blocks.{hook.split('.')[1]}.hook_mlp_out"
-        sentences = write_sentences(judge, desc.texts[1])
-        info = {"n_activating": len(sentences.activating), "n_neutral": len(sentences.neutral)}
-        vector, why = diffmean_vector(model, sentences, hook, self.diffmean_bos)
+        hook = hook_name(layer_of(hook), "mlp_out")
+        vector, why, info = generated_diffmean(model, hook, desc.texts[1], judge, self.diffmean_bos)
         return hook, vector, 1.0, why, info
 
     def _concept_units(self, features: Features, data: TaskData) -> tuple:
-        """The concept protocol's units: a seeded sample of the dataset's concepts, each
-        with the method's feature for it (its own label's direction for a supervised
-        method, else the best train-split AUROC of its native encoding, as concept
-        detection matches) and the concept's label as the description."""
-        concepts = data.dataset.concepts
-        if self.concepts is not None and self.concepts < len(concepts):
-            rng = np.random.default_rng(self.concept_seed)
-            picked = sorted(rng.choice(concepts, size=self.concepts, replace=False).tolist())
-        else:
-            picked = list(concepts)
-        train = data.dataset.indices("train")
-        labels = np.array(data.dataset.labels)[train]
-        scores = sentence_scores(features, data, "native")[train]
-        auc = np.nan_to_num(auroc_matrix(scores, labels[:, None] == np.array(concepts)[None, :]),
-                            nan=0.5)  # C x k  # fmt: skip
-        feature_of, extra = {}, {}
-        sentences = np.array(data.dataset.sentences, dtype=object)[train]
-        examples = {c: tuple(sentences[labels == c]) for c in picked}  # what the judge reads
-        best = best_feature_per_concept(auc, concepts, features.labels)  # as concept detection
-        for c in picked:
-            f = int(best[concepts.index(c)])
-            feature_of[c] = f
-            extra[c] = {"match_auroc": float(auc[concepts.index(c), f])}
+        """The concept protocol's units: (concepts, concept -> feature, describe, concept ->
+        extra columns): a seeded sample of `concepts` concepts (`concept_seed`), each with the
+        method's feature for it (`bench.tasks.detection.concept_units`), described by its label
+        and read through its train sentences."""
+        picked, feature_of, examples, extra = concept_units(
+            features, data, self.concepts, self.concept_seed
+        )
         return picked, feature_of, lambda c: label(c, examples[c]), extra
 
     # --- calibrate, generate, judge ----------------------------------------------------
@@ -308,19 +275,32 @@ class Steering(Task):
         found, u.passes = calibrate(model, u.hook, u.vector, self, signs=desc.signs)
         for (t, sign), (alpha, kl, reason) in sorted(found.items()):
             if alpha is None:
-                u.rows.append(failure_row(f, desc, UNREACHABLE, reason, self.kl_targets[t], sign,
-                                       kl_achieved=kl))  # fmt: skip
+                u.rows.append(
+                    failure_row(
+                        f, desc, UNREACHABLE, reason, self.kl_targets[t], sign, kl_achieved=kl
+                    )
+                )
             else:
                 u.jobs.append((t, sign, float(alpha), kl))
 
     def _specs(self, u: Unit, seed: int) -> list[Row]:
         """The unit's rows to generate: `samples` per (KL target, sign) found, each with
         its own seed key (seed, unit key + 1, target, sign + 1, sample)."""
-        return [Row(prompt, alpha * u.vector, (seed, u.key + 1, t, sign + 1, s), u.hook)
-                for t, sign, alpha, _ in u.jobs for s, prompt in enumerate(self._sample_prompts())]  # fmt: skip
+        return [
+            Row(prompt, alpha * u.vector, (seed, u.key + 1, t, sign + 1, s), u.hook)
+            for t, sign, alpha, _ in u.jobs
+            for s, prompt in enumerate(self._sample_prompts())
+        ]
 
-    def _generate(self, model, units: list[Unit], seed: int, store: Checkpoints,
-                  baseline: list[Row], counted: dict | None = None) -> list[str]:  # fmt: skip
+    def _generate(
+        self,
+        model,
+        units: list[Unit],
+        seed: int,
+        store: Checkpoints | None,
+        baseline: list[Row],
+        counted: dict | None = None,
+    ) -> list[str]:
         """The baseline's rows, then every unit's, in full batches; each unit's texts are
         checkpointed as soon as its last row is generated, so a killed job regenerates only
         unfinished units. Returns the baseline's texts; `counted["tokens"]` counts the tokens
@@ -347,7 +327,7 @@ class Steering(Task):
                     self._save(store, u, GENERATED)
         return out
 
-    def _judge_all(self, units: list[Unit], baseline, judge, store: Checkpoints) -> None:
+    def _judge_all(self, units: list[Unit], baseline, judge, store: Checkpoints | None) -> None:
         """Judge every unit's texts in chunks of units holding about a batch of texts (the
         judge sees a chunk's texts together); the chunk's judge counters go to its first
         unit, so their sum is the task's. Each unit is checkpointed once judged."""
@@ -356,42 +336,51 @@ class Steering(Task):
             chunk.append(u)
             if sum(len(v.texts or []) for v in chunk) >= self.batch_size or i == len(units) - 1:
                 before = judge.stats()
-                self._judge_units(chunk, baseline, judge)
+                judge_units(self, chunk, baseline, judge)
                 chunk[0].add_stats(judge.stats(), before)
                 for v in chunk:
                     self._save(store, v)
                 chunk = []
 
-    def _judge_units(self, units: list[Unit], baseline, judge) -> None:
-        """Each unit's sample rows, after its failure rows (with its extra columns: the
-        sentences written under generated_diffmean)."""
-        groups, owner = [], []
-        for u in units:
-            for sign, samples in u.groups(self.samples):
-                groups.append((u.feature, u.desc, sign, samples))
-                owner.append(u)
-        judged = judge_samples(self, groups, baseline, judge) if groups else []
-        for u in units:
-            mine = [row for v, rows in zip(owner, judged, strict=True) if v is u for row in rows]
-            u.rows = [{**row, **u.info} for row in u.rows + mine]
+    def _checkpoints(self, data: TaskData) -> Checkpoints | None:
+        """The job's steering checkpoints; None (with a warning) without a checkpoint key."""
+        if not data.checkpoint_key:
+            log.warning("steering: no checkpoint key, so this run cannot resume if it stops")
+            return None
+        return Checkpoints(
+            data.output_dir / "checkpoints" / f"steering-{self.protocol}",
+            data.checkpoint_key,
+            version=CHECKPOINT_VERSION,
+        )
 
-    def _save(self, store: Checkpoints, u: Unit, stage: str = JUDGED) -> None:
+    def _save(self, store: Checkpoints | None, u: Unit, stage: str = JUDGED) -> None:
         """Checkpoint a unit: its texts once generated, its rows once judged."""
         if stage == JUDGED:
             u.finished = True
-        store.save(u.key, u.direction, u.state(stage), stage)
+        if store is not None:
+            store.save(u.key, u.direction, u.state(stage), stage)
 
-    def _steer_feature(self, model, hook, f, direction, norm, desc: Description, baseline,
-                       judge, seed, key: int | None = None) -> dict:  # fmt: skip
+    def _steer_feature(
+        self,
+        model,
+        hook,
+        f,
+        direction,
+        norm,
+        desc: Description,
+        baseline,
+        judge,
+        seed,
+        key: int | None = None,
+    ) -> dict:
         """Calibrate, generate and judge one unit (feature f, described by `desc`) through
         the same stages as `evaluate`: its rows and search passes. `key` seeds its samples
         (default: the feature index)."""
-        u = Unit(f, f, f if key is None else key, desc=desc, hook=hook, vector=direction,
-                 norm=norm)  # fmt: skip
+        u = Unit(f, f, f if key is None else key, desc=desc, hook=hook, vector=direction, norm=norm)
         self._calibrate(model, u)
         specs = self._specs(u, seed)
         u.texts = generate(model, hook, specs, self) if specs else []
-        self._judge_units([u], baseline, judge)
+        judge_units(self, [u], baseline, judge)
         return {"rows": u.rows, "passes": u.passes}
 
     def _judge(self, f, desc: Description, sign, samples, baseline, judge) -> list[dict]:
@@ -404,5 +393,7 @@ class Steering(Task):
     def _baseline(self, hook: str, d: int, seed: int) -> list[Row]:
         """The unsteered continuations the offline concept judge compares against."""
         zero = torch.zeros(d)
-        return [Row(self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s), hook)
-                for s in range(self.baseline_samples)]  # fmt: skip
+        return [
+            Row(self.prompts[s % len(self.prompts)], zero, (seed, 0, 0, 0, s), hook)
+            for s in range(self.baseline_samples)
+        ]

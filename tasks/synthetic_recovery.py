@@ -90,8 +90,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from bench import stats
+from bench.core.storage import sha256_json
 from bench.errors import ConfigError, FeatbenchError
-from bench.storage import sha256_json
+from bench.fit.checks import check_fitted
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from featbench.tasks.base import Headline, Task, TaskData
 
@@ -124,7 +125,7 @@ class SyntheticRecovery(Task):
     active_per_token: float = 3.0  # expected features on per token: sparse codes, as in LMs
     threshold: float = 0.9  # a true feature counts as recovered at matched cosine >= 0.9
     resamples: int = stats.RESAMPLES  # bootstrap resamples of the true features per interval
-    seed: int = 42  # the run's seed (YAML: ${seed}): the data, the noise
+    seed: int | None = None  # the data and the noise; None: the run's (the job's data.seed)
     # What every method's at_capacity is told: k_true only (each keeps its own sparsity), or
     # also the generator's density and active features per token. Capacity only by default:
     # no method is handed the answer it would otherwise have to find.
@@ -159,7 +160,10 @@ class SyntheticRecovery(Task):
 
     def evaluate(self, model: Any, features: Features, data: TaskData, cfg: Any) -> list[dict]:
         """Only `cfg.method` is used: the model, the run's features and data play no part."""
-        base = build_method(cfg.method)
+        run_seed = self.seed if data is None else data.seed  # None: called outside a job
+        if self.seed is None:  # a task is built per job: this is that job's seed
+            self.seed = run_seed
+        base = build_method(cfg.method).seeded(run_seed)
         rows: list[dict] = []
         for generator in self.generators:
             dims = {"generator": generator, "informed": self.informed, "adapted": None}
@@ -170,13 +174,21 @@ class SyntheticRecovery(Task):
                     log.info("synthetic_recovery %s noise %g: %s", generator, level, reason)
                 continue
             dims["adapted"] = json.dumps(config_changes(base, method), sort_keys=True, default=str)
-            log.info("synthetic_recovery %s: %s resized (informed: %s), changed %s",
-                     generator, type(method).__name__, self.informed, dims["adapted"])  # fmt: skip
+            log.info(
+                "synthetic_recovery %s: %s resized (informed: %s), changed %s",
+                generator,
+                type(method).__name__,
+                self.informed,
+                dims["adapted"],
+            )
             clean, truth = self.generate(generator)
             for level in self.noise_levels:
                 fresh = copy.deepcopy(method)  # a fresh instance per fit
+                planted = self.activations(clean, level, generator)
                 try:
-                    learned = fresh.fit(self.activations(clean, level, generator)).directions
+                    fitted = fresh.fit(planted)
+                    check_fitted(type(method).__name__, fitted, planted)
+                    learned = fitted.directions
                 except FeatbenchError as err:
                     reason = f"the method cannot be fitted on synthetic data: {err}"
                     log.warning("synthetic_recovery %s noise %g: %s", generator, level, reason)
@@ -201,20 +213,30 @@ class SyntheticRecovery(Task):
         """The three metrics as means over the k_true true features, with bootstrap intervals
         over them; paired across methods (same planted features <=> same units_hash)."""
         scores = matched_cosines(truth, learned)
-        per_feature = [scores, (scores >= self.threshold).astype(float),
-                       matched_cosines(truth, learned, absolute=True)]  # fmt: skip
+        per_feature = [
+            scores,
+            (scores >= self.threshold).astype(float),
+            matched_cosines(truth, learned, absolute=True),
+        ]
         hash_ = self.units_hash(generator, level)
         estimates = [
-            stats.mean_estimate(values, paired_over=PAIRED_OVER, units_hash=hash_,
-                                n_resamples=self.resamples)
+            stats.mean_estimate(
+                values, paired_over=PAIRED_OVER, units_hash=hash_, n_resamples=self.resamples
+            )
             for values in per_feature
-        ]  # fmt: skip
+        ]
         log.info(
             "synthetic_recovery %s noise %g: %d learned for %d true, mcc %.3f, "
             "recovered %.2f (cos >= %g), mcc_abs %.3f",
-            generator, level, learned.shape[0], self.k_true, estimates[0].value,
-            estimates[1].value, self.threshold, estimates[2].value,
-        )  # fmt: skip
+            generator,
+            level,
+            learned.shape[0],
+            self.k_true,
+            estimates[0].value,
+            estimates[1].value,
+            self.threshold,
+            estimates[2].value,
+        )
         return self._rows(estimates, n_learned=int(learned.shape[0]), noise=level, **dims)
 
     def units_hash(self, generator: str, level: float) -> str:

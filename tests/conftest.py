@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     """Hydra's typed schema and featbench's folder-name resolvers, for the tests that compose
-    the config (the command line registers them in bench.run)."""
-    from bench.config import register_schema
-    from bench.naming import register_resolvers
+    the config (the command line registers them in bench.cli.featbench)."""
+    from bench.cli.naming import register_resolvers
+    from bench.job.config import register_schema
 
     register_schema()
     register_resolvers()
@@ -87,4 +87,4 @@ def _embedded_tokenizer(gguf: Path):
 def featbench_cmd() -> list[str]:
     """The installed console script (what a user runs)."""
     script = Path(sys.executable).parent / "featbench"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "bench.run"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bench"]

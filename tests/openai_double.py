@@ -1,9 +1,13 @@
-"""A loopback OpenAI-compatible TEST DOUBLE for the paper protocol's wiring.
+"""The one loopback OpenAI-compatible TEST DOUBLE, for wiring only (never evidence of
+quality: its answers are ours).
 
-It answers every chat request with a fixed, valid answer chosen by what the prompt asks
-for (a rating, an input- or output-centric description, an activating or a neutral
-sentence). It is a test double for wiring only: its answers are ours, so a run against
-it shows that the pieces connect and count as they should, never anything about quality.
+`serving(script)` starts it on 127.0.0.1 and yields it; request n (0-based) is answered by
+`script(n, record)` with (status, raw body), where `record` holds the request's `path`,
+`headers` and, for a POST, its JSON `body`; every request is recorded in `requests`.
+`answering(answer)` makes a script of `answer(n, prompt, body) -> text | (status, raw
+body)`, and `fixed_answer` is the paper protocol's: a valid answer of each kind, chosen by
+what the prompt asks for (a rating, an input- or output-centric description, an activating
+or a neutral sentence). GET `/models` (the judge's reachability check) is scripted too.
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-Answer = Callable[[int, str, dict], "str | tuple[int, bytes]"]
+Reply = tuple[int, bytes]  # status, body
+Script = Callable[[int, dict], Reply]
+Answer = Callable[[int, str, dict], "str | Reply"]
+
+
+def chat_reply(content: str, prompt_tokens: int = 100, completion_tokens: int = 10) -> Reply:
+    """A chat completion answering `content`, with its token usage."""
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+    return 200, json.dumps(body).encode()
 
 
 def fixed_answer(n: int, prompt: str, body: dict) -> str:
@@ -32,37 +48,54 @@ def fixed_answer(n: int, prompt: str, body: dict) -> str:
     return "I do not know."
 
 
-class OpenAIDouble(ThreadingHTTPServer):
-    """Serves POST /v1/chat/completions on 127.0.0.1 with `answer(n, prompt, body)`
-    (a text, or (status, raw body) for a fault); records every request."""
+def answering(answer: Answer = fixed_answer) -> Script:
+    """A script that answers each chat request with `answer(n, prompt, body)` (a text, or
+    (status, raw body) for a fault) and every GET with an empty model list."""
 
-    def __init__(self, answer: Answer = fixed_answer):
+    def script(n: int, record: dict) -> Reply:
+        if "body" not in record:
+            return 200, b'{"data": []}'
+        body = record["body"]
+        reply = answer(n, body["messages"][0]["content"], body)
+        return reply if isinstance(reply, tuple) else chat_reply(reply)
+
+    return script
+
+
+class OpenAIDouble(ThreadingHTTPServer):
+    """Answers request n with `script(n, record)`; records every request."""
+
+    def __init__(self, script: Script):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.answer, self.requests, self.lock = answer, [], threading.Lock()
+        self.script, self.requests, self.lock = script, [], threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def prompts(self) -> list[str]:
-        return [r["messages"][0]["content"] for r in self.requests]
+        """The chat requests' prompts, in order."""
+        return [r["body"]["messages"][0]["content"] for r in self.requests if "body" in r]
+
+    def handle_error(self, request, client_address) -> None:  # a client that timed out
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: OpenAIDouble
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+
+    def do_GET(self) -> None:  # the reachability check's `GET /models`
+        self._answer({"path": self.path, "headers": dict(self.headers)})
+
+    def _answer(self, record: dict) -> None:
         with self.server.lock:
             n = len(self.server.requests)
-            self.server.requests.append(body)
-        answer = self.server.answer(n, body["messages"][0]["content"], body)
-        if isinstance(answer, tuple):
-            status, payload = answer
-        else:
-            status = 200
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}],
-                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()  # fmt: skip
+            self.server.requests.append(record)
+        status, payload = self.server.script(n, record)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -74,8 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serving(answer: Answer = fixed_answer) -> Iterator[OpenAIDouble]:
-    server = OpenAIDouble(answer)
+def serving(script: Script | None = None) -> Iterator[OpenAIDouble]:
+    """The double on a free loopback port, answering with `script` (default: the paper
+    protocol's fixed answers), stopped at the end of the block."""
+    server = OpenAIDouble(script or answering(fixed_answer))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield server

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import activations, datasets
-from bench.activations import extract, tokenize
-from bench.datasets import ConceptDataset
+from bench.activations import extraction as activations
+from bench.activations.extraction import extract, tokenize
+from bench.data import datasets
+from bench.data.datasets import ConceptDataset
 
 
 def _dataset(sentences, labels=None):

@@ -108,6 +108,32 @@ def test_unknown_group_option_lists_the_choices(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_an_unknown_entry_of_a_list_group_lists_the_choices_too(tmp_path):
+    """Issue 25: `task=[nonexistent]` printed Hydra's "Could not load 'task/nonexistent'"
+    and its search path, but not the tasks that exist (`method=nonexistent` does)."""
+    out = _run(["task=[nonexistent]"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "Available options in 'task':" in out.stderr
+    for name in ("concept_detection", "reconstruction", "steering", "synthetic_recovery"):
+        assert name in out.stderr.split("Available options in 'task':")[1]
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.cli.featbench"])
+def test_python_dash_m_runs_a_job_to_the_end_and_prints_its_headline(tmp_path, embedded, module):
+    """Issue 25: `python -m bench.run` (conftest's fallback) defined `headline` after its
+    `__main__` guard, so it raised NameError when a job finished. `python -m bench` is the
+    fallback now; the command's own module runs to the end too."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, "experiment=smoke", "method=random",
+         "task=[concept_detection]", "hydra.mode=RUN", "logger=none",
+         f"paths.results_dir={tmp_path / 'res'}"],
+        cwd=tmp_path, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mean_feature_auroc native" in out.stdout + out.stderr  # the headline, printed
+
+
 def test_unknown_key_is_hydras_error(tmp_path):
     out = _run(["not_a_key=1"], cwd=tmp_path, timeout=120)
     assert out.returncode != 0 and "not_a_key" in out.stderr and "Traceback" not in out.stderr
@@ -142,7 +168,7 @@ def test_non_editable_install_finds_config_from_any_directory(tmp_path):
     )  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
-        [sys.executable, "-c", "import bench, sys; print(bench.__file__); sys.argv=['featbench','--cfg','job']; from bench.run import cli; cli()"],
+        [sys.executable, "-c", "import bench, sys; print(bench.__file__); sys.argv=['featbench','--cfg','job']; from bench.cli.featbench import cli; cli()"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

@@ -40,9 +40,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-import bench.job
-from bench.activations import extract
-from bench.datasets import NEUTRAL, ConceptDataset
+import bench.job.run
+import bench.job.stages
+from bench.activations.extraction import extract
+from bench.data.datasets import NEUTRAL, ConceptDataset
 from bench.errors import ConfigError, FeatbenchError
 from featbench.methods.base import ActivationSet
 from featbench.methods.diffmean import DiffMean
@@ -115,8 +116,8 @@ def no_expensive_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the bad value was rejected")
 
-    monkeypatch.setattr(bench.job, "load_model", forbidden)
-    monkeypatch.setattr(bench.job.activations, "extract", forbidden)
+    monkeypatch.setattr(bench.job.stages, "load_model", forbidden)
+    monkeypatch.setattr(bench.job.stages.activations, "extract", forbidden)
 
 
 # A small, judge-free base, so each case reaches only the check it is about; a case that
@@ -180,7 +181,7 @@ def _with_base(overrides: list[str]) -> list[str]:
 def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expensive_work, tmp_path):
     cfg = _compose(_with_base(overrides))
     with pytest.raises(FeatbenchError, match=message):
-        bench.job.run_job(cfg, tmp_path / "job")
+        bench.job.run.run_job(cfg, tmp_path / "job")
     assert not list(tmp_path.rglob("metrics.parquet"))
 
 
@@ -189,7 +190,7 @@ def test_a_misspelled_task_target_is_an_error_not_dropped(no_expensive_work, tmp
     misspelled would be dropped the same way, so it is refused, naming the key."""
     cfg = _compose(_with_base(["+task.extra._taget_=featbench.tasks.steering.Steering"]))
     with pytest.raises(ConfigError, match=r"task.extra has no _target_ but has '_taget_'"):
-        bench.job.run_job(cfg, tmp_path / "job")
+        bench.job.run.run_job(cfg, tmp_path / "job")
     leftover = _compose(_with_base(["experiment=smoke", "task=[concept_detection]"]))
     assert "_target_" not in leftover.task.steering  # smoke's steering settings: still ignored
     assert "kl_targets" in leftover.task.steering
@@ -202,7 +203,7 @@ def test_one_concept_with_an_unsupervised_method_fails_before_the_model_loads(
     with pytest.raises(
         ConfigError, match=r"task concept_detection needs at least 2 concepts.*\['food'\]"
     ):
-        bench.job.run_job(cfg, tmp_path / "job")
+        bench.job.run.run_job(cfg, tmp_path / "job")
 
 
 # -- rank larger than the tokens or the width: at fit, before any iteration --------------------
@@ -246,7 +247,7 @@ def _dataset(labels: list[str]) -> ConceptDataset:
 
 
 def _task_data(dataset: ConceptDataset, acts: ActivationSet, tmp_path: Path) -> TaskData:
-    return TaskData(dataset, acts, 0, "mlp_post", 0, tmp_path)
+    return TaskData(dataset=dataset, activations=acts, seed=0, output_dir=tmp_path)
 
 
 def test_concept_detection_with_one_concept_names_what_it_got(tmp_path):
@@ -299,8 +300,8 @@ def test_non_english_and_emoji_text_extracts_and_decodes(tiny_model):
 
 @pytest.mark.integration
 def test_non_english_and_emoji_dataset_runs_on_the_embedded_model(embedded, tmp_path):
-    from bench import datasets
-    from bench.contexts import top_contexts
+    from bench.data import datasets
+    from bench.fit.contexts import top_contexts
 
     rows = [{"prompt": text, "label": "emoji" if "🙂" in text or "🎉" in text else "world"}
             for text in MULTILINGUAL]  # fmt: skip
@@ -393,12 +394,53 @@ def test_concept_detection_on_empty_features_counts_them_dead(tmp_path):
 
 
 def test_a_model_sizes_its_default_comparison_and_an_override_wins():
-    """Gemma 3's tokens cost ~2.5x SmolLM2's, so its model config sizes the default
-    comparison to fit the same 15 minutes; the task's own settings still override it."""
+    """Gemma 3's tokens cost ~2.5x SmolLM2's, so its model config caps the reconstruction
+    sentences of the default comparison; the task's own settings still override it."""
     smol, gemma = _compose([]), _compose(["model=gemma3-270m"])
     assert (smol.task.steering.concepts, smol.task.reconstruction.max_sentences) == (8, None)
-    assert (gemma.task.steering.concepts, gemma.task.reconstruction.max_sentences) == (3, 250)
+    assert (gemma.task.steering.concepts, gemma.task.reconstruction.max_sentences) == (8, 250)
     more = _compose(["model=gemma3-270m", "task.steering.concepts=6"])
     assert more.task.steering.concepts == 6
     full = _compose(["experiment=compare_full"])
     assert full.task.steering.concepts is None and "steering_feature" in full.task
+
+
+# --- the plugin path a newcomer walks (issue 25) -----------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (4, 4), (0, 16)])
+def test_directions_of_the_wrong_shape_are_named_right_after_the_fit(shape):
+    """A d x k or k x k matrix used to pass the fit and fail later as a raw torch error."""
+    from bench.fit.checks import check_fitted
+    from featbench.methods.base import Features
+
+    acts = ActivationSet(torch.zeros(3, 16), torch.zeros(3, dtype=torch.long),
+                         torch.zeros(3, dtype=torch.long), torch.arange(3), "blocks.0.mlp.hook_post")  # fmt: skip
+    features = Features(torch.zeros(shape), method="ica", hook=acts.hook)
+    with pytest.raises(ConfigError, match=rf"method ica: fit returned directions of shape "
+                                          rf"\({shape[0]}, {shape[1]}\); expected k x 16"):  # fmt: skip
+        check_fitted("ica", features, acts)
+    check_fitted("ica", Features(torch.zeros(4, 16), method="ica", hook=acts.hook), acts)
+
+
+def test_a_target_that_cannot_be_built_says_why(tmp_path, monkeypatch):
+    """Whether the module is missing, fails to import, or lacks the attribute; never the
+    HYDRA_FULL_ERROR hint, which shows nothing more here."""
+    from omegaconf import OmegaConf
+
+    from bench.fit.method import Method
+    from bench.job.plugins import build
+
+    (tmp_path / "broken_plugin.py").write_text("import a_module_that_does_not_exist\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, message in [
+        ("nowhere.Method", "module 'nowhere' not found. A plugin outside featbench must be "
+                           "importable: installed, or its folder on PYTHONPATH"),
+        ("featbench.methods.snmf.NoSuch", "module 'featbench.methods.snmf' has no attribute "
+                                          "'NoSuch'"),
+        ("broken_plugin.Method", "importing module 'broken_plugin' failed: ModuleNotFoundError"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            build(OmegaConf.create({"_target_": target}), "method", Method)
+        assert message in str(info.value) and "HYDRA_FULL_ERROR" not in str(info.value)
+        assert f"method {target!r} could not be built" in str(info.value)

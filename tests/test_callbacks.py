@@ -16,11 +16,11 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from bench.callbacks import ReportCallback
-from bench.errors import SweepFailed
+from bench.cli.callbacks import ReportCallback
+from bench.errors import SweepFailed, error_line
 from bench.report import build, comparison_table, plot_job
 from bench.report.tables import LEGEND, MARK
-from bench.results import finalize, write_metrics
+from bench.results import FAILED_LEDGER, finalize, write_metrics
 from bench.stats import mean_estimate
 from featbench.tasks.concept_detection import ConceptDetection
 from featbench.tasks.reconstruction import Reconstruction
@@ -134,15 +134,28 @@ def test_only_a_difference_from_random_that_excludes_0_is_marked(tmp_path):
 def test_plot_job_writes_the_plots_that_apply(tmp_path):
     info = {"loss_curve": [4.0, 2.0, 1.0, 0.5]}
     paths = plot_job(_job("snmf"), tmp_path / "plots", info=info)
-    names = ["steering_vs_kl.png", "auroc_by_method.png", "snmf_loss.png"]
+    names = ["steering_headline.png", "steering_vs_kl.png", "auroc_by_method.png", "snmf_loss.png"]
     assert paths == [tmp_path / "plots" / name for name in names]
     for path in paths:
         assert path.read_bytes()[:8] == PNG
         with Image.open(path) as image:
             image.verify()
     assert plot_job(_job("snmf"), tmp_path / "two") == [
-        tmp_path / "two" / name for name in names[:2]
+        tmp_path / "two" / name for name in names[:3]
     ]
+
+
+def test_the_steering_plots_carry_95_percent_intervals():
+    """Issue 23: the plots showed means only. The KL curve's points have an interval over
+    units, and the headline plot has each setting's interval."""
+    from bench.report.series import plot_series
+
+    series = plot_series(_job("snmf"))
+    kl = series.steering_vs_kl
+    assert list(kl["kl_target"]) == [0.1, 0.5] and (kl["n"] == 1).all()  # one feature: one unit
+    assert (kl["ci_low"] <= kl["value"]).all() and (kl["value"] <= kl["ci_high"]).all()
+    assert list(series.headline["value"]) == [0.35]
+    assert list(series.headline["protocol"]) == ["concept"]
 
 
 def test_plot_job_returns_nothing_without_plottable_rows(tmp_path):
@@ -152,10 +165,10 @@ def test_plot_job_returns_nothing_without_plottable_rows(tmp_path):
 
 def test_callback_reports_the_sweep_and_logs_the_table(sweep, caplog):
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
-    with caplog.at_level("INFO", logger="bench.callbacks"):
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"):
         ReportCallback().on_multirun_end(config)
     assert (sweep / "report.md").is_file() and (sweep / "summary.parquet").is_file()
-    messages = [r.getMessage() for r in caplog.records if r.name == "bench.callbacks"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "bench.cli.callbacks"]
     table = next(m for m in messages if m.startswith("headline metrics"))
     assert "diffmean †" in table and "0.93 [0.90, 0.95]" in table and "pca" in table
     assert table.splitlines()[2].split()[:2] == ["setting", "heldout_steering_score"]
@@ -163,28 +176,83 @@ def test_callback_reports_the_sweep_and_logs_the_table(sweep, caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-@pytest.mark.parametrize("make", ["empty", "absent", "corrupt"])
-def test_callback_logs_an_error_and_never_raises(tmp_path, caplog, make):
+@pytest.mark.parametrize("make", ["empty", "absent"])
+def test_a_sweep_without_results_logs_an_error_and_leaves_the_verdict_to_its_jobs(
+    tmp_path, caplog, make
+):
     sweep = tmp_path / "sweep"
     if make != "absent":
         sweep.mkdir()
-    if make == "corrupt":
-        (sweep / "0").mkdir()
-        (sweep / "0" / "metrics.parquet").write_bytes(b"not a parquet file")
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
-    with caplog.at_level("INFO", logger="bench.callbacks"):
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"):
         ReportCallback().on_multirun_end(config)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(sweep) in errors[0]
-    expected = "unreadable metrics file" if make == "corrupt" else "no job wrote metrics.parquet"
-    assert expected in errors[0]
+    assert "no job wrote metrics.parquet" in errors[0]
     assert not (sweep / "report.md").exists()
+
+
+def test_a_report_that_cannot_be_built_fails_the_sweep_and_keeps_the_results(tmp_path, caplog):
+    """Issue 25: an unreadable job's report is an error the user can fix (exit 2)."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "metrics.parquet").write_bytes(b"not a parquet file")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"), pytest.raises(SweepFailed) as exit:
+        ReportCallback().on_multirun_end(config)
+    assert exit.value.exit_code == 2 and exit.value.failed == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "unreadable metrics file" in errors[0] and "results are kept" in errors[0]
+    assert (sweep / "0" / "metrics.parquet").read_bytes() == b"not a parquet file"
+
+
+def test_a_report_that_crashes_fails_the_sweep_naming_the_error(sweep, caplog, monkeypatch):
+    """Issue 25: a bug in the report used to be logged while the sweep exited 0."""
+    import bench.cli.callbacks as callbacks
+
+    def boom(directory):
+        raise RuntimeError("\nbug in the report")
+
+    monkeypatch.setattr(callbacks, "build", boom)
+    before = {p: p.read_bytes() for p in sweep.rglob("metrics.parquet")}
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"), pytest.raises(SweepFailed) as exit:
+        ReportCallback().on_multirun_end(config)
+    assert exit.value.exit_code == 1
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "RuntimeError: bug in the report" in errors and "results are kept" in errors
+    assert before and {p: p.read_bytes() for p in sweep.rglob("metrics.parquet")} == before
+
+
+def test_a_failure_recorded_only_in_the_ledger_fails_the_sweep_and_names_the_rescue(
+    tmp_path, caplog
+):
+    """A job whose folder refused failed.json is recorded in the sweep's ledger."""
+    sweep = tmp_path / "sweep"
+    ledger = sweep / FAILED_LEDGER
+    ledger.mkdir(parents=True)
+    record = {"error": "ResultsError: cannot write", "exit_code": 2, "rescued": "/tmp/r/x"}
+    (ledger / "method=snmf.json").write_text(json.dumps(record))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"), pytest.raises(SweepFailed) as exit:
+        ReportCallback().on_multirun_end(config)
+    assert exit.value.exit_code == 2 and exit.value.failed == 1
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "method=snmf" in errors and "/tmp/r/x" in errors
+    ReportCallback().on_multirun_start(config)  # a new run of the sweep starts afresh
+    assert not ledger.exists()
+
+
+def test_a_failure_message_that_begins_with_a_newline_keeps_its_words():
+    """Issue 25: `RuntimeError("\\nthe real message")` used to read `RuntimeError: `."""
+    assert error_line(RuntimeError("\nthe real\n message")) == "RuntimeError: the real message"
+    assert error_line(KeyError()) == "KeyError"
 
 
 def test_job_start_logs_the_job_number_and_overrides(caplog):
     callback = ReportCallback()
     job = {"num": 3, "override_dirname": "method=snmf,seed=2"}
-    with caplog.at_level("INFO", logger="bench.callbacks"):
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"):
         callback.on_job_start(OmegaConf.create({"hydra": {"job": job}}), task_function=None)
         callback.on_job_start(OmegaConf.create({"hydra": {"job": {"num": 0}}}))
         callback.on_job_start(OmegaConf.create({}))  # a single run: no job number, no line
@@ -199,7 +267,7 @@ def test_failed_jobs_are_listed_and_set_the_exit_code(tmp_path, caplog):
         record = {"error": f"ConfigError: bad {name}", "exit_code": code}
         (sweep / name / "failed.json").write_text(json.dumps(record))
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
-    with caplog.at_level("INFO", logger="bench.callbacks"), pytest.raises(SweepFailed) as exit:
+    with caplog.at_level("INFO", logger="bench.cli.callbacks"), pytest.raises(SweepFailed) as exit:
         ReportCallback().on_multirun_end(config)
     assert exit.value.code == exit.value.exit_code == 2 and exit.value.failed == 2
     assert isinstance(exit.value, SystemExit)  # Hydra swallows a callback's other exceptions

@@ -53,7 +53,7 @@ def copy(tmp_path) -> Path:
 
 def _sweep(src: Path, results: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(src), "HYDRA_FULL_ERROR": "0"}
-    args = [sys.executable, "-c", "from bench.run import cli; cli()", *SWEEP,
+    args = [sys.executable, "-c", "from bench.cli.featbench import cli; cli()", *SWEEP,
             f"paths.results_dir={results}"]  # fmt: skip
     done = subprocess.run(args, cwd=results.parent, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench import stats
-from bench.datasets import NEUTRAL, ConceptDataset
-from bench.encodings import projection_codes
+from bench.data.datasets import NEUTRAL, ConceptDataset
+from bench.fit.encodings import projection_codes
 from featbench.methods.base import ActivationSet, Features
 from featbench.tasks.base import Task, TaskData
 from featbench.tasks.concept_detection import (
@@ -55,7 +55,7 @@ def _planted(with_neutral: bool = True, copies: int = COPIES):
 
 
 def _data(dataset, activations, tmp_path) -> TaskData:
-    return TaskData(dataset, activations, 0, "mlp_post", 0, tmp_path)
+    return TaskData(dataset=dataset, activations=activations, seed=0, output_dir=tmp_path)
 
 
 def _features(directions) -> Features:

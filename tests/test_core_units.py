@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.detection_stats import auroc, auroc_matrix, best_feature_per_concept
-from bench.hooks import HOOKS, hook_name, layer_of, parse_hook_name
+from bench.core.hooks import HOOKS, hook_name, layer_of, parse_hook_name
+from bench.core.secrets import REDACTED, is_secret_name, redact
+from bench.core.storage import atomic_write, atomic_write_text
 from bench.results import (
     SCHEMA,
     ResultsError,
@@ -23,8 +24,7 @@ from bench.results import (
     read_metrics,
     write_metrics,
 )  # fmt: skip
-from bench.secrets import REDACTED, is_secret_name, redact
-from bench.storage import atomic_write, atomic_write_text
+from bench.tasks.detection import auroc, auroc_matrix, best_feature_per_concept
 from featbench.methods.base import ActivationSet, ArtifactError, Features
 from featbench.methods.diffmean import DiffMean
 
@@ -229,6 +229,31 @@ def test_an_artifact_saved_before_the_package_rename_still_loads(tmp_path):
     meta_path.write_text(json.dumps({**meta, "class": "methods.snmf.SNMFFeatures"}))
     back = Features.load(tmp_path)
     assert type(back) is SNMFFeatures and torch.equal(back.directions, feats.directions)
+
+
+def test_artifacts_saved_before_the_bench_fit_move_still_load(tmp_path):
+    """Issue 25: Features moved to bench.fit.features; a features.json that names the old
+    place (`featbench.methods.base.Features`) loads through the plugin API's re-export."""
+    feats = Features(torch.randn(3, 4), method="m", hook="blocks.1.hook_mlp_out")
+    feats.save(tmp_path)
+    meta_path = tmp_path / "features.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["class"] == "bench.fit.features.Features"
+    meta_path.write_text(json.dumps({**meta, "class": "featbench.methods.base.Features"}))
+    back = Features.load(tmp_path)
+    assert type(back) is Features and torch.equal(back.directions, feats.directions)
+
+
+@pytest.mark.parametrize("tie", ["same tensor", "a view"])
+def test_a_tied_decoder_saves_and_loads(tmp_path, tie):
+    """Issue 25: an `extra` tensor sharing memory with `directions` (a tied decoder) made
+    safetensors refuse the save ("Some tensors share memory")."""
+    directions = torch.randn(4, 8)
+    tied = directions if tie == "same tensor" else directions[:2]
+    feats = Features(directions, method="m", hook="blocks.1.hook_mlp_out", extra={"W_dec": tied})
+    feats.save(tmp_path)
+    back = Features.load(tmp_path)
+    assert torch.equal(back.directions, directions) and torch.equal(back.extra["W_dec"], tied)
 
 
 def _brute_auroc(scores, positive):

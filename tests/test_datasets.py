@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench import datasets
-from bench.datasets import NEUTRAL, DatasetError
+from bench.data import datasets
+from bench.data.datasets import NEUTRAL, DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.decode import LeanDecoder, unsupported
-from bench.steer import _steer
+from bench.tasks.steering.decode import LeanDecoder, unsupported
+from bench.tasks.steering.kl import steer_hook as _steer
 from tests.test_gemma import load_gemma
 
 

@@ -8,8 +8,8 @@ from functools import partial
 import pytest
 import torch
 
-from bench import datasets
-from bench.activations import extract, padded_batches, tokenize
+from bench.activations.extraction import extract, padded_batches, tokenize
+from bench.data import datasets
 from featbench.methods.pca import PCA
 from featbench.tasks.base import TaskData
 from featbench.tasks.concept_detection import ConceptDetection
@@ -22,7 +22,13 @@ def setup(tiny_model, tmp_path):
     data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=6)
     acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-enc", use_cache=False)
     features = PCA(n_features=6).fit(acts.subset(data.indices("train")))
-    return tiny_model, data, acts, features, TaskData(data, acts, 1, "mlp_post", 0, tmp_path)
+    return (
+        tiny_model,
+        data,
+        acts,
+        features,
+        TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path),
+    )
 
 
 def _count_rows(features, monkeypatch) -> list[int]:

@@ -146,7 +146,7 @@ def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, e
 
 # `featbench` with safetensors' file writer paused half-way: it writes the first half of
 # the file's bytes, flushes them, and waits, so the kill lands while the activation cache
-# entry's temporary file (bench/storage.atomic_write: `.<name>.*.tmp` beside the entry) is
+# entry's temporary file (bench/core/storage.atomic_write: `.<name>.*.tmp` beside the entry) is
 # half-written, every time; it touches `paused` in its working folder once the half is
 # flushed, since a poll that only watched the file's size saw it mid-write.
 # (Unpaused, the write of the smoke entry's few MB takes
@@ -165,8 +165,8 @@ def save_file(tensors, filename, metadata=None):
         time.sleep(600)  # killed here
         handle.write(data[len(data) // 2 :])
 
-safetensors.torch.save_file = save_file  # before bench.activations imports it
-from bench.run import cli
+safetensors.torch.save_file = save_file  # before bench.activations.extraction imports it
+from bench.cli.featbench import cli
 sys.argv[0] = "featbench"
 cli()
 """
@@ -252,9 +252,9 @@ def test_a_job_folder_that_fills_up_after_the_fit_keeps_its_results(
     every later write there raises ENOSPC): the job finishes with its results in memory,
     the error names the folder and the reason, and the results land in the rescue folder,
     equal to an undisturbed run's."""
-    import bench.checkpoints
     import bench.results
-    from bench.job import rescue_dir, run_job
+    import bench.tasks.checkpoints
+    from bench.job.run import rescue_dir, run_job
 
     cfg = _compose(["experiment=smoke", "task=[concept_detection,steering]", "logger=none",
                     "hydra.mode=RUN"])  # fmt: skip
@@ -269,8 +269,8 @@ def test_a_job_folder_that_fills_up_after_the_fit_keeps_its_results(
 
         return write
 
-    monkeypatch.setattr(bench.checkpoints, "atomic_write_text",
-                        refusing(bench.checkpoints.atomic_write_text))  # fmt: skip
+    monkeypatch.setattr(bench.tasks.checkpoints, "atomic_write_text",
+                        refusing(bench.tasks.checkpoints.atomic_write_text))  # fmt: skip
     monkeypatch.setattr(bench.results, "atomic_write", refusing(bench.results.atomic_write))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -301,6 +301,57 @@ def test_a_results_folder_that_takes_no_folder_is_one_line_and_exit_2(tmp_path):
         assert "Traceback" not in out.stderr and f"cannot write {blocker}" in out.stderr, mode
 
 
+SABOTAGE = """
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+from featbench.tasks.base import Task
+
+
+@dataclass
+class Sabotage(Task):
+    name = "sabotage"
+
+    def evaluate(self, model, features, data, cfg):
+        # as a hostile user would: the job's folder stops taking writes after the fit (here
+        # it becomes a file, which even root cannot write into)
+        job = Path(HydraConfig.get().runtime.output_dir)
+        shutil.move(str(job), str(job.parent / "moved-aside"))
+        job.write_text("not a folder any more")
+        return [{"metric": "sabotaged", "value": 1.0}]
+"""
+
+
+@pytest.mark.integration
+def test_a_job_whose_folder_stops_taking_writes_fails_the_sweep_naming_its_rescue(
+    tmp_path, embedded
+):
+    """Issue 25: the results were rescued to a temporary folder, failed.json could not be
+    written, and the sweep exited 0. A job whose results did not land where asked is a
+    failed job: the sweep exits non-zero and names the job and where its results are."""
+    plugins = tmp_path / "plugins" / "hostile_tasks"
+    plugins.mkdir(parents=True)
+    (plugins / "__init__.py").write_text(SABOTAGE)
+    (tmp_path / "tmp").mkdir()
+    env = {**_env(Path(os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache/featbench")),
+           "PYTHONPATH": str(plugins.parent), "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd() + ["-m", "experiment=smoke", "method=random", "task=[concept_detection]",
+                           "+task.sabotage._target_=hostile_tasks.Sabotage", "logger=none",
+                           f"paths.results_dir={tmp_path / 'results'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    printed = out.stdout + out.stderr
+    assert out.returncode == 2, printed[-3000:]
+    [rescued] = list((tmp_path / "tmp" / "featbench-rescued").glob("*/metrics.parquet"))
+    assert read_metrics(rescued)[0]["metric"].eq("sabotaged").any()
+    assert "failed job" in printed and "method=random" in printed and str(rescued.parent) in printed
+    assert json.loads((rescued.parent / "failed.json").read_text())["exit_code"] == 2
+
+
 # --- a judge whose judgements mostly failed ------------------------------------------------
 
 
@@ -316,7 +367,7 @@ def test_too_many_judge_failures_mark_the_job_failed_and_a_rerun_runs_it(tmp_pat
     job raises a one-line error (exit 2), and its results, written first, are kept but not
     taken as done by a rerun."""
     from bench.errors import JudgeFailures
-    from bench.job_checks import check_judge_failures, completed
+    from bench.job.checks import check_judge_failures, completed
 
     check_judge_failures(_judged(1, 10), 0.1, tmp_path)  # 10%: at the limit, allowed
     assert not (tmp_path / "failed.json").exists()

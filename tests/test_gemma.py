@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from bench import models
-from bench.model_sources import embedded_model
 from bench.models import load_model
+from bench.models.sources import embedded_model
 
 pytestmark = pytest.mark.integration
 

@@ -2,12 +2,12 @@
 "Hidden global state"): each is now an explicit call, a scoped context, or a read that
 changes nothing.
 
-- The folder-name resolvers (bench/naming.py) and the typed schema (bench/config.py) are
+- The folder-name resolvers (bench/cli/naming.py) and the typed schema (bench/job/config.py) are
   registered by an explicit, idempotent call, not by importing the modules; the sweep's
   folder is named from Hydra's own overrides, not from `sys.argv`.
-- A job seeds torch inside a fork of the random state (bench/job.py `seeded`): it draws
+- A job seeds torch inside a fork of the random state (bench/job/run.py `seeded`): it draws
   what `torch.manual_seed(seed)` gives, and the caller's state is untouched after it.
-- The umask is read without being set (bench/storage.py `process_umask`), at write time.
+- The umask is read without being set (bench/core/storage.py `process_umask`), at write time.
 
 (W&B's error-reporting variable, scoped to W&B's calls: tests/test_tracking.py.)
 """
@@ -27,13 +27,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-import bench.job
-import bench.storage
-from bench.config import register_schema
+import bench.core.storage
+import bench.job.run
+import bench.job.stages
+from bench.cli.naming import register_resolvers
+from bench.core.storage import atomic_write_text, process_umask
 from bench.errors import FeatbenchError
-from bench.job import Identity, seeded
-from bench.naming import register_resolvers
-from bench.storage import atomic_write_text, process_umask
+from bench.job.config import register_schema
+from bench.job.identity import Identity, seeded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,15 +45,15 @@ import os
 calls = []
 real = os.umask
 os.umask = lambda mask: (calls.append(mask), real(mask))[1]
-import bench.storage, bench.naming, bench.config
+import bench.core.storage, bench.cli.naming, bench.job.config
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 names = ("fb_sweep_name", "fb_job_name")
 stored = lambda: "featbench_schema.yaml" in ConfigStore.instance().repo
 print("umask calls at import:", calls)
 print("after import:", [OmegaConf.has_resolver(n) for n in names], stored())
-bench.naming.register_resolvers(); bench.naming.register_resolvers()
-bench.config.register_schema(); bench.config.register_schema()
+bench.cli.naming.register_resolvers(); bench.cli.naming.register_resolvers()
+bench.job.config.register_schema(); bench.job.config.register_schema()
 print("after register:", [OmegaConf.has_resolver(n) for n in names], stored())
 """
 
@@ -126,7 +127,7 @@ def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_p
     plugin calling torch.randn without a generator gets today's numbers), and the
     caller's generator continues as if the job had never run, also when the job fails."""
     DRAWN.clear()
-    monkeypatch.setattr(bench.job, "code_version", lambda: "featbench test")
+    monkeypatch.setattr(bench.job.run, "code_digest", lambda: "digest-test")
     loader = f"{__name__}.{_drawing_loader.__name__}"
     cfg = OmegaConf.create({"seed": 7, "force": False, "device": "cpu",
                             "dataset": {"_target_": loader}})  # fmt: skip
@@ -136,8 +137,8 @@ def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_p
     expected_caller = torch.randn(3)
     torch.manual_seed(1234)
     with pytest.raises(_Drew):
-        plan = bench.job.Plan(identity, None, {}, None, source=None, checked=True)
-        bench.job._run_locked(cfg, tmp_path, plan, None, "g", "n", 0.0)
+        plan = bench.job.stages.Plan(identity, None, {}, None, source=None, checked=True)
+        bench.job.run._run_locked(cfg, tmp_path, plan, None, "g", "n", 0.0)
     assert torch.equal(torch.randn(3), expected_caller)  # the caller's sequence goes on
     torch.manual_seed(7)
     assert torch.equal(DRAWN[0], torch.randn(5))  # what the process-wide seed gave
@@ -168,7 +169,7 @@ def umask_027():
         set_umask(old)
 
 
-@pytest.mark.skipif(not Path(bench.storage.PROC_STATUS).is_file(), reason="no /proc")
+@pytest.mark.skipif(not Path(bench.core.storage.PROC_STATUS).is_file(), reason="no /proc")
 def test_umask_is_read_without_setting_it(monkeypatch, umask_027):
     def refuse(mask):
         raise AssertionError("os.umask called: the umask was set to read it")
@@ -178,14 +179,14 @@ def test_umask_is_read_without_setting_it(monkeypatch, umask_027):
 
 
 def test_without_proc_the_fallback_reads_the_umask_and_puts_it_back(monkeypatch, umask_027):
-    monkeypatch.setattr(bench.storage, "PROC_STATUS", "/nonexistent/status")
+    monkeypatch.setattr(bench.core.storage, "PROC_STATUS", "/nonexistent/status")
     assert process_umask() == 0o027
     assert os.umask(0o027) == 0o027  # unchanged by the read
 
 
 def test_atomic_writes_follow_the_umask_at_write_time(tmp_path, umask_027):
     """The mode is computed when the file is written (an import-time constant kept the
-    umask of whenever bench.storage was first imported)."""
+    umask of whenever bench.core.storage was first imported)."""
     written = atomic_write_text(tmp_path / "f", "x")
     assert stat.S_IMODE(written.stat().st_mode) == 0o640
 
@@ -193,7 +194,7 @@ def test_atomic_writes_follow_the_umask_at_write_time(tmp_path, umask_027):
 def test_a_jobs_cache_folder_is_scoped_to_the_job(tmp_path, monkeypatch):
     """`paths.cache_dir` moves every cache of the job (models, activations, judge answers)
     for the job only: after it, and in other contexts, the environment's folder is back."""
-    from bench.storage import cache_dir, using_cache
+    from bench.core.storage import cache_dir, using_cache
 
     monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path / "env"))
     assert cache_dir() == tmp_path / "env"

@@ -8,10 +8,11 @@ import logging
 import re
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from bench.errors import FeatbenchError
-from bench.job import build
+from bench.job.plugins import build
 from bench.judges.base import CONCEPT_PROMPT, FLUENCY_PROMPT, UNPARSABLE, Judge, Judgement
 from bench.judges.hf_chat import HFChatJudge
 from bench.models import EMBEDDED_NAME, ModelUnavailable
@@ -51,22 +52,29 @@ def scripted(monkeypatch, answer) -> None:
     """Wiring only: `_generate` answers each prompt with `answer(prompt)`; nothing loads."""
 
     def generate(self, batch: list[str], max_tokens: int) -> list[str]:
-        if any("BOOM" in prompt for prompt in batch):
-            raise RuntimeError("out of memory")
+        if any("OOM" in prompt for prompt in batch):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if any("BUG" in prompt for prompt in batch):
+            raise TypeError("a bug in the judge")
         return [answer(prompt) for prompt in batch]
 
     monkeypatch.setattr(HFChatJudge, "_load", lambda self: None)
     monkeypatch.setattr(HFChatJudge, "_generate", generate)
 
 
-def test_wiring_a_failed_batch_becomes_missing_values_for_that_batch_only(monkeypatch):
+def test_wiring_a_bug_or_out_of_memory_in_a_batch_is_raised_not_recorded_as_missing(monkeypatch):
+    """Issue 25: a per-batch `except Exception` used to turn a TypeError or an
+    out-of-memory error into missing judgements."""
     scripted(monkeypatch, lambda prompt: "Clearly there. Rating: [[2]]")
     judge = HFChatJudge(batch_size=2)
-    scores = judge.concept(["a cat", "BOOM", "a dog", "a cow"], "animals", baseline=[])
-    assert [s.score for s in scores] == [None, None, 2.0, 2.0]
-    assert all("RuntimeError: out of memory" in s.reason for s in scores[:2])
-    stats = judge.stats()
-    assert (stats["requests"], stats["failed_requests"], stats["unparsable"]) == (4, 2, 0)
+    with pytest.raises(TypeError, match="a bug in the judge"):
+        judge.concept(["a cat", "BUG", "a dog", "a cow"], "animals", baseline=[])
+    with pytest.raises(
+        FeatbenchError, match=r"batch of 2 prompts; lower judge.batch_size \(now 2\)"
+    ):
+        judge.concept(["a cat", "OOM", "a dog", "a cow"], "animals", baseline=[])
+    scores = judge.concept(["a cat", "a dog"], "animals", baseline=[])
+    assert [s.score for s in scores] == [2.0, 2.0]
 
 
 def test_wiring_unparsable_answers_are_missing_with_the_answer_and_counted(monkeypatch):

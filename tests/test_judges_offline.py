@@ -17,11 +17,7 @@ import pytest
 import torch
 import yaml
 
-from bench.detection_stats import auroc
-from bench.errors import ConfigError, FeatbenchError
-from bench.judges.base import Judgement
-from bench.judges.offline import CALIBRATED, OfflineJudge, repetition, to_score
-from bench.judges.offline_calibration import (
+from bench.cli.calibrate_judge import (
     calibrate,
     distinctive_tokens,
     fluency_sample,
@@ -29,6 +25,10 @@ from bench.judges.offline_calibration import (
     shuffle_words,
     split_texts,
 )
+from bench.errors import ConfigError, FeatbenchError
+from bench.judges.base import Judgement
+from bench.judges.offline import CALIBRATED, OfflineJudge, repetition, to_score
+from bench.tasks.detection import auroc
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = REPO / "conf" / "judge" / "offline.yaml"
@@ -244,7 +244,7 @@ def test_shuffle_is_seeded():
 
 @pytest.fixture(scope="module")
 def dataset():
-    from bench.datasets import load
+    from bench.data.datasets import load
 
     return load()
 
@@ -267,7 +267,7 @@ TEST_AUROC_FLOOR = {"label": 0.90, "tokens": 0.85, "examples": 0.95}
 def test_each_kind_separates_held_out_concept_sentences(judge, dataset, embedded, kind):
     """Descriptions from the train split, measured on the test split with the YAML's
     thresholds for that kind."""
-    from bench.datasets import NEUTRAL
+    from bench.data.datasets import NEUTRAL
 
     train, train_labels, _ = split_texts(dataset, "train")
     if kind == "examples":  # the concept's train sentences, as the steering task passes them

@@ -13,11 +13,10 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ import yaml
 
 from bench.errors import ConfigError, JudgeUnreachable
 from bench.judges.openai import OpenAIJudge
+from tests.openai_double import OpenAIDouble, Reply, Script, chat_reply, serving
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["The cat chased the mouse across the kitchen floor.", "Stocks fell sharply on Monday."]
@@ -33,77 +33,12 @@ RATING = re.compile(r"Rating:\s*\[\[\s*([0-2])\s*\]\]")  # the format, written o
 
 # --- wiring: a scripted OpenAI-compatible server -------------------------------------
 
-Reply = tuple[int, bytes]  # status, body
-
-
-def chat_reply(content: str, prompt_tokens: int = 100, completion_tokens: int = 10) -> Reply:
-    body = {
-        "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-    }
-    return 200, json.dumps(body).encode()
-
-
-class FakeAPI(ThreadingHTTPServer):
-    """Answers request n (0-based) with `script(n, request)`; records every request."""
-
-    def __init__(self, script: Callable[[int, dict], Reply]):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script, self.requests, self.lock = script, [], threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def handle_error(self, request, client_address) -> None:  # a client that timed out
-        pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeAPI
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        record = {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
-        with self.server.lock:
-            n = len(self.server.requests)
-            self.server.requests.append(record)
-        status, payload = self.server.script(n, record)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_GET(self) -> None:  # the reachability check's `GET /models`
-        with self.server.lock:
-            n = len(self.server.requests)
-            self.server.requests.append({"path": self.path, "headers": dict(self.headers)})
-        status, payload = self.server.script(n, self.server.requests[-1])
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
-
 
 @pytest.fixture()
-def fake_api() -> Iterator[Callable[[Callable[[int, dict], Reply]], FakeAPI]]:
-    servers = []
-
-    def start(script: Callable[[int, dict], Reply]) -> FakeAPI:
-        server = FakeAPI(script)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def fake_api() -> Iterator[Callable[[Script], OpenAIDouble]]:
+    """Start doubles answering with a script (tests/openai_double.py); stopped at the end."""
+    with ExitStack() as stack:
+        yield lambda script: stack.enter_context(serving(script))
 
 
 def make_judge(url: str, tmp_path: Path, **kwargs) -> OpenAIJudge:

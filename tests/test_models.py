@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from bench import hub, models
+from bench import models
 from bench.errors import ConfigError
-from bench.model_sources import GGUFSource, embedded_models, gguf_path
-from bench.models import EmbeddedSource, HubSource, LocalSource, ModelUnavailable, load_model
+from bench.models import EmbeddedSource, HubSource, LocalSource, ModelUnavailable, hub, load_model
+from bench.models.sources import GGUFSource, embedded_models, gguf_path
 
 PROMPTS = [
     "The capital of France is",
@@ -194,12 +194,12 @@ def test_the_packaged_configs_define_both_embedded_models():
 
 
 def test_a_run_config_names_the_same_source_as_the_packaged_yaml():
-    """What bench/run.py passes (the composed `model` node) and what `load_model(name)`
+    """What bench/cli/featbench.py passes (the composed `model` node) and what `load_model(name)`
     finds by name are one source."""
     import hydra
     from hydra import compose, initialize_config_module
 
-    # (tests/conftest.py registers the typed schema, as bench.run does)
+    # (tests/conftest.py registers the typed schema, as bench.cli.featbench does)
     with initialize_config_module(config_module="bench.conf", version_base=None):
         for name, entry in embedded_models().items():
             cfg = compose(config_name="config", overrides=[f"model={name}"])
@@ -314,3 +314,46 @@ def test_a_model_added_by_its_config_alone(tmp_path, monkeypatch, embedded):
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(third.model(ids), embedded.model(ids))
+
+
+def _sound_entry(tmp_path):
+    """A cache entry whose files are all in order (a tiny weights file, its checksum)."""
+    from safetensors.torch import save_file
+
+    entry = tmp_path / "entry"
+    (entry / "tokenizer").mkdir(parents=True)
+    weights = entry / "weights.safetensors"
+    save_file({"x": torch.zeros(2)}, str(weights))
+    key = {"n_ctx": 16}
+    meta = {"key": key, "weights_sha256": models.sha256_file(weights), "hf_config": {}}
+    (entry / "meta.json").write_text(json.dumps(meta))
+    return entry, key
+
+
+def test_a_sound_cache_entry_that_fails_to_build_raises_instead_of_rebuilding(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 25: one `except Exception` used to relabel a configuration error or an
+    out-of-memory error in the model build as "cache entry unusable; rebuilding"."""
+    entry, key = _sound_entry(tmp_path)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: object())
+
+    def unknown(*args, **kwargs):
+        raise ConfigError("tl_config 'x' is unknown")
+
+    monkeypatch.setattr(models, "_tl_config", unknown)
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="unknown"):
+        models._read_converted(entry, key)
+    monkeypatch.setattr(models, "_tl_config", lambda *args: None)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(models, "_hooked", out_of_memory)
+    with caplog.at_level("WARNING"), pytest.raises(torch.OutOfMemoryError):
+        models._read_converted(entry, key)
+    assert "unusable" not in caplog.text
+    (entry / "weights.safetensors").write_bytes(b"changed")  # the entry's own fault: rebuilt
+    with caplog.at_level("WARNING"):
+        assert models._read_converted(entry, key) is None
+    assert "unusable" in caplog.text and "checksum" in caplog.text

@@ -49,10 +49,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from bench.config import validate
+from bench.core.hooks import HOOKS
 from bench.errors import ConfigError
-from bench.hooks import HOOKS
-from bench.job import build
+from bench.job.config import validate
+from bench.job.plugins import build
 from bench.judges.base import Judge
 from bench.results import read_metrics
 from featbench.methods.base import Method
@@ -217,10 +217,50 @@ def test_sweep_runs_every_layer_and_arm_with_the_papers_settings(name):
     assert seen == {(layer, method) for layer in layers for method in methods}
 
 
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Every way featbench or its libraries load a model raises, and is recorded."""
+    import sae_lens
+    import sentence_transformers
+    import transformer_lens
+    import transformers
+
+    import bench.judges.offline
+    import bench.models
+
+    loaded = []
+
+    def refuse(what):
+        def load(*args, **kwargs):
+            loaded.append(what)
+            raise AssertionError(f"{what} was called: a model loads")
+
+        return load
+
+    targets = [(bench.models, "load_model"), (bench.models, "load_hf_embedded"),
+               (bench.judges.offline, "load_embedder"),
+               (transformers.PreTrainedModel, "from_pretrained"),
+               (transformer_lens.HookedTransformer, "__init__"),
+               (sentence_transformers.SentenceTransformer, "__init__"),
+               (sae_lens.SAE, "from_pretrained")]  # fmt: skip
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+    return loaded
+
+
+def test_the_model_guard_is_live(no_model_loads):
+    import bench.models
+
+    with pytest.raises(AssertionError, match="a model loads"):
+        bench.models.load_model("smollm2-135m")
+    assert no_model_loads == ["bench.models.load_model"]
+
+
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
-def test_plugins_build_before_any_model_loads(name, monkeypatch):
+def test_plugins_build_before_any_model_loads(name, monkeypatch, no_model_loads):
     """Method, tasks and judge build as `run_job` builds them, for every arm; with
-    judge=offline (the offline replacement) too, so no arm leaks judge fields."""
+    judge=offline (the offline replacement) too, so no arm leaks judge fields. Issue 25:
+    the test now checks its title: nothing that loads a model is called."""
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
     for job in _sweep_jobs(name, ["model=smollm2-135m"]):
         if EXPERIMENTS[name][3] == ["sae_pretrained"]:
@@ -232,6 +272,7 @@ def test_plugins_build_before_any_model_loads(name, monkeypatch):
                 build(node, f"task {key}", Task)
             if cfg.judge._target_:
                 build(cfg.judge, "judge", Judge)
+    assert no_model_loads == []
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -339,7 +380,7 @@ def test_reference_csv_is_tidy_and_sourced():
         assert model in N_LAYERS and (pd.isna(layer) or 0 <= layer < N_LAYERS[model])
     # metrics are spelled as the tasks write them
     for metric, task in METRIC_TASK.items():
-        # the task's file, and its scoring module where it has one (bench/steering_scores.py)
+        # the task's file, and its scoring module where it has one (bench/tasks/steering/scores.py)
         sources = [REPO / "tasks" / f"{task}.py", REPO / "bench" / f"{task}_scores.py"]
         text = "".join(path.read_text() for path in sources if path.is_file())
         assert f'"{metric}"' in text, metric
@@ -420,7 +461,7 @@ def test_concept_detection_experiment_runs_on_the_embedded_model(tmp_path, embed
     """The paper's detection protocol, shrunk: 3 concepts x 6 sentences + 6 neutral, 100
     SNMF iterations, 3 of the 100 features, one of the sweep's SmolLM2 layers; the writer
     is the loopback TEST DOUBLE (fixed answers: wiring only, not evidence of quality)."""
-    from tests.test_paper_protocol_double import serving
+    from tests.openai_double import serving
 
     with serving() as server:
         args = [

@@ -3,7 +3,7 @@ top-k-only sampler, the reference's bisection written out again, the judge's att
 failure policies, TRASH exclusion, Gemma's post-MLP-norm mapping, and the wiring of the
 generated-sentence protocols (descriptions -> sentences -> detection scores -> S_CD; the
 generated DiffMean) against a loopback OpenAI-compatible TEST DOUBLE
-(tests/test_paper_protocol_double.py: fixed answers, wiring only, never evidence of quality).
+(tests/openai_double.py: fixed answers, wiring only, never evidence of quality).
 Models are tiny and random: bookkeeping, not evidence."""
 
 from __future__ import annotations
@@ -16,23 +16,23 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from bench import datasets
-from bench.activations import extract
-from bench.alpha_search import calibrate
-from bench.descriptions import Description, written_output
+from bench.activations.extraction import extract
+from bench.data import datasets
 from bench.errors import ConfigError
-from bench.generated_sentences import diffmean_vector, write_sentences
 from bench.judges.base import Judge, Judgement
 from bench.judges.openai import OpenAIJudge
-from bench.sampling import next_token_probs, sample_next
-from bench.steer import generate, mlp_out_image, post_norm_targets
-from bench.steering_scores import EXCLUDED, aggregate
+from bench.tasks.descriptions import Description, written_output
+from bench.tasks.sentences import diffmean_vector, write_sentences
+from bench.tasks.steering.calibrate import calibrate
+from bench.tasks.steering.generate import generate, mlp_out_image, post_norm_targets
+from bench.tasks.steering.sampling import next_token_probs, sample_next
+from bench.tasks.steering.scores import EXCLUDED, aggregate
 from featbench.methods.base import Features
 from featbench.methods.pca import PCA
 from featbench.tasks.base import TaskData
 from featbench.tasks.concept_detection import ConceptDetection
 from featbench.tasks.steering import Steering
-from tests.test_paper_protocol_double import serving
+from tests.openai_double import answering, serving
 
 HOOK = "blocks.1.mlp.hook_post"
 
@@ -157,7 +157,7 @@ def test_a_retry_is_a_new_request_and_a_rerun_replays_both_from_the_cache(tmp_pa
         seen[prompt] = seen.get(prompt, 0) + 1
         return "Rating: **2**" if seen[prompt] == 1 else "Fine. Rating: [[2]]"
 
-    with serving(first_unparsable) as server:
+    with serving(answering(first_unparsable)) as server:
 
         def judge(**kw):
             return OpenAIJudge(base_url=server.url, model="double", api_key_env=None, max_retries=0,
@@ -301,7 +301,11 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
     data, acts, features = setup
     with serving() as server:
         task_data = TaskData(
-            data, acts, 1, "mlp_post", 0, tmp_path, _double_judge(server, tmp_path)
+            dataset=data,
+            activations=acts,
+            seed=0,
+            output_dir=tmp_path,
+            judge=_double_judge(server, tmp_path),
         )
         task = ConceptDetection(protocol="paper", max_features=2, resamples=50)
         assert task.needs_judge and task.min_concepts == 0 and task.encoders == ["projection"]
@@ -309,8 +313,7 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
         asked = len(server.requests)
         prompts = server.prompts()
         again = ConceptDetection(protocol="paper", max_features=2, resamples=50).evaluate(
-            tiny_model, features, TaskData(data, acts, 1, "mlp_post", 0, tmp_path,
-                                           _double_judge(server, tmp_path)), None)  # fmt: skip
+            tiny_model, features, TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path, judge=_double_judge(server, tmp_path)), None)  # fmt: skip
         assert len(server.requests) == asked  # the rerun asked nothing: every answer cached
     assert sum("Results:" in p and "activation" in p for p in prompts) == 2  # one per feature
     # the double describes both features alike: the second's sentences come from the cache
@@ -352,7 +355,9 @@ def test_generated_diffmean_wiring_against_the_test_double(
     monkeypatch.setattr(steering, "calibrate", spy)
     with serving() as server:
         judge = _double_judge(server, tmp_path)
-        task_data = TaskData(data, acts, 1, "mlp_post", 0, tmp_path, judge)
+        task_data = TaskData(
+            dataset=data, activations=acts, seed=0, output_dir=tmp_path, judge=judge
+        )
         task = Steering(protocol="paper", direction="generated_diffmean", max_features=1,
                         kl_targets=[0.05], samples=2, max_new_tokens=4, bootstrap=20,
                         alpha_range=[0.01, 100.0])  # fmt: skip
@@ -412,7 +417,7 @@ def test_paper_steering_experiment_diffmean_arm_runs_on_the_embedded_model(tmp_p
     by the loopback TEST DOUBLE: the protocol's pieces connect, not evidence of quality."""
     from hydra import compose, initialize_config_dir
 
-    from bench.job import run_job
+    from bench.job.run import run_job
     from tests.conftest import REPO
 
     with serving() as server:
@@ -456,7 +461,7 @@ def test_the_job_refuses_the_paper_detection_without_a_judge(tmp_path):
     """`needs_judge` depends on the protocol, and the job checks it before any work."""
     from hydra import compose, initialize_config_dir
 
-    from bench.job import run_job
+    from bench.job.run import run_job
     from tests.conftest import REPO
 
     overrides = ["task=[concept_detection]", "task.concept_detection.protocol=paper",

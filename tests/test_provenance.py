@@ -12,8 +12,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from bench import results
-from bench.job import job_identity
-from bench.job_checks import completed
+from bench.errors import ConfigError
+from bench.job.checks import completed
+from bench.job.identity import job_identity
 from bench.results import (
     code_version,
     finalize,
@@ -40,11 +41,21 @@ def test_seeds_share_a_setting_and_other_values_do_not():
     assert a.config_hash != b.config_hash  # the seed is part of what a job computes
     assert a.setting_hash == b.setting_hash  # ... but not of its setting
     assert a.setting_hash != c.setting_hash
-    # The seed interpolated into the method (method.seed: ${seed}) drops out as well.
-    assert a.setting["method.seed"] == results.SEED_PLACEHOLDER
-    assert "seed" not in a.setting and a.setting["method.rank"] == 100
-    assert c.setting["method.rank"] == 50
+    # The run's seed is the config's only seed: the method gets it from the job, not YAML.
+    assert "seed" not in a.setting and "method.seed" not in a.setting
+    assert a.setting["method.rank"] == 100 and c.setting["method.rank"] == 50
     assert not any(k.split(".")[0] in ("paths", "logger", "force") for k in a.setting)
+
+
+def test_the_method_gets_the_runs_seed_from_the_job_and_nowhere_else():
+    from featbench.methods.snmf import SNMF
+
+    assert SNMF().seeded(7).seed == 7 and SNMF(rank=5).seeded(7).rank == 5
+    with pytest.raises(ConfigError, match=r"interpolate the run's seed \(\$\{seed\}\)"):
+        job_identity(_cfg("method=snmf", "+method.seed=${seed}"))
+    with pytest.raises(ConfigError, match="interpolate the run's seed"):
+        job_identity(_cfg("method=snmf", "task=[synthetic_recovery]",
+                          "+task.synthetic_recovery.seed=${seed}"))  # fmt: skip
 
 
 def test_device_auto_is_resolved_before_hashing():
@@ -67,7 +78,7 @@ def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, capl
     frame = finalize([{"metric": "a", "value": 1.0}], RUN)
     write_metrics(frame, job / "metrics.parquet")
     assert completed(job, "abc", "digest0") is not None  # same code identity: skipped
-    with caplog.at_level(logging.INFO, logger="bench.job_checks"):
+    with caplog.at_level(logging.INFO, logger="bench.job.checks"):
         assert completed(job, "abc", "digest1") is None
     assert (
         "results from code digest0 (featbench 0.1.0+gold); the code that computes " in caplog.text
@@ -116,7 +127,7 @@ def test_rows_cannot_claim_run_provenance(bad):
 def test_the_printed_headline_names_no_missing_dimension():
     """A task whose rows have an encoder on some rows only (concept detection's judge
     counters have none) prints the metric alone, never `nan` after it."""
-    from bench.run import headline
+    from bench.cli.featbench import headline
 
     frame = finalize(
         [{"metric": "mean_feature_auroc", "value": 0.9, "encoder": "native"},

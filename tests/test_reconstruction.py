@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from bench import datasets
-from bench.activations import extract
+from bench.activations.extraction import extract
+from bench.data import datasets
 from featbench.methods.base import Features
 from featbench.methods.diffmean import DiffMean
 from featbench.methods.pca import PCA
@@ -33,7 +33,12 @@ class ZeroDecoder(Features):
 def setup(tiny_model, tmp_path):
     data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=6)
     acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-recon", use_cache=False)
-    return tiny_model, data, acts, TaskData(data, acts, 1, "mlp_post", 0, tmp_path)
+    return (
+        tiny_model,
+        data,
+        acts,
+        TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path),
+    )
 
 
 def _metrics(rows):
@@ -136,7 +141,7 @@ def test_an_exact_reconstruction_spliced_at_resid_post_costs_nothing(embedded, t
     acts = extract(model, data, 12, "resid_post", model_fingerprint=embedded.fingerprint,
                    use_cache=False)  # fmt: skip
     full = PCA(n_features=acts.d).fit(acts.subset(data.indices("train")))
-    task_data = TaskData(data, acts, 12, "resid_post", 0, tmp_path)
+    task_data = TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path)
     values = _metrics(Reconstruction(bootstrap=20).evaluate(model, full, task_data, None))
     assert values["fvu"] < 1e-6 and values["explained_variance_per_token"] > 1 - 1e-4
     assert abs(values["kl_spliced"]) < 1e-4 and abs(values["ce_delta"]) < 1e-3

@@ -61,8 +61,8 @@ DECLARED = {
 
 def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], keys: dict | None = None,
               code: str = CODE, dataset: str = "d0", meta: bool = True, digest: str = "digest0",
-              **extra) -> int:  # fmt: skip
-    """A job folder as bench.run writes it: metrics.parquet (with meta["setting"]) and
+              declare: bool = True, **extra) -> int:  # fmt: skip
+    """A job folder as bench.cli.featbench writes it: metrics.parquet (with meta["setting"]) and
     replicates.parquet; summary rows may carry `replicates` (an Estimate's row())."""
     keys = keys if keys is not None else setting(method)
     run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
@@ -77,8 +77,8 @@ def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]]
     if not meta:  # a job written by older code: no setting_hash, no meta["setting"]
         frame = frame.drop(columns=["setting_hash"])
     declared = {task: DECLARED[task].declaration() for task in tasks if task in DECLARED}
-    write_metrics(frame, folder / "metrics.parquet",
-                  {"setting": keys, "tasks": declared} if meta else {})  # fmt: skip
+    recorded = {"setting": keys, "tasks": declared} if declare else {"setting": keys}
+    write_metrics(frame, folder / "metrics.parquet", recorded if meta else {})
     write_replicates(folder / REPLICATES_FILE, reps)
     return len(frame)
 
@@ -223,7 +223,7 @@ def test_absent_plot_data_is_skipped_with_one_log_line(tmp_path, caplog):
     with caplog.at_level("INFO", logger="bench.report"):
         text = report(tmp_path).read_text()
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(skipped) == 4  # three plots and the tree
+    assert len(skipped) == 5  # four plots (the steering headline among them) and the tree
     assert not list(tmp_path.glob("*.png")) and "## Plots" not in text
     assert "| pca | 0.10 | 0.02 | 0.10 |" in text
 
@@ -254,7 +254,7 @@ def test_a_corrupt_job_is_named_and_the_good_jobs_are_reported(sweep):
     good = pd.read_parquet(root / "summary.parquet")
     (root / "more" / "2" / "metrics.parquet").write_bytes(b"not a parquet file")
     text = report(root).read_text()
-    assert "1 job(s) left out" in text and "`more/2/metrics.parquet`: unreadable" in text
+    assert "1 item(s) left out" in text and "`more/2/metrics.parquet`: unreadable" in text
     summary = pd.read_parquet(root / "summary.parquet")
     assert set(summary["job_dir"]) == set(good["job_dir"]) - {"more/2"}
     assert len(summary) == (good["job_dir"] != "more/2").sum()
@@ -347,3 +347,16 @@ def test_the_plotted_and_compared_numbers_are_computed_once_by_the_series_module
     assert mean["value"] == 4.0 and mean["text"].endswith("(n=2 features, 2 seeds)")
     empty = plot_series(summary[summary["task"] == "reconstruction"])
     assert empty.steering_vs_kl.empty and empty.auroc.empty
+
+
+def test_an_unreadable_replicates_file_is_left_out_with_a_warning(tmp_path, caplog):
+    """Issue 25: it used to become {} silently, and the cells lost their intervals."""
+    write_job(tmp_path / "a", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)})
+    (tmp_path / "a" / REPLICATES_FILE).write_bytes(b"junk")
+    with caplog.at_level("WARNING", logger="bench.report"):
+        text = report(tmp_path).read_text()
+    assert "1 item(s) left out" in text and f"`a/{REPLICATES_FILE}`: unreadable" in text
+    assert "no paired differences" in text
+    assert any(
+        REPLICATES_FILE in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+    )

@@ -3,7 +3,7 @@ averaged, replicates averaged element-wise), named by the keys that vary; differ
 between settings (paired on shared units, else unpaired; Holm-adjusted); the flags for mixed
 code versions and description kinds; and `--compare paper` only in the paper's setting.
 
-Job folders are written as bench.run writes them, with tests/test_report.py's `write_job`.
+Job folders are written as bench.cli.featbench writes them, with tests/test_report.py's `write_job`.
 """
 
 from __future__ import annotations
@@ -137,6 +137,17 @@ def test_mixed_description_kinds_are_flagged_and_never_compared(tmp_path):
     assert diffs.empty
 
 
+def test_two_protocols_judged_against_their_own_kinds_are_not_flagged(tmp_path):
+    """The concept protocol judges labels and the feature protocol tokens: two columns of
+    one table, each of one kind; the warning is for a column that mixes kinds."""
+    rows = [{**r, "protocol": "concept"} for r in _heldout(UNITS, "u", kind="label")]
+    rows += [{**r, "protocol": "feature"} for r in _heldout(UNITS, "v", kind="tokens")]
+    for name in ("snmf", "random"):
+        write_job(tmp_path / name, name, 1, {"steering": rows})
+    table = report(tmp_path).read_text().split("### Steering")[1]
+    assert "different description kinds" not in table
+
+
 def test_a_table_mixing_code_identities_says_so_and_lists_them(tmp_path):
     """Jobs reused across commits that did not change what computes (same code digest) mix
     freely; jobs of code that computes differently are flagged with their digests."""
@@ -234,3 +245,65 @@ def test_paper_reference_is_package_data():
     packaged = report_module.paper.packaged_reference()
     assert packaged.read_bytes() == (REPO / "results" / "paper_reference.csv").read_bytes()
     assert len(report_module.read_reference("paper")) >= 20
+
+
+def test_a_task_class_that_does_not_import_is_left_out_with_a_warning(tmp_path, caplog):
+    """Issue 25: a job from code that recorded no declaration names its task class; one
+    that no longer imports used to be logged at debug level only."""
+    keys = {**setting("snmf"), "task.reconstruction._target_": "nowhere.Task"}
+    write_job(tmp_path / "a", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)},
+              keys=keys, declare=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="bench.report"):
+        text = report(tmp_path).read_text()
+    assert "`task nowhere.Task`: no declaration" in text and "item(s) left out" in text
+    assert any("nowhere.Task" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_difference_whose_interval_excludes_0_but_not_holm_says_so():
+    """Issue 25: the README named a "the interval excludes 0, Holm does not" case that the
+    report never wrote; it called every interval that excludes 0 "separated"."""
+    from bench.report.differences import _md_row
+
+    row = {"metric": "fvu", "encoder": None, "protocol": None, "delta": 0.01, "ci_low": 0.001,
+           "ci_high": 0.03, "paired": True, "paired_over": "test sentence", "n_for_power": 40,
+           "p_holm": 0.48, "setting_a": "snmf", "setting_b": "random", "n_pairs": 30}  # fmt: skip
+    assert _md_row(row)[-1] == "interval excludes 0; Holm does not"
+    assert _md_row({**row, "p_holm": 0.01})[-1] == "separated"
+    assert _md_row({**row, "ci_low": -0.01})[-1] == "40 units to separate at 80% power"
+
+
+def test_jobs_from_before_the_seed_left_the_config_share_cells_with_new_ones(tmp_path):
+    """Older code resolved the setting with the seed as a placeholder, so `method.seed:
+    <seed>` was one of its keys; the report drops it, and an old and a new job of the same
+    setting land in one cell, their seeds averaged."""
+    from bench.core.storage import sha256_json
+
+    keys = setting("snmf")
+    write_job(tmp_path / "new", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)},
+              keys=keys)  # fmt: skip
+    legacy = {**keys, "method.seed": "<seed>"}
+    write_job(tmp_path / "old", "snmf", 2, {"reconstruction": _rows_reconstruction(0.3)},
+              keys=legacy)  # fmt: skip
+    assert sha256_json(legacy)[:16] != sha256_json(keys)[:16]
+    text = report(tmp_path).read_text().split("### Reconstruction")[1]
+    assert "2 seeds" in text and text.count("| snmf") == 1
+
+
+def test_the_ranking_orders_settings_by_the_steering_headline_with_every_pair(tmp_path):
+    """ranking.md (issue 23): per block and protocol, the settings best first with their
+    interval and their difference from random, then every pair's differences."""
+    from bench.stats import mean_estimate
+
+    def steering(values):
+        est = mean_estimate(values, paired_over="concept", units_hash="u", seed=0)
+        return {"steering": [{"metric": "heldout_steering_score", **est.row(),
+                              "protocol": "concept", "description": "label"}]}  # fmt: skip
+
+    base = np.random.default_rng(0).uniform(0, 1, 16)
+    for name, shift in (("random", 0.0), ("snmf", 0.1), ("diffmean", 0.8)):
+        write_job(tmp_path / name, name, 1, steering(base + shift))
+    report(tmp_path)
+    text = (tmp_path / "ranking.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[1] for r in rows] == ["diffmean", "snmf", "random"]
+    assert "concept protocol" in text and "diffmean − snmf" in text and "snmf − random" in text

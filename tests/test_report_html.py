@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.contexts import token_texts, top_contexts
+from bench.fit.contexts import token_texts, top_contexts
 from bench.report import build, report
 from bench.report import html as html_module
 from bench.report.html import html_page

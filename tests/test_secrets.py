@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
+from bench.core.secrets import REDACTED, check_env_name, looks_like_secret, redact, redact_text
 from bench.errors import ConfigError
-from bench.secrets import REDACTED, check_env_name, looks_like_secret, redact, redact_text
 from tests.conftest import featbench_cmd
 
 KEY = "sk-proj-Zq8xWv3Lm0Ny7Tb2Kc5Rd9Hs4Fg6Ja1"  # a planted OpenAI-style key

@@ -21,7 +21,7 @@ PLUGIN = textwrap.dedent(
     from dataclasses import dataclass
     from pathlib import Path
 
-    from bench.datasets import load
+    from bench.data.datasets import load
     from bench.models import EmbeddedSource
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bench.job import run_job
+from bench.job.run import run_job
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # DiffMean > random on the steering score is an empirical claim, not a property of the
-# code: the default comparison (README) measures it over 8 concepts with its interval
+# code: the default comparison (docs/findings.md) measures it over 8 concepts with its interval
 # (0.18 [-0.17, 0.51], not separated), so no test asserts it on 4 features.
 
 
@@ -156,18 +156,18 @@ def test_output_centric_descriptions_are_promoted_tokens(jobs):
 
 
 def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alone(
-    embedded, tmp_path
+    embedded, tmp_path, caplog
 ):
     """The staged task generates every unit's rows (and the baseline's) in shared batches;
     each text equals what generating its unit's rows alone gives (the pre-staging path),
     because each row draws from its own seed key. Finished rows dropped from a batch
     (`COMPACT_AT`) change no text either."""
 
-    from bench.activations import extract
-    from bench.datasets import load
+    from bench.activations.extraction import extract
+    from bench.data.datasets import load
     from bench.judges.offline import OfflineJudge
-    from bench.steer import generate
-    from bench.steering_units import Unit
+    from bench.tasks.steering.generate import generate
+    from bench.tasks.steering.units import Unit
     from featbench.methods.diffmean import DiffMean
     from featbench.tasks.base import TaskData
     from featbench.tasks.steering import Steering
@@ -177,8 +177,12 @@ def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alon
     features = DiffMean().fit(acts.subset(ds.indices("train")))
     task = Steering(concepts=3, kl_targets=[0.1, 0.5], samples=4, max_new_tokens=24,
                     baseline_samples=4, batch_size=128)  # fmt: skip
-    data = TaskData(ds, acts, 3, "mlp_post", 42, tmp_path, OfflineJudge())
-    rows = pd.DataFrame(task.evaluate(model, features, data, None))
+    data = TaskData(
+        dataset=ds, activations=acts, seed=42, output_dir=tmp_path, judge=OfflineJudge()
+    )
+    with caplog.at_level("WARNING", logger="featbench.tasks.steering"):
+        rows = pd.DataFrame(task.evaluate(model, features, data, None))
+    assert "no checkpoint key, so this run cannot resume" in caplog.text  # no key given here
     samples = rows[(rows["metric"] == "steering_score") & rows["sample"].notna()]
     records = [r for r in data.stage.records if r["stage"] == "steering:generate"]
     assert samples["concept"].nunique() == 3 and len(records) == 1

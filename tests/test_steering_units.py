@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from bench.alpha_search import calibrate
-from bench.checkpoints import Checkpoints
-from bench.descriptions import Describer, Description, top_tokens, vocab_projection
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement, parse_rating
 from bench.stats import percentile_interval, resample_indices
-from bench.steer import generate, next_token_kl, sample_next, search_alpha
-from bench.steering_scores import EMPTY, HELDOUT, UNREACHABLE, ZERO_NORM, aggregate
-from bench.steering_units import failure_row as _failure
-from bench.steering_units import steering_score
+from bench.tasks.checkpoints import Checkpoints
+from bench.tasks.descriptions import Describer, Description, top_tokens, vocab_projection
+from bench.tasks.detection import select_features
+from bench.tasks.steering.calibrate import calibrate, search_alpha
+from bench.tasks.steering.generate import generate
+from bench.tasks.steering.kl import next_token_kl
+from bench.tasks.steering.sampling import sample_next
+from bench.tasks.steering.scores import EMPTY, HELDOUT, UNREACHABLE, ZERO_NORM, aggregate
+from bench.tasks.steering.units import failure_row as _failure
+from bench.tasks.steering.units import steering_score
 from featbench.methods.base import ActivationSet, Features
-from featbench.tasks.concept_detection import select_features
 from featbench.tasks.steering import Steering
 
 HOOK = "blocks.1.mlp.hook_post"
@@ -320,6 +322,14 @@ def test_checkpoints_of_another_format_are_not_reused(tmp_path):
     assert Checkpoints(tmp_path, "cfg", version="a").load(0, 2 * v) is None
 
 
+@pytest.mark.parametrize("key", ["", None])
+def test_checkpoints_without_a_key_are_refused_not_silently_skipped(tmp_path, key):
+    """Issue 25: the empty key (TaskData's old default) used to turn every save and load into
+    a silent no-op; a steering task without a key now says that it cannot resume."""
+    with pytest.raises(ValueError, match="a checkpoint key is required"):
+        Checkpoints(tmp_path, key)
+
+
 # --- mechanics on a tiny random model ----------------------------------------------
 
 
@@ -420,9 +430,29 @@ def test_kv_cached_greedy_generation_matches_full_forward(tiny_model):
     assert text == tiny_model.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_vocab_projection_gives_distinct_tokens_per_sign(tiny_model):
-    up, down = vocab_projection(tiny_model, HOOK, torch.randn(tiny_model.cfg.d_mlp), 5)
-    assert len(up) == len(down) == 5 and set(up) != set(down)
+def test_vocab_projection_is_the_unembedding_of_the_normed_output_direction(tiny_model):
+    """Issue 25: the old test passed with W_E in place of W_U, or with the final norm's
+    scale dropped (the tiny model's norm weights were all ones). Here the norm has a
+    non-trivial scale and the answer is computed independently."""
+    torch.manual_seed(0)
+    d_model = tiny_model.cfg.d_model
+    with torch.no_grad():
+        tiny_model.ln_final.w.copy_(torch.linspace(0.2, 3.0, d_model))
+    direction = torch.randn(tiny_model.cfg.d_mlp)
+    decode = tiny_model.tokenizer.decode
+    v = direction @ tiny_model.blocks[1].mlp.W_out.detach()
+    ref = (v * tiny_model.ln_final.w.detach()) @ tiny_model.W_U.detach()
+    expected = ([decode([i]) for i in ref.topk(20).indices.tolist()],
+                [decode([i]) for i in (-ref).topk(20).indices.tolist()])  # fmt: skip
+    assert vocab_projection(tiny_model, HOOK, direction, 20) == expected
+    unnormed = [decode([i]) for i in (v @ tiny_model.W_U.detach()).topk(20).indices.tolist()]
+    embedded = [decode([i]) for i in ((v * tiny_model.ln_final.w.detach())
+                                      @ tiny_model.W_E.detach().T).topk(20).indices.tolist()]  # fmt: skip
+    assert expected[0] != unnormed and expected[0] != embedded  # the test can tell them apart
+    resid = torch.randn(d_model)  # a residual direction goes through no W_out
+    out = (resid * tiny_model.ln_final.w.detach()) @ tiny_model.W_U.detach()
+    up, _ = vocab_projection(tiny_model, "blocks.1.hook_resid_post", resid, 20)
+    assert up == [decode([i]) for i in out.topk(20).indices.tolist()]
 
 
 @pytest.mark.parametrize(
@@ -469,8 +499,8 @@ def test_concept_protocol_aggregates_per_concept_and_pairs_over_concepts():
 
 
 def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path):
-    from bench import datasets
-    from bench.activations import extract
+    from bench.activations.extraction import extract
+    from bench.data import datasets
     from featbench.methods.diffmean import DiffMean
     from featbench.methods.random import RandomDirections as Random
     from featbench.tasks.base import TaskData
@@ -478,7 +508,7 @@ def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path
     data = datasets.load(concepts=["food", "music", "french"], max_per_concept=8, max_neutral=4)
     acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-cp", use_cache=False)
     train = acts.subset(data.indices("train"))
-    task_data = TaskData(data, acts, 1, "mlp_post", 0, tmp_path)
+    task_data = TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path)
     task = Steering(protocol="concept", concepts=2, concept_seed=3)
     units, feature_of, describe, extra = task._concept_units(DiffMean().fit(train), task_data)
     again, *_ = Steering(protocol="concept", concepts=2, concept_seed=3)._concept_units(
@@ -491,7 +521,7 @@ def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path
         assert describe(c).kind == "label" and describe(c).texts == {1: c.replace("_", " ")}
     random = Random(n_features=10).fit(train)
     _, picked, _, info = task._concept_units(random, task_data)
-    from bench.detection_stats import auroc_matrix
+    from bench.tasks.detection import auroc_matrix
     from featbench.tasks.concept_detection import sentence_scores
 
     scores = sentence_scores(random, task_data)[data.indices("train")]
@@ -500,3 +530,29 @@ def test_concept_units_pick_each_methods_best_train_feature(tiny_model, tmp_path
     for c in units:  # the unsupervised pick is the best train-split AUROC
         assert picked[c] == int(auc[data.concepts.index(c)].argmax())
         assert info[c]["match_auroc"] == pytest.approx(auc[data.concepts.index(c)].max())
+
+
+def test_the_steering_yaml_says_what_its_one_declaration_says():
+    """Issue 25: the settings are declared once, in SteeringSettings; conf/task/steering.yaml
+    repeats them for the command line, key for key and default for default, and `protocol`
+    is the one value that means "the protocol's"."""
+    import dataclasses
+
+    import yaml
+
+    from bench.tasks.steering.settings import PROTOCOL_VALUES, SteeringSettings
+    from tests.conftest import REPO
+
+    node = yaml.safe_load((REPO / "conf/task/steering.yaml").read_text())
+    node.pop("_target_")
+    fields = {f.name: f for f in dataclasses.fields(SteeringSettings)}
+    assert set(node) == set(fields)
+    for name, f in fields.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if name == "concepts":  # the model sizes it: ${model.steering_concepts}
+            assert node[name] == "${model.steering_concepts}"
+            continue
+        assert node[name] == default, name
+    assert {k for k, v in node.items() if v == "protocol"} == set(PROTOCOL_VALUES)
+    resolved = SteeringSettings()
+    assert all(getattr(resolved, key) != "protocol" for key in PROTOCOL_VALUES)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from sae_lens.synthetic import mean_correlation_coefficient
 
 from bench.errors import ConfigError
-from bench.job import build
+from bench.job.plugins import build
 from featbench.methods.base import ActivationSet, Features, GeneratorInfo, Method, NotResizable
 from featbench.methods.sae_pretrained import SAEPretrained
 from featbench.methods.snmf import SNMF as SNMFMethod
@@ -261,9 +261,10 @@ def test_yaml_composes_and_overrides_win():
         .startswith("# @package task.synthetic_recovery\n")
     )
     task = build(cfg.task.synthetic_recovery, "task", Task)
-    assert task.seed == 7 and task.generators == ["snmf", "sae_lens"]
+    # the run's seed reaches the task at evaluate (TaskData.seed), the method via seeded()
+    assert task.seed is None and task.generators == ["snmf", "sae_lens"]
     assert task.informed == "capacity"
-    base = build_method(cfg.method)
+    base = build_method(cfg.method).seeded(cfg.seed)
     resized = task.resize(base, "sae_lens")
     assert config_changes(base, resized) == {"d_sae": 20, "k": 5} and resized.seed == 7
     snmf = build_method(SNMF)

@@ -1,4 +1,4 @@
-"""The W&B side channel (bench/tracking.py), in W&B's offline mode.
+"""The W&B side channel (bench/job/tracking.py), in W&B's offline mode.
 
 Runs are read back from the `.wandb` transaction log with W&B's own protobuf
 `Record` messages. wandb 0.31 no longer ships a Python reader for the file's
@@ -25,12 +25,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.cli.wandb_sync import cli as sync_cli
+from bench.cli.wandb_sync import offline_runs
+from bench.core.secrets import REDACTED
 from bench.errors import ConfigError
+from bench.job.tracking import FINISHED_MARKER, WandbLogger, summary_metrics, table_rows
 from bench.results import finalize
-from bench.secrets import REDACTED
-from bench.tracking import FINISHED_MARKER, WandbLogger, summary_metrics, table_rows
-from bench.wandb_sync import cli as sync_cli
-from bench.wandb_sync import offline_runs
 
 SECRET = "sk-FAKE-SECRET-123"
 ARGV_SECRET = "sk-ARGV-SECRET-456"
@@ -286,7 +286,7 @@ def test_error_reporting_is_off_for_wandbs_calls_only(wandb_env, tmp_path, monke
 KILLED_JOB = """
 import os, signal, sys
 from pathlib import Path
-from bench.tracking import WandbLogger
+from bench.job.tracking import WandbLogger
 done = WandbLogger()
 done.start({"seed": 1}, Path(sys.argv[1]), group="sweep", name="done")
 done.finish(failed=False)
@@ -332,11 +332,31 @@ def test_sync_refuses_a_missing_folder(tmp_path, capsys):
     assert exited.value.code == 2 and "no such folder" in capsys.readouterr().err
 
 
-def test_finish_and_log_without_start_do_nothing(wandb_env):
+def test_finish_and_log_without_start_do_nothing(wandb_env, tmp_path, monkeypatch, caplog):
+    """Issue 25: this used to assert nothing while the code under it swallowed every error.
+    Without a started run, nothing reaches W&B: every entry point of it is recorded."""
+    import wandb
+
+    import bench.job.tracking as tracking
+
+    calls = []
+
+    def record(name):
+        return lambda *args, **kwargs: calls.append(name)
+
+    monkeypatch.setattr(wandb, "init", record("init"))
+    monkeypatch.setattr(wandb, "Table", record("Table"))
+    monkeypatch.setattr(wandb, "Image", record("Image"))
+    monkeypatch.setattr(tracking, "summary_metrics", record("summary_metrics"))
     tracker = WandbLogger()
-    tracker.log_results(_frame(), [])
-    tracker.finish(failed=False)
-    tracker.finish(failed=True)
+    with caplog.at_level(logging.DEBUG, logger="bench.job.tracking"):
+        tracker.log_results(_frame(), [_plot(tmp_path / "plot.png")])
+        tracker.finish(failed=False)
+        tracker.finish(failed=True)
+    assert calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "no W&B run open" in caplog.text
+    assert not list(tmp_path.rglob(tracking.FINISHED_MARKER))
 
 
 def test_start_failure_is_a_warning_and_later_calls_do_nothing(
@@ -349,7 +369,7 @@ def test_start_failure_is_a_warning_and_later_calls_do_nothing(
 
     monkeypatch.setattr(wandb, "init", broken)
     tracker = WandbLogger()
-    with caplog.at_level(logging.WARNING, logger="bench.tracking"):
+    with caplog.at_level(logging.WARNING, logger="bench.job.tracking"):
         tracker.start({"seed": 1}, tmp_path / "job", group="g", name="n")
     assert "service did not start" in caplog.text
     tracker.log_results(_frame(), [])
@@ -400,10 +420,59 @@ def test_summary_metrics_and_table_rows_are_plain_and_capped(monkeypatch, caplog
     assert all(isinstance(v, float) for v in summary.values())
     assert summary_metrics(finalize([], RUN)) == ({}, 0)
 
-    monkeypatch.setattr("bench.tracking.MAX_TABLE_ROWS", 3)
-    with caplog.at_level(logging.WARNING, logger="bench.tracking"):
+    monkeypatch.setattr("bench.job.tracking.MAX_TABLE_ROWS", 3)
+    with caplog.at_level(logging.WARNING, logger="bench.job.tracking"):
         columns, rows = table_rows(_frame(), "features")
     assert len(rows) == 3 and "first 3 of 6 rows" in caplog.text
     for row in rows:
         assert all(v is None or type(v) in (str, int, float, bool) for v in row)
     assert rows[1][columns.index("value")] is None  # the missing value stays missing
+
+
+def test_summary_keys_carry_every_dimension_of_their_rows(caplog):
+    """Issue 25: the native and projection encoders (and the two steering protocols) used to
+    collapse into one W&B key, the second logged as "appears twice" and dropped."""
+    rows = [
+        {"metric": "mean_feature_auroc", "value": 0.8, "encoder": "native"},
+        {"metric": "mean_feature_auroc", "value": 0.7, "encoder": "projection"},
+    ]
+    steering = [
+        {"metric": "heldout_steering_score", "value": 0.5, "protocol": "concept"},
+        {"metric": "heldout_steering_score", "value": 0.4, "protocol": "feature"},
+    ]
+    frame = pd.concat([finalize(rows, {**RUN, "task": "concept_detection"}),
+                       finalize(steering, {**RUN, "task": "steering"})])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bench.job.tracking"):
+        summary, _ = summary_metrics(frame)
+    assert summary["concept_detection/mean_feature_auroc[encoder=native]"] == 0.8
+    assert summary["concept_detection/mean_feature_auroc[encoder=projection]"] == 0.7
+    assert summary["steering/heldout_steering_score[protocol=concept]"] == 0.5
+    assert summary["steering/heldout_steering_score[protocol=feature]"] == 0.4
+    assert "appears twice" not in caplog.text
+
+
+def test_a_plot_that_cannot_be_drawn_never_fails_the_job(tmp_path, monkeypatch, caplog):
+    """Issue 25: plotting ran unguarded inside the W&B path, so a plotting bug failed a job
+    whose results were already written. The tracker still gets the results, and closes."""
+    import bench.report
+    from bench.job.run import mirror
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_results(self, frame, plots):
+            self.calls.append(("log_results", len(frame), list(plots)))
+
+        def finish(self, failed):
+            self.calls.append(("finish", failed))
+
+    def boom(*args, **kwargs):
+        raise ValueError("a plotting bug")
+
+    monkeypatch.setattr(bench.report, "plot_job", boom)
+    tracker = Recorder()
+    with caplog.at_level(logging.WARNING, logger="bench.job.run"):
+        mirror(tracker, _frame(), tmp_path, {})
+    assert tracker.calls == [("log_results", len(_frame()), []), ("finish", False)]
+    assert "ValueError: a plotting bug" in caplog.text

@@ -29,10 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from bench.datasets import ConceptDataset
-from bench.dtypes import torch_dtype
-from bench.hooks import hook_name
-from bench.storage import (
+from bench.activations.set import ActivationSet
+from bench.core.dtypes import torch_dtype
+from bench.core.hooks import hook_name
+from bench.core.storage import (
     atomic_write,
     cache_dir,
     entry_lock,
@@ -40,7 +40,7 @@ from bench.storage import (
     mark_verified,
     sha256_json,
 )
-from featbench.methods.base import ActivationSet
+from bench.data.datasets import ConceptDataset
 
 log = logging.getLogger(__name__)
 

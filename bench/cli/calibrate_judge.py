@@ -1,4 +1,4 @@
-"""Calibration of the `offline` judge: `python -m bench.judges.offline --calibrate`.
+"""Calibration of the `offline` judge: `python -m bench.cli.calibrate_judge`.
 
 On the shipped dataset's train split, with the neutral sentences as the
 unsteered baseline, for each description kind the judge is used with:
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.detection_stats import auroc
 from bench.judges.offline import EXAMPLES
+from bench.tasks.detection import auroc
 
 TOP_TOKENS = 8  # as the steering task's `top_tokens`: the length of a feature's token list
 LOOP_TOKENS = 40  # a degenerate continuation's length: about the steering task's 50 new tokens
@@ -70,14 +70,15 @@ def loop(text: str, tokenizer: Any, seed: int, length: int = LOOP_TOKENS) -> str
 def continuations(model: Any, n: int, seed: int = 0) -> tuple[str, list[str]]:
     """The unsteered model's own continuations of the steering task's prompt, sampled as the
     steering task samples (its defaults): fluent text of the kind the judge is asked about."""
-    from bench.steer import generate
-    from featbench.tasks.steering import Steering
+    from bench.core.hooks import hook_name
+    from bench.tasks.steering.generate import generate
+    from bench.tasks.steering.settings import SteeringSettings
 
-    task = Steering()
+    task = SteeringSettings()  # the steering task's defaults, resolved for its protocol
     prompt = task.prompts[0]
     zero = torch.zeros(model.cfg.d_model)
     specs = [(prompt, zero, (seed, 0, 0, 0, i)) for i in range(n)]
-    texts = generate(model, "blocks.0.hook_resid_post", specs, task)
+    texts = generate(model, hook_name(0, "resid_post"), specs, task)
     return prompt, [t for t in texts if t.strip()]
 
 
@@ -92,7 +93,7 @@ def distinctive_tokens(
     divided by its standard error (Monroe, Colaresi and Quinn 2008), which favours
     tokens both frequent in the concept and rare elsewhere; ties by string.
     """
-    from bench.datasets import NEUTRAL
+    from bench.data.datasets import NEUTRAL
 
     counts: dict[str, Counter] = {}
     for sentence, label in zip(sentences, labels, strict=True):
@@ -121,11 +122,16 @@ def token_list(tokens: list[str]) -> str:
     return ", ".join(dict.fromkeys(tokens))
 
 
-def separation(judge: Any, sentences: list[str], labels: list[str], baseline: list[str],
-               descriptions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def separation(
+    judge: Any,
+    sentences: list[str],
+    labels: list[str],
+    baseline: list[str],
+    descriptions: dict[str, str],
+) -> dict[str, Any]:
     """AUROC of the concept delta, per concept (its sentences vs other concepts'), and the
     pooled on- and off-concept deltas."""
-    from bench.datasets import NEUTRAL
+    from bench.data.datasets import NEUTRAL
 
     aurocs, pos, neg, z_pos, z_neg = {}, [], [], [], []
     base_v = judge.embed(baseline)
@@ -154,7 +160,7 @@ def example_separation(judge: Any, dataset: Any, seed: int = 0) -> dict[str, Any
     """The `examples` kind on the train split, without scoring a sentence against a centroid
     it is part of: per concept, a seeded half of its train sentences makes the centroid, and
     the other half (on-concept) is scored against the other concepts' train sentences."""
-    from bench.datasets import NEUTRAL
+    from bench.data.datasets import NEUTRAL
 
     sentences, labels, baseline = split_texts(dataset, "train")
     rng = np.random.default_rng(seed)
@@ -164,8 +170,9 @@ def example_separation(judge: Any, dataset: Any, seed: int = 0) -> dict[str, Any
         order = rng.permutation(len(own))
         half = len(own) // 2
         examples, held = [own[i] for i in order[:half]], [own[i] for i in order[half:]]
-        others = [s for s, lab in zip(sentences, labels, strict=True)
-                  if lab not in (concept, NEUTRAL)]  # fmt: skip
+        others = [
+            s for s, lab in zip(sentences, labels, strict=True) if lab not in (concept, NEUTRAL)
+        ]
         on = np.array(judge.concept_values(held, concept, baseline, examples))
         off = np.array(judge.concept_values(others, concept, baseline, examples))
         pos.append(on)
@@ -185,7 +192,7 @@ def example_separation(judge: Any, dataset: Any, seed: int = 0) -> dict[str, Any
 
 def split_texts(dataset: Any, split: str) -> tuple[list[str], list[str], list[str]]:
     """A split's sentences, their labels and its neutral sentences (the baseline)."""
-    from bench.datasets import NEUTRAL
+    from bench.data.datasets import NEUTRAL
 
     idx = dataset.indices(split)
     sentences, labels = [dataset.sentences[i] for i in idx], [dataset.labels[i] for i in idx]
@@ -226,13 +233,17 @@ def calibrate(
             "auroc_min": round(measured["auroc_min"], 3),
         }
     measured = example_separation(judge, dataset)
-    found[EXAMPLES] = {"descriptions": {c: "(its train sentences)" for c in dataset.concepts},
-                       **measured}  # fmt: skip
+    found[EXAMPLES] = {
+        "descriptions": {c: "(its train sentences)" for c in dataset.concepts},
+        **measured,
+    }
     q95, median = measured["off_concept_delta_q95"], measured["on_concept_delta_median"]
     found["concept_thresholds"][EXAMPLES] = {
-        "somewhat": round(q95, 3), "clear": round(max(median, q95), 3),
-        "auroc_mean": round(measured["auroc_mean"], 3), "auroc_min": round(measured["auroc_min"], 3),
-    }  # fmt: skip
+        "somewhat": round(q95, 3),
+        "clear": round(max(median, q95), 3),
+        "auroc_mean": round(measured["auroc_mean"], 3),
+        "auroc_min": round(measured["auroc_min"], 3),
+    }
     found |= fluency_calibration(judge, model, dataset, split, n_fluency)
     return found
 
@@ -278,7 +289,7 @@ def fluency_calibration(judge: Any, model: Any, dataset: Any, split: str, n: int
 
 
 def report(found: dict[str, Any]) -> list[str]:
-    """The lines `--calibrate` prints."""
+    """The lines the calibration prints."""
     lines = []
     for kind in found["concept_thresholds"]:
         m = found[kind]
@@ -302,14 +313,18 @@ def report(found: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.judges.offline")
-    parser.add_argument("--calibrate", action="store_true", help="measure and print thresholds")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cli.calibrate_judge",
+        description="measure the offline judge's separations and print its thresholds",
+    )
     parser.add_argument("--device", default="cpu", help="device of the reference model")
     args = parser.parse_args(argv)
-    if not args.calibrate:
-        parser.error("nothing to do: pass --calibrate")
-    from bench.datasets import load
+    from bench.data.datasets import load
     from bench.models import load_model
 
     model = load_model("smollm2-135m", device=args.device).model
     print("\n".join(report(calibrate(model, load()))))  # the command prints its findings
+
+
+if __name__ == "__main__":
+    main()

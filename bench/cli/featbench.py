@@ -1,4 +1,4 @@
-"""The `featbench` command: Hydra around `bench.job.run_job`.
+"""The `featbench` command: Hydra around `bench.job.run.run_job`.
 
     featbench                                  # the defaults (conf/config.yaml)
     featbench experiment=smoke                 # a small end-to-end run
@@ -26,13 +26,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from bench.config import register_schema
-from bench.errors import FeatbenchError, SweepFailed
-from bench.job import run_job
-from bench.naming import register_resolvers
-from bench.results import FAILED_FILE
-from bench.secrets import is_secret_name, looks_like_secret, redact_text
-from bench.storage import atomic_write_text
+from bench.cli.naming import register_resolvers
+from bench.core.secrets import is_secret_name, looks_like_secret, redact_text
+from bench.core.storage import atomic_write_text
+from bench.errors import FeatbenchError, SweepFailed, error_line
+from bench.job.config import register_schema
+from bench.job.run import run_job
+from bench.results import FAILED_FILE, FAILED_LEDGER, SUMMARY_DIMENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def main(cfg: DictConfig) -> None:
     try:
         frame = run_job(cfg, job_dir, group=group, name=job_dir.name)
     except USER_ERRORS as err:
-        log.error("job %s: %s", job_dir.name, err)
+        log.error("job %s: %s", job_dir.name, error_line(err))
         _mark_failed(job_dir, err, exit_code=2)
         return
     except Exception as err:
@@ -96,15 +96,39 @@ def main(cfg: DictConfig) -> None:
 
 
 def _mark_failed(job_dir: Path, err: BaseException, exit_code: int) -> None:
-    """Write failed.json for the end-of-sweep callback; a folder that takes no file (the
-    failure itself may be a full disk) is logged, and the sweep goes on."""
-    record = {"error": redact_text(f"{type(err).__name__}: {err}"), "exit_code": exit_code}
+    """Record the failure for the end-of-sweep callback: `failed.json` in the job's folder;
+    where that folder takes no file (the failure itself may be a folder that refuses
+    writes), a record in the sweep folder's ledger (`FAILED_LEDGER`) instead. A job whose
+    results were rescued to another folder gets the record there too. A failure that can
+    be recorded nowhere is raised, so the sweep still ends non-zero."""
+    record = {"error": redact_text(error_line(err)), "exit_code": exit_code, "job": str(job_dir)}
+    rescued = getattr(err, "rescued", None)
+    if rescued is not None:
+        record["rescued"] = str(rescued)
+        _try_write(Path(rescued) / FAILED_FILE, record)
+    if _try_write(job_dir / FAILED_FILE, record):
+        return
+    ledger = Path(HydraConfig.get().sweep.dir) / FAILED_LEDGER / f"{job_dir.name}.json"
+    log.error(
+        "job %s: cannot record the failure in %s; recording it in %s",
+        job_dir.name,
+        job_dir / FAILED_FILE,
+        ledger,
+    )
+    if not _try_write(ledger, record):
+        raise RuntimeError(
+            f"job {job_dir.name} failed ({record['error']}) and the failure could not be "
+            f"recorded in {job_dir} nor in {ledger.parent}"
+        ) from err
+
+
+def _try_write(path: Path, record: dict) -> bool:
     try:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job_dir / FAILED_FILE, json.dumps(record))
-    except OSError as write_err:
-        log.error("job %s: cannot record the failure in %s (%s)", job_dir.name,
-                  job_dir / FAILED_FILE, write_err.strerror or write_err)  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record))
+    except OSError:
+        return False
+    return True
 
 
 def secret_overrides(argv: list[str]) -> list[str]:
@@ -141,6 +165,34 @@ def cli() -> None:
     sys.exit(run_main())
 
 
+def _options_of(err: BaseException) -> str:
+    """The options of the config group a missing config belongs to, when Hydra's message
+    does not list them itself (it lists them for `method=nonexistent`, not for an entry of
+    a list such as `task=[nonexistent]`): the shipped YAMLs, and those of any
+    `hydra.searchpath=[file://DIR]` folder on the command line."""
+    from hydra.errors import MissingConfigException
+
+    missing = getattr(err, "missing_cfg_file", None)
+    if not isinstance(err, MissingConfigException) or err.options or not missing:
+        return ""
+    group = str(missing).rpartition("/")[0]
+    if not group:
+        return ""
+    from importlib.resources import files
+
+    names = {
+        p.name.removesuffix(".yaml")
+        for p in files("bench.conf").joinpath(group).iterdir()
+        if p.name.endswith(".yaml")
+    }
+    for arg in sys.argv[1:]:
+        if arg.startswith("hydra.searchpath="):
+            for folder in arg.partition("=")[2].strip("[]").split(","):
+                path = Path(folder.strip().removeprefix("file://")) / group
+                names |= {p.stem for p in path.glob("*.yaml")}
+    return f"\nAvailable options in '{group}': {', '.join(sorted(names))}" if names else ""
+
+
 def run_main() -> int:
     """Run the Hydra app; a configuration error (a bad override, an unknown option or key, a
     value of the wrong type) is exit code 2 with Hydra's message, as featbench's own config
@@ -164,6 +216,7 @@ def run_main() -> int:
             raise
         cause = err.__cause__
         more = f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else ""
+        more += _options_of(err)
         sys.stderr.write(f"featbench: configuration error: {err}{more}\n")
         return 2
     except OSError as err:  # e.g. a read-only results folder, refused by Hydra's mkdir
@@ -179,20 +232,16 @@ def run_main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    cli()
-
-
 def headline(frame: pd.DataFrame) -> str:
     """The job's summary rows (no feature, no concept) as text: one block per task,
-    one line per metric (and generator/noise where the task has them), with the
+    one line per metric (and its dimensions where the task has them), with the
     95% interval where the task gives one."""
     summary = frame[frame["feature"].isna() & frame["concept"].isna()]
     if summary.empty:
         return "(no summary rows)"
     blocks = []
     for task, rows in summary.groupby("task", sort=False):
-        dims = [c for c in ("encoder", "generator", "noise") if c in rows and rows[c].notna().any()]
+        dims = [c for c in SUMMARY_DIMENSIONS if c in rows and rows[c].notna().any()]
         lines = []
         for _, row in rows.iterrows():
             label = " ".join(str(row[c]) for c in ["metric", *dims] if pd.notna(row[c]))
@@ -202,3 +251,7 @@ def headline(frame: pd.DataFrame) -> str:
             lines.append(f"  {label:<34} {value}")
         blocks.append(f"{task}\n" + "\n".join(lines))
     return "\n".join(blocks)
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,9 +9,9 @@ overrides. `conf/config.yaml` uses them through the OmegaConf resolvers
     sweep.subdir: ${fb_job_name:${hydra.overrides.task}}
 
 Importing this module registers nothing. `register_resolvers()` does, and the entry
-point calls it before Hydra composes (`bench.run`; tests through `tests/conftest.py`).
+point calls it before Hydra composes (`bench.cli.featbench`; tests through `tests/conftest.py`).
 It must run in every process that resolves a job's config: a launcher's worker
-processes (joblib, submitit) import `bench.run` to unpickle the task function, so the
+processes (joblib, submitit) import `bench.cli.featbench` to unpickle the task function, so the
 entry module registers them when it is imported.
 
 Where a sweep's name comes from: the overrides Hydra hands the resolver, never
@@ -33,8 +33,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bench.secrets import redact_text
-from bench.storage import sha256_json
+from bench.core.secrets import redact_text
+from bench.core.storage import sha256_json
 
 # Overrides that do not change what a job computes: they neither name the sweep's
 # folder nor the job's (a re-run with force=true or another logger finds the same jobs).
@@ -49,7 +49,7 @@ def _keep(override: str) -> bool:
 
 
 def _slug(text: str, limit: int = 100) -> str:
-    """A folder name from override text, secrets redacted first (bench.secrets): path
+    """A folder name from override text, secrets redacted first (bench.core.secrets): path
     separators and odd characters become '-', and a long name keeps its start plus a hash
     of the (redacted) whole."""
     text = redact_text(text)

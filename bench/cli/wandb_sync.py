@@ -1,5 +1,5 @@
 """`featbench-wandb-sync DIR...`: upload the finished offline W&B runs under DIR, never the
-partial run of a job that was killed (its folder lacks bench.tracking.FINISHED_MARKER, which
+partial run of a job that was killed (its folder lacks bench.job.tracking.FINISHED_MARKER, which
 the logger writes only after W&B's `finish` returned)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.tracking import FINISHED_MARKER
+from bench.job.tracking import FINISHED_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,15 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finished, unfinished = offline_runs(*args.dirs)
     for folder in unfinished:
-        log.warning("skipped %s: a partial run (its job was killed, or is still running)",
-                    folder)  # fmt: skip
+        log.warning("skipped %s: a partial run (its job was killed, or is still running)", folder)
     if args.list:
         sys.stdout.write("".join(f"finished {f}\n" for f in finished))
         sys.stdout.write("".join(f"partial {f}\n" for f in unfinished))
         return
     if not finished:
-        log.info("no finished offline W&B run under %s; nothing to sync",
-                 ", ".join(map(str, args.dirs)))  # fmt: skip
+        log.info(
+            "no finished offline W&B run under %s; nothing to sync", ", ".join(map(str, args.dirs))
+        )
         return
     command = [sys.executable, "-m", "wandb", "sync", *extra, *map(str, finished)]
     log.info("wandb sync: %d finished run(s), %d partial skipped", len(finished), len(unfinished))

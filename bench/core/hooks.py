@@ -19,6 +19,9 @@ HOOKS = {
 
 # Short name -> which width of the model the hook has (ModelConfig's d_mlp or d_model).
 WIDTHS = {"mlp_post": "d_mlp", "mlp_out": "d_model", "resid_post": "d_model"}
+# The points inside a block that steering and the lean decoder can call, in the order a
+# block runs them (TransformerLens's names after `blocks.L.`).
+POINTS = ("hook_resid_pre", "hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 
 
 def hook_name(layer: int, hook: str, n_layers: int | None = None) -> str:
@@ -48,3 +51,21 @@ def parse_hook_name(name: str) -> tuple[int, str]:
 def layer_of(name: str) -> int:
     """The layer of a block hook name: `layer_of("blocks.12.hook_mlp_out") == 12`."""
     return parse_hook_name(name)[0]
+
+
+def short_of(name: str) -> str | None:
+    """The short name of a full hook name (`short_of("blocks.12.mlp.hook_post") ==
+    "mlp_post"`), None for a block hook featbench has no short name for."""
+    try:
+        layer, _ = parse_hook_name(name)
+    except ValueError:
+        return None
+    return next(
+        (short for short, template in HOOKS.items() if template.format(layer=layer) == name), None
+    )
+
+
+def is_mlp_post(name: str) -> bool:
+    """True for an MLP-hidden hook (`blocks.L.mlp.hook_post`): its vectors reach the
+    residual stream through W_out."""
+    return short_of(name) == "mlp_post"

@@ -1,6 +1,6 @@
 """Wall time and peak memory of each stage of a job, for the job's metadata
-(`featbench.meta` in metrics.parquet, key `stages`), `benchmarks/` and the README's
-per-stage tables. A task times its own stages through `TaskData.stage`."""
+(`featbench.meta` in metrics.parquet, key `stages`), `benchmarks/` and per-stage tables
+(docs/running-sweeps.md, "Per-stage time and memory"). A task times its own stages through `TaskData.stage`."""
 
 from __future__ import annotations
 

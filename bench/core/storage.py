@@ -147,8 +147,12 @@ def _stamp(path: Path) -> dict:
         digest.update(handle.read(EDGE))
         handle.seek(max(0, stat.st_size - EDGE))
         digest.update(handle.read(EDGE))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
-            "edges": digest.hexdigest()[:16]}  # fmt: skip
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "edges": digest.hexdigest()[:16],
+    }
 
 
 def is_verified(path: Path, checksum: str) -> bool:
@@ -162,8 +166,9 @@ def is_verified(path: Path, checksum: str) -> bool:
 
 def mark_verified(path: Path, checksum: str) -> None:
     """Record that `path`, as it is now, matches `checksum` (see `is_verified`)."""
-    atomic_write_text(Path(f"{path}{VERIFIED_SUFFIX}"),
-                      json.dumps({**_stamp(path), "checksum": checksum}))  # fmt: skip
+    atomic_write_text(
+        Path(f"{path}{VERIFIED_SUFFIX}"), json.dumps({**_stamp(path), "checksum": checksum})
+    )
 
 
 @contextlib.contextmanager

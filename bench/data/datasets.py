@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.core.storage import sha256_json
 from bench.errors import FeatbenchError
-from bench.storage import sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,11 @@ def validate(records: list[tuple[str, dict]], file: Path) -> tuple[list[str], li
     for (row, _), sentence in zip(records, sentences, strict=True):
         near.setdefault(near_key(sentence), []).append(row)
     for rows in (r for r in near.values() if len(r) > 1):
-        log.warning("%s: %s differ only in punctuation, case or spacing; the split keeps them "
-                    "on one side", file, " and ".join(rows))  # fmt: skip
+        log.warning(
+            "%s: %s differ only in punctuation, case or spacing; the split keeps them on one side",
+            file,
+            " and ".join(rows),
+        )
     return sentences, labels
 
 

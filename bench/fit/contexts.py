@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from featbench.methods.base import ActivationSet, Features
+from bench.activations.set import ActivationSet
+from bench.fit.features import Features
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,16 @@ def top_contexts(
                     "position": int(acts.positions[rows[local]]),
                     "score": float(column[sentence]),
                     "token": tokenizer.decode([ids[local]]),
-                    "context": tokenizer.decode(ids[lo:local]) + "[[" + tokenizer.decode([ids[local]]) + "]]"
+                    "context": tokenizer.decode(ids[lo:local])
+                    + "[["
+                    + tokenizer.decode([ids[local]])
+                    + "]]"
                     + tokenizer.decode(ids[local + 1 : hi]),
                     "tokens": token_texts(tokenizer, ids[lo:hi]),
                     "acts": [float(f"{v:.4g}") for v in codes[rows[lo:hi], f].tolist()],
                     "top": local - lo,
                 }
-            )  # fmt: skip
+            )
         result.append(contexts)
     return result
 

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from bench.contexts import encode_all, sentence_max
-from featbench.methods.base import ActivationSet, Features
+from bench.activations.set import ActivationSet
+from bench.fit.contexts import encode_all, sentence_max
+from bench.fit.features import Features
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Encodings:
     def decoded(self, mask: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
         """decode(native codes) of the masked rows, float32 (features with a decoder only)."""
         codes = self.tokens("native")[mask]
-        parts = [self.features.decode(codes[i : i + chunk].float()).float().cpu()
-                 for i in range(0, len(codes), chunk)]  # fmt: skip
+        parts = [
+            self.features.decode(codes[i : i + chunk].float()).float().cpu()
+            for i in range(0, len(codes), chunk)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, self.acts.d)

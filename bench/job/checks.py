@@ -12,21 +12,17 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from bench import datasets
+from bench.core.hooks import WIDTHS
+from bench.core.storage import atomic_write_text
+from bench.data import datasets
 from bench.errors import ConfigError, JudgeFailures
-from bench.hooks import WIDTHS
+from bench.fit.method import Method
+from bench.job.plugins import plugin_name
 from bench.results import FAILED_FILE, METRICS_FILE, read_metrics
-from bench.storage import atomic_write_text
-from featbench.methods.base import Method
 
 log = logging.getLogger(__name__)
 
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")  # instantiate's
-
-
-def plugin_name(obj: object) -> str:
-    """A plugin's `name` class attribute, else its class name in lower case."""
-    return getattr(type(obj), "name", None) or type(obj).__name__.lower()
 
 
 def completed(job_dir: Path, chash: str, digest: str) -> pd.DataFrame | None:
@@ -55,9 +51,11 @@ def completed(job_dir: Path, chash: str, digest: str) -> pd.DataFrame | None:
         log.info(
             "%s: results from code %s (%s); the code that computes results is now %s, "
             "so the job runs again",
-            path, ", ".join(found) or "that recorded no code digest",
-            ", ".join(versions) or "no version", digest,
-        )  # fmt: skip
+            path,
+            ", ".join(found) or "that recorded no code digest",
+            ", ".join(versions) or "no version",
+            digest,
+        )
         return None
     return frame
 
@@ -76,8 +74,12 @@ def check_judge_failures(frame: pd.DataFrame, limit: float, job_dir: Path) -> No
         "not be read as a success. The log names each kind of failure; fix the judge and run "
         "again (the job reruns), or raise judge_failure_limit knowingly"
     )
-    record = {"error": f"JudgeFailures: {message}", "exit_code": 2,
-              "judge_failures": int(failed), "judgements": int(judged)}  # fmt: skip
+    record = {
+        "error": f"JudgeFailures: {message}",
+        "exit_code": 2,
+        "judge_failures": int(failed),
+        "judgements": int(judged),
+    }
     atomic_write_text(job_dir / FAILED_FILE, json.dumps(record))
     raise JudgeFailures(message)
 

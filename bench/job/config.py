@@ -9,7 +9,7 @@ Values a type cannot express (allowed hook names, ranges) are checked in
 
 Importing this module stores nothing: `conf/config.yaml` names `featbench_schema` in
 its defaults, so whoever composes it calls `register_schema()` first (the entry point,
-`bench.run`; the tests, through `tests/conftest.py`). A launcher's worker processes get
+`bench.cli.featbench`; the tests, through `tests/conftest.py`). A launcher's worker processes get
 the schema with Hydra's singletons, which the launcher copies to them.
 """
 
@@ -21,15 +21,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from bench.datasets import FORMATS
-from bench.dtypes import DTYPES
+from bench.core.dtypes import DTYPES
+from bench.core.hooks import HOOKS
+from bench.core.secrets import check_env_name
+from bench.data.datasets import FORMATS
 from bench.errors import ConfigError
-from bench.hooks import HOOKS
-from bench.secrets import check_env_name
 
 PROMPT_FORMATS = ("plain", "chat")  # a base model's raw text | an instruction-tuned chat model
 DEVICES = ("auto", "cpu", "cuda", "mps")
-MODEL_DTYPES = tuple(DTYPES)  # bench.dtypes: one map for weights, activations and judges
+MODEL_DTYPES = tuple(DTYPES)  # bench.core.dtypes: one map for weights, activations and judges
 
 
 @dataclass
@@ -54,9 +54,9 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    # what reads the sentences: a function or class returning a bench.datasets.ConceptDataset,
+    # what reads the sentences: a function or class returning a bench.data.datasets.ConceptDataset,
     # given the keys below (another source of sentences is another _target_)
-    _target_: str = "bench.datasets.load"
+    _target_: str = "bench.data.datasets.load"
     name: str = "concepts"  # recorded in the log; the file's hash is the provenance
     path: str | None = None  # null = the shipped dataset
     format: str = "auto"  # auto | jsonl | json | csv

@@ -13,7 +13,7 @@ Finished and unfinished runs: a run that featbench closed gets `featbench-finish
 in its folder, written after W&B's `finish` returns. A job killed mid-run (SIGKILL, the
 OOM killer, a cluster's time limit) leaves a W&B folder without it: a partial run that
 `wandb sync` would upload as if it were a result. `featbench-wandb-sync DIR...`
-(bench.wandb_sync) uploads only the finished offline runs under DIR and names the others;
+(bench.cli.wandb_sync) uploads only the finished offline runs under DIR and names the others;
 the same by hand:
 
     wandb sync $(find DIR -path '*/offline-run-*/featbench-finished.json' -printf '%h ')
@@ -25,7 +25,7 @@ process's environment is the caller's again afterwards. W&B itself sets `WANDB_S
 (the service's address, for child processes) for the rest of the process: its own state,
 left alone.
 
-Secrets: the config is redacted (`bench.secrets.redact`) before it reaches
+Secrets: the config is redacted (`bench.core.secrets.redact`) before it reaches
 W&B; W&B's system metadata (which records the command line, where a Hydra
 override such as `judge.api_key=...` would sit) is switched off; environment
 variables are never logged.
@@ -47,17 +47,19 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from bench.core.secrets import redact
+from bench.core.storage import atomic_write_text
 from bench.errors import ConfigError
-from bench.secrets import redact
-from bench.storage import atomic_write_text
+from bench.results import SUMMARY_DIMENSIONS
 
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
 # W&B renders tables of this size comfortably; metrics.parquet keeps every row.
 MAX_TABLE_ROWS = 20_000
-# Dimensions that tell apart summary rows of one task and metric (steering's grid).
-_KEY_DIMENSIONS = ("kl_target", "sign")
+# Dimensions that tell apart summary rows of one task and metric: the task's own (the
+# encoder, the steering protocol, ...) and steering's grid.
+_KEY_DIMENSIONS = (*SUMMARY_DIMENSIONS, "kl_target", "sign")
 _DEFAULT_HOST = "https://api.wandb.ai"  # W&B's own server, used when WANDB_BASE_URL is unset
 # Written into a W&B run's folder once featbench has closed the run: its absence marks a
 # partial run (the job was killed), which `featbench-wandb-sync` never uploads.
@@ -179,8 +181,10 @@ class WandbLogger(Tracker):
             log.warning(
                 "W&B run for %s did not start (%s: %s); continuing without W&B, "
                 "metrics.parquet is unaffected",
-                name, type(err).__name__, err,
-            )  # fmt: skip
+                name,
+                type(err).__name__,
+                err,
+            )
             self._run, self._run_dir = None, None
             return
         log.info("W&B %s run %s started under %s", self.mode, self._run.id, root / "wandb")
@@ -240,8 +244,11 @@ class WandbLogger(Tracker):
                 record = {"run_id": getattr(run, "id", None), "exit_code": exit_code}
                 atomic_write_text(run_dir / FINISHED_MARKER, json.dumps(record))
             except OSError as err:
-                log.warning("W&B run %s: cannot mark it finished (%s); featbench-wandb-sync "
-                            "will skip it", getattr(run, "id", "?"), err)  # fmt: skip
+                log.warning(
+                    "W&B run %s: cannot mark it finished (%s); featbench-wandb-sync will skip it",
+                    getattr(run, "id", "?"),
+                    err,
+                )
 
 
 def _run_folder(run: Any) -> Path | None:
@@ -258,7 +265,8 @@ def summary_metrics(frame: pd.DataFrame) -> tuple[dict[str, float], int]:
     """Summary rows (feature and concept null) as `{"<task>/<metric>": value}`.
 
     Adds "/ci_low" and "/ci_high" entries where those columns hold values, and
-    qualifies the key with kl_target/sign where a row sets them (e.g.
+    qualifies the key with every dimension a row sets (e.g.
+    "concept_detection/mean_feature_auroc[encoder=native]",
     "steering/score[kl_target=0.5,sign=1]"). Missing values are skipped and
     counted (second element); a repeated key keeps its first value.
     """
@@ -295,8 +303,10 @@ def table_rows(frame: pd.DataFrame, name: str = "table") -> tuple[list[str], lis
     if len(frame) > MAX_TABLE_ROWS:
         log.warning(
             "W&B table %s keeps the first %d of %d rows; metrics.parquet has them all",
-            name, MAX_TABLE_ROWS, len(frame),
-        )  # fmt: skip
+            name,
+            MAX_TABLE_ROWS,
+            len(frame),
+        )
         frame = frame.iloc[:MAX_TABLE_ROWS]
     columns = [str(c) for c in frame.columns]
     rows = [[_plain(v) for v in record] for record in frame.itertuples(index=False, name=None)]

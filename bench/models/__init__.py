@@ -6,7 +6,7 @@ node's other keys). Three ship here:
 
 - `EmbeddedSource` (the default, `model=smollm2-135m`; also `model=gemma3-270m`): a GGUF
   file carried by an installed wheel, named by `source.gguf` (see
-  `bench/model_sources.py` and `docs/adding-a-model.md`). transformers dequantizes it
+  `bench/models/sources.py` and `docs/adding-a-model.md`). transformers dequantizes it
   into its own model class; TransformerLens's weight conversion turns that into a
   HookedTransformer, configured either from the GGUF's own config (architectures its
   local-config path knows: Llama, Mistral, Qwen2, ...) or from its built-in,
@@ -17,7 +17,7 @@ node's other keys). Three ship here:
 - `HubSource`: a TransformerLens model name (`gpt2-small`, `gemma-2-2b`,
   `meta-llama/Llama-3.1-8B`, ...). Without a reachable hub and without the files in
   the local Hugging Face cache, its `check` fails at once naming the embedded models
-  instead of hanging on retries (bench.hub).
+  instead of hanging on retries (bench.models.hub).
 - `LocalSource`: a Hugging Face checkpoint directory (`source.path`) of an
   architecture that TransformerLens converts (or one `source.tl_config` names).
 
@@ -41,19 +41,9 @@ from typing import Any
 
 import torch
 
-from bench.conversion import _hooked, _plain_hf_config, _tl_config, hooked_from_hf
-from bench.dtypes import torch_dtype
-from bench.errors import ConfigError
-from bench.hub import check_available, load_hub
-from bench.model_sources import (
-    EMBEDDED_NAME,
-    GGUFSource,
-    ModelUnavailable,
-    embedded_model,
-    gguf_path,
-    gguf_sha256,
-)
-from bench.storage import (
+from bench.core.device import resolve_device
+from bench.core.dtypes import torch_dtype
+from bench.core.storage import (
     atomic_write,
     atomic_write_text,
     cache_dir,
@@ -62,6 +52,16 @@ from bench.storage import (
     mark_verified,
     sha256_file,
     sha256_json,
+)
+from bench.errors import ConfigError, ModelUnavailable
+from bench.models.conversion import _hooked, _plain_hf_config, _tl_config, hooked_from_hf
+from bench.models.hub import check_available, load_hub
+from bench.models.sources import (
+    EMBEDDED_NAME,
+    GGUFSource,
+    embedded_model,
+    gguf_path,
+    gguf_sha256,
 )
 
 __all__ = [
@@ -92,16 +92,6 @@ class LoadedModel:
     fingerprint: str  # identifies the weights and tokenizer: part of the activation-cache key
     load_seconds: float
     cache_hit: bool | None = None  # embedded model only
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailable(
-            "device=cuda but torch sees no CUDA device; use device=auto or device=cpu"
-        )
-    return device
 
 
 class ModelSource(ABC):
@@ -317,14 +307,18 @@ def _write_converted(entry: Path, key: dict, model: Any, hf_model: Any, tokenize
 
 
 def _read_converted(entry: Path, key: dict) -> Any | None:
-    """The cached HookedTransformer, or None when absent, stale or corrupt."""
+    """The cached HookedTransformer, or None when the entry is absent, stale or corrupt (a
+    warning says which). Only a problem with the entry's files means "rebuild it": building
+    the model from a sound entry raises whatever it raises (a configuration error, out of
+    memory), as building it from the GGUF would."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     meta_path, weights = entry / "meta.json", entry / "weights.safetensors"
     if not meta_path.is_file():
         return None
-    try:
+    try:  # the entry's files: unusable ones are rebuilt
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
             raise ValueError("stale: made by another GGUF file or library version")
@@ -335,15 +329,21 @@ def _read_converted(entry: Path, key: dict) -> Any | None:
         # add_bos_token=True is what TransformerLens would otherwise reload it with (a
         # second parse of the tokenizer: seconds for Gemma's 262k-token vocabulary).
         tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"), add_bos_token=True)
-        cfg = _tl_config(meta["hf_config"], key["n_ctx"], key.get("tl_config"))
-        model = _hooked(cfg, tokenizer)
-        # copied into the model's own tensors (not assign=True: load_file's tensors are
-        # mapped from the file, and an in-place write to it would change the model)
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        return model
-    except Exception as err:  # any failure means: do not use this entry
+        state = load_file(str(weights))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         log.warning("model cache entry %s is unusable (%s); rebuilding it", entry, err)
         return None
+    cfg = _tl_config(meta["hf_config"], key["n_ctx"], key.get("tl_config"))
+    model = _hooked(cfg, tokenizer)
+    try:  # copied into the model's own tensors (not assign=True: load_file's tensors are
+        # mapped from the file, and an in-place write to it would change the model)
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # weights that do not fit this model: the entry is unusable
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        log.warning("model cache entry %s is unusable (%s); rebuilding it", entry, err)
+        return None
+    return model
 
 
 # --- local checkpoints and the hub -------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench.errors import ConfigError
-from bench.model_sources import ModelUnavailable
+from bench.models.sources import ModelUnavailable
 
 
 def _plain_hf_config(hf_model: Any) -> dict:

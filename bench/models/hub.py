@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-from bench.model_sources import EMBEDDED_NAME, ModelUnavailable, embedded_models
+from bench.models.sources import EMBEDDED_NAME, ModelUnavailable, embedded_models
 
 log = logging.getLogger(__name__)
 

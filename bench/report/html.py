@@ -27,12 +27,19 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from bench.report.common import MISSING, code_identities, num, supervised_methods, task_order
+from bench.core.storage import atomic_write_text
+from bench.report.common import (
+    MISSING,
+    code_identities,
+    mixed_kinds,
+    num,
+    supervised_methods,
+    task_order,
+)
 from bench.report.differences import UNPAIRED, differs_from_control, mark_key, separates
 from bench.report.html_assets import SCRIPT, STYLE
 from bench.report.html_features import complete, gallery_section, setting_of
 from bench.report.html_views import concept_section, tree_section
-from bench.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from bench.report import Built
@@ -52,8 +59,12 @@ def write_html(built: Built, directory: Path, plots: str = "") -> Path:
     path = atomic_write_text(directory / PAGE, page)
     size = len(page.encode("utf-8"))
     if size > LIMIT:
-        log.warning("%s is %.1f MB, above the %.0f MB a page should stay under",
-                    path, size / 1e6, LIMIT / 1e6)  # fmt: skip
+        log.warning(
+            "%s is %.1f MB, above the %.0f MB a page should stay under",
+            path,
+            size / 1e6,
+            LIMIT / 1e6,
+        )
     log.info("wrote %s (%.2f MB)", path, size / 1e6)
     return path
 
@@ -73,11 +84,13 @@ def html_page(built: Built, directory: Path, plots: list[tuple[str, str]]) -> st
     nav = " ".join(f'<a href="#{k}">{k}</a>' for k, v in sections.items() if v)
     methods = sorted({job.method for job in jobs})
     concepts = sorted({str(c) for c in summary["concept"].dropna()}) if "concept" in summary else []
-    intro = (f"{escape(str(directory))}: {summary['job_dir'].nunique()} jobs, {len(summary)} "
-             "result rows (summary.parquet), report.md and features.md beside this page.")  # fmt: skip
-    if built.unreadable:
-        intro += f" <strong>{len(built.unreadable)} job(s) left out, their results unreadable:"
-        intro += "".join(f" {escape(file)} ({escape(why)});" for file, why in built.unreadable)
+    intro = (
+        f"{escape(str(directory))}: {summary['job_dir'].nunique()} jobs, {len(summary)} "
+        "result rows (summary.parquet), report.md and features.md beside this page."
+    )
+    if built.left_out:
+        intro += f" <strong>{len(built.left_out)} item(s) left out:"
+        intro += "".join(f" {escape(item)} ({escape(why)});" for item, why in built.left_out)
         intro += "</strong>"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -96,41 +109,49 @@ def _filters(methods: list[str], concepts: list[str]) -> str:
 
     def select(name: str, values: list[str]) -> str:
         options = "".join(f'<option value="{escape(v)}">{escape(v)}</option>' for v in values)
-        return f'<select id="filter-{name}" aria-label="{name}"><option value="">every {name}</option>{options}</select>'  # fmt: skip
+        return f'<select id="filter-{name}" aria-label="{name}"><option value="">every {name}</option>{options}</select>'
 
     scores = [("auroc", "AUROC"), ("steering", "held-out steering score"), ("scd", "S_CD")]
     score = "".join(f'<option value="{k}">{v}</option>' for k, v in scores)
-    return (f'<div class="filters">{select("method", methods)} {select("concept", concepts)} '
-            f'<select id="filter-score" aria-label="score">{score}</select> ≥ '
-            '<input id="filter-min" type="number" step="0.05" placeholder="any" aria-label="minimum"> '
-            '<button type="button" id="filter-clear">clear</button> '
-            '<span id="filter-count" class="note"></span></div>')  # fmt: skip
+    return (
+        f'<div class="filters">{select("method", methods)} {select("concept", concepts)} '
+        f'<select id="filter-score" aria-label="score">{score}</select> ≥ '
+        '<input id="filter-min" type="number" step="0.05" placeholder="any" aria-label="minimum"> '
+        '<button type="button" id="filter-clear">clear</button> '
+        '<span id="filter-count" class="note"></span></div>'
+    )
 
 
 def comparison_section(built: Built, directory: Path, plots: list[tuple[str, str]]) -> str:
     """Headline tables, the difference tables, then the plots."""
     cells, diffs = built.cells, built.differences
     marks = differs_from_control(diffs) if len(diffs) else set()
-    parts = ['<section id="comparison"><h2>Comparison</h2>',
-             '<p class="note">A row is one setting, a cell the task\'s summary row: value '
-             "[95% bootstrap interval] n=units (the bar draws the interval on the column's "
-             "scale); <i>k seeds</i>: the mean of k seeds of one setting. "
-             f"{MISSING}: missing (its reason is in summary.parquet). * marks a cell whose "
-             "difference from the random control excludes 0; † a supervised method (fitted "
-             "with the concept labels: an upper reference, not a competitor).</p>"]  # fmt: skip
+    parts = [
+        '<section id="comparison"><h2>Comparison</h2>',
+        '<p class="note">A row is one setting, a cell the task\'s summary row: value '
+        "[95% bootstrap interval] n=units (the bar draws the interval on the column's "
+        "scale); <i>k seeds</i>: the mean of k seeds of one setting. "
+        f"{MISSING}: missing (its reason is in summary.parquet). * marks a cell whose "
+        "difference from the random control excludes 0; † a supervised method (fitted "
+        "with the concept labels: an upper reference, not a competitor).</p>",
+    ]
     supervised = supervised_methods(built.summary)
     for where, block in cells.groupby("place", sort=False):
         parts.append(f"<h3>{escape(str(where).replace('`', ''))}</h3>")
         for task in _tasks(block):
             title = str(block.loc[block["task"] == task, "title"].iloc[0])
-            parts.append(f"<h4>{escape(title)}</h4>{_warnings(block[block['task'] == task])}"
-                         f"{_headline_table(block[block['task'] == task], block, marks, supervised)}")  # fmt: skip
+            parts.append(
+                f"<h4>{escape(title)}</h4>{_warnings(block[block['task'] == task])}"
+                f"{_headline_table(block[block['task'] == task], block, marks, supervised)}"
+            )
     parts.append(differences_html(diffs))
     parts.append(_plots(directory, plots))
     return "\n".join(parts) + "</section>"
 
 
-def _headline_table(part: pd.DataFrame, block: pd.DataFrame, marks: set, supervised: set[str]) -> str:  # fmt: skip
+def _headline_table(
+    part: pd.DataFrame, block: pd.DataFrame, marks: set, supervised: set[str]
+) -> str:
     """A row per setting of the block, a column per headline label of the task."""
     labels = list(dict.fromkeys(part.sort_values("order")["label"]))
     settings = block.drop_duplicates("setting_hash").sort_values(["method", "setting"])
@@ -142,10 +163,14 @@ def _headline_table(part: pd.DataFrame, block: pd.DataFrame, marks: set, supervi
         cells = {str(c["label"]): c for c in ours.to_dict("records")}
         tds = "".join(_cell(cells.get(str(label)), scale[label], marks) for label in labels)
         dagger = " †" if setting["method"] in supervised else ""
-        body.append(f'<tr data-method="{escape(str(setting["method"]))}">'
-                    f"<th>{escape(str(setting['setting']) + dagger)}</th>{tds}</tr>")  # fmt: skip
-    return (f'<table class="headline"><thead><tr><th>setting</th>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")  # fmt: skip
+        body.append(
+            f'<tr data-method="{escape(str(setting["method"]))}">'
+            f"<th>{escape(str(setting['setting']) + dagger)}</th>{tds}</tr>"
+        )
+    return (
+        f'<table class="headline"><thead><tr><th>setting</th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def _cell(cell: dict | None, scale: tuple[float, float] | None, marks: set) -> str:
@@ -187,11 +212,13 @@ def _scale(rows: pd.DataFrame) -> tuple[float, float] | None:
 
 def differences_html(diffs: pd.DataFrame) -> str:
     """Per (model, layer, hook): which settings separate from which, then every pair."""
-    head = ("<h3>Differences between settings</h3><p class=\"note\">For every pair of settings in "
-            "one table, per headline metric: delta = a − b with its 95% bootstrap interval "
-            "(paired over the units both were scored on, else unpaired), p Holm-adjusted over "
-            "the table's family. Highlighted rows separate: their interval excludes 0. "
-            '<label><input type="checkbox" id="only-separated"> only those</label></p>')  # fmt: skip
+    head = (
+        '<h3>Differences between settings</h3><p class="note">For every pair of settings in '
+        "one table, per headline metric: delta = a − b with its 95% bootstrap interval "
+        "(paired over the units both were scored on, else unpaired), p Holm-adjusted over "
+        "the table's family. Highlighted rows separate: their interval excludes 0. "
+        '<label><input type="checkbox" id="only-separated"> only those</label></p>'
+    )
     if diffs.empty:
         return head + '<p class="note">No two settings share a table, dataset and metric.</p>'
     parts = [head]
@@ -199,15 +226,20 @@ def differences_html(diffs: pd.DataFrame) -> str:
         first = block.iloc[0]
         rows = block.to_dict("records")
         scale = _scale(block.rename(columns={"delta": "value"}))
-        separated = [f"{r['setting_a']} {'>' if r['delta'] > 0 else '<'} {r['setting_b']} "
-                     f"on {_metric(r)}" for r in rows if separates(r)]  # fmt: skip
+        separated = [
+            f"{r['setting_a']} {'>' if r['delta'] > 0 else '<'} {r['setting_b']} on {_metric(r)}"
+            for r in rows
+            if separates(r)
+        ]
         summary = "; ".join(separated) if separated else "no pair separates"
         header = ["metric", "a", "b", "delta [95% CI]", "p_holm", "pairs", "comparison", "power"]
         body = "".join(_difference_row(r, scale) for r in rows)
-        parts.append(f"<h4>{escape(str(first['model']))} · layer {escape(str(first['layer']))} · "
-                     f"{escape(str(first['hook']))}</h4><p><b>Separated:</b> {escape(summary)}</p>"
-                     f'<table class="differences"><thead><tr>{"".join(f"<th>{h}</th>" for h in header)}'
-                     f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
+        parts.append(
+            f"<h4>{escape(str(first['model']))} · layer {escape(str(first['layer']))} · "
+            f"{escape(str(first['hook']))}</h4><p><b>Separated:</b> {escape(summary)}</p>"
+            f'<table class="differences"><thead><tr>{"".join(f"<th>{h}</th>" for h in header)}'
+            f"</tr></thead><tbody>{body}</tbody></table>"
+        )
     return "\n".join(parts)
 
 
@@ -244,8 +276,10 @@ def _plots(directory: Path, plots: list[tuple[str, str]]) -> str:
         if not path.is_file():
             continue
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        figures.append(f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{escape(title)} ({escape(name)})</figcaption></figure>")  # fmt: skip
+        figures.append(
+            f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{escape(title)} ({escape(name)})</figcaption></figure>"
+        )
     return '<h3>Plots</h3><div class="plots">' + "".join(figures) + "</div>" if figures else ""
 
 
@@ -260,10 +294,13 @@ def _warnings(part: pd.DataFrame) -> str:
     notes = []
     versions = code_identities(part)
     if len(versions) > 1:
-        notes.append(f"These rows mix results from {len(versions)} code identities: "
-                     f"{'; '.join(versions)}.")  # fmt: skip
-    kinds = sorted(set(part.loc[part["task"] == "steering", "description"].dropna().astype(str)))
-    if len(kinds) > 1:
-        notes.append(f"These steering cells were judged against different description kinds "
-                     f"({', '.join(kinds)}); their scores are not comparable.")  # fmt: skip
+        notes.append(
+            f"These rows mix results from {len(versions)} code identities: {'; '.join(versions)}."
+        )
+    kinds = mixed_kinds(part)
+    if kinds:
+        notes.append(
+            f"These steering cells were judged against different description kinds "
+            f"({', '.join(kinds)}); their scores are not comparable."
+        )
     return "".join(f'<p class="warning">{escape(n)}</p>' for n in notes)

@@ -28,10 +28,23 @@ SHADES = 9  # activation levels of token shading (CSS classes p1..p9 and n1..n9)
 SCORES = ("concept_score", "fluency_score", "steering_score")
 HELDOUT, BEST = "heldout_steering_score", "best_kl_steering_score"
 OPTIONAL = (  # task columns a card reads; a job without one has it missing
-    "encoder", "concept", "selected_feature", "kl_target", "sign", "sample", "prompt", "text",
-    "alpha", "kl_achieved", "failure", "reason", "description_text", "description", "protocol",
+    "encoder",
+    "concept",
+    "selected_feature",
+    "kl_target",
+    "sign",
+    "sample",
+    "prompt",
+    "text",
+    "alpha",
+    "kl_achieved",
+    "failure",
+    "reason",
+    "description_text",
+    "description",
+    "protocol",
     "match_auroc",
-)  # fmt: skip
+)
 
 
 def complete(job: Job) -> Job:
@@ -64,17 +77,21 @@ def setting_of(job: Job) -> str:
 
 def gallery_section(jobs: list[Job]) -> str:
     """Per job, a card per steered or matched feature, then its hidden tree-node cards."""
-    parts = ['<section id="features"><h2>Features</h2>',
-             '<p class="note">Per job, the features that were steered or are the best match of a '
-             "concept, steered first. Tokens are shaded by the feature's activation (orange "
-             "positive, blue negative, relative to the card's largest); hover a token for its "
-             "value. The link symbol of a card is its permalink.</p>"]  # fmt: skip
+    parts = [
+        '<section id="features"><h2>Features</h2>',
+        '<p class="note">Per job, the features that were steered or are the best match of a '
+        "concept, steered first. Tokens are shaded by the feature's activation (orange "
+        "positive, blue negative, relative to the card's largest); hover a token for its "
+        "value. The link symbol of a card is its permalink.</p>",
+    ]
     for job in jobs:
         shown, roles = gallery_features(job)
         first = job.rows.iloc[0]
         title = f"{setting_of(job)} · job {job.name} · {place(job.rows).iloc[0].replace('`', '')}"
-        parts.append(f'<section class="job" data-method="{escape(job.method)}">'
-                     f"<h3>{escape(title)} · seed {escape(str(first['seed']))}</h3>")  # fmt: skip
+        parts.append(
+            f'<section class="job" data-method="{escape(job.method)}">'
+            f"<h3>{escape(title)} · seed {escape(str(first['seed']))}</h3>"
+        )
         if not shown:
             parts.append('<p class="note">No steered or matched feature in this job.</p>')
         cards = [feature_card(job, f, roles.get(f, [])) for f in shown]
@@ -123,15 +140,25 @@ def feature_card(job: Job, feature: int, roles: list[str], extra: bool = False) 
     heldout = _values(steering, HELDOUT)
     concepts = sorted({str(c) for c in rows["concept"].dropna()})
     data = {
-        "method": job.method, "concepts": json.dumps(concepts), "auroc": _max(aurocs),
-        "steering": _max(heldout), "scd": _max(_values(detect, "s_cd")),
-    }  # fmt: skip
+        "method": job.method,
+        "concepts": json.dumps(concepts),
+        "auroc": _max(aurocs),
+        "steering": _max(heldout),
+        "scd": _max(_values(detect, "s_cd")),
+    }
     attrs = " ".join(f'data-{k}="{escape(str(v))}"' for k, v in data.items())
     badges = "".join(f'<span class="badge">{escape(r)}</span>' for r in roles)
-    head = (f'<header><a class="permalink" href="{href(target)}" title="permalink">#</a> '
-            f"<b>{escape(setting_of(job))}</b> · feature {feature} {badges}</header>")  # fmt: skip
-    body = [_description(steering), _detection(detect), _steering_facts(steering),
-            _contexts(contexts_of(job, feature), *SHOWN[extra]), _samples(steering)]  # fmt: skip
+    head = (
+        f'<header><a class="permalink" href="{href(target)}" title="permalink">#</a> '
+        f"<b>{escape(setting_of(job))}</b> · feature {feature} {badges}</header>"
+    )
+    body = [
+        _description(steering),
+        _detection(detect),
+        _steering_facts(steering),
+        _contexts(contexts_of(job, feature), *SHOWN[extra]),
+        _samples(steering),
+    ]
     hidden = ' class="card extra" hidden' if extra else ' class="card"'
     return f'<article id="{escape(target)}"{hidden} {attrs}>{head}{"".join(body)}</article>'
 
@@ -144,8 +171,10 @@ def _description(steering: pd.DataFrame) -> str:
         for row in described.drop_duplicates(["description_text", "sign"]).to_dict("records"):
             kind = row.get("description") if _has(row, "description") else "description"
             sign = f" ({sign_text(row['sign'])})" if _has(row, "sign") else ""
-            out.append(f'<span class="kind">{escape(str(kind))}{escape(sign)}</span> '
-                       f"{escape(str(row['description_text']))}")  # fmt: skip
+            out.append(
+                f'<span class="kind">{escape(str(kind))}{escape(sign)}</span> '
+                f"{escape(str(row['description_text']))}"
+            )
     if not out:
         return ""
     return '<p class="desc">' + "<br>".join(dict.fromkeys(out)) + "</p>"
@@ -161,9 +190,11 @@ def _detection(detect: pd.DataFrame) -> str:
         scd = part[part["metric"] == "s_cd"].head(1)
         concept = str(auroc["concept"].iloc[0]) if len(auroc) else "—"
         value = num(auroc["value"].iloc[0]) if len(auroc) else "—"
-        items.append(f"<li><span class=\"kind\">{escape(str(encoder) or 'encoder')}</span> "
-                     f"matched <b>{escape(concept)}</b> · AUROC {value} · S_CD "
-                     f"{num(scd['value'].iloc[0]) if len(scd) else '—'}</li>")  # fmt: skip
+        items.append(
+            f'<li><span class="kind">{escape(str(encoder) or "encoder")}</span> '
+            f"matched <b>{escape(concept)}</b> · AUROC {value} · S_CD "
+            f"{num(scd['value'].iloc[0]) if len(scd) else '—'}</li>"
+        )
     return '<ul class="facts">' + "".join(items) + "</ul>"
 
 
@@ -177,8 +208,10 @@ def _steering_facts(steering: pd.DataFrame) -> str:
         why = f" ({row['reason']})" if _has(row, "reason") else ""
         concept = f" for {row['concept']}" if _has(row, "concept") else ""
         name = "held-out" if row["metric"] == HELDOUT else "best over KL"
-        items.append(f"<li>{name} steering score <b>{num(row['value'])}</b>"
-                     f"{escape(concept + where + why)}</li>")  # fmt: skip
+        items.append(
+            f"<li>{name} steering score <b>{num(row['value'])}</b>"
+            f"{escape(concept + where + why)}</li>"
+        )
     match = steering["match_auroc"].dropna() if "match_auroc" in steering else []
     if len(match):
         items.append(f"<li>train AUROC of the match {num(match.iloc[0])}</li>")
@@ -191,10 +224,15 @@ def _contexts(contexts: list[dict], shown: int, window: int) -> str:
     contexts = contexts[:shown]
     if not contexts:
         return ""
-    peak = max([abs(float(c.get("score") or 0.0)) for c in contexts]
-               + [abs(float(a)) for c in contexts for a in _acts(c)] + [1e-12])  # fmt: skip
-    lines = [f'<li><span class="score">{num(c.get("score"))}</span> {_tokens(c, peak, window)}</li>'
-             for c in contexts]  # fmt: skip
+    peak = max(
+        [abs(float(c.get("score") or 0.0)) for c in contexts]
+        + [abs(float(a)) for c in contexts for a in _acts(c)]
+        + [1e-12]
+    )
+    lines = [
+        f'<li><span class="score">{num(c.get("score"))}</span> {_tokens(c, peak, window)}</li>'
+        for c in contexts
+    ]
     return '<ol class="contexts">' + "".join(lines) + "</ol>"
 
 
@@ -251,8 +289,9 @@ def sample_group(part: pd.DataFrame, title: str, kl: float) -> str:
     items = []
     for sample, rows in part.groupby("sample", sort=True):
         scores = dict(zip(rows["metric"], rows["value"], strict=True))
-        judged = " · ".join(f"{m.removesuffix('_score')} {num(scores.get(m))}" for m in SCORES
-                            if m in scores)  # fmt: skip
+        judged = " · ".join(
+            f"{m.removesuffix('_score')} {num(scores.get(m))}" for m in SCORES if m in scores
+        )
         row = rows.iloc[0]
         prompt = (
             f'<span class="prompt">{_text(str(row["prompt"]))}</span>'
@@ -265,10 +304,14 @@ def sample_group(part: pd.DataFrame, title: str, kl: float) -> str:
             else ""
         )
         text = _text(str(row["text"])) if _has(row, "text") else ""
-        items.append(f'<li><span class="scores">#{int(sample)} {escape(judged)}</span>{failure}'
-                     f'<div class="sample">{prompt}{text}</div></li>')  # fmt: skip
-    return (f'<details class="kl" data-kl="{kl:g}" open><summary>{escape(title + alpha + reached)}'
-            f"</summary><ul>{''.join(items)}</ul></details>")  # fmt: skip
+        items.append(
+            f'<li><span class="scores">#{int(sample)} {escape(judged)}</span>{failure}'
+            f'<div class="sample">{prompt}{text}</div></li>'
+        )
+    return (
+        f'<details class="kl" data-kl="{kl:g}" open><summary>{escape(title + alpha + reached)}'
+        f"</summary><ul>{''.join(items)}</ul></details>"
+    )
 
 
 def _text(text: str) -> str:

@@ -43,18 +43,22 @@ def concept_section(jobs: list[Job]) -> str:
     options = "".join(
         f'<option value="{k:g}"{" selected" * (k == shown)}>{k:g}</option>' for k in kls
     )
-    parts = ['<section id="concepts"><h2>Concepts side by side</h2>',
-             '<p class="note">The concept-paired steering protocol: for each concept, every '
-             "method steers its best-matching feature, judged against the concept's label. "
-             f'Samples shown at KL target <select id="kl-target" aria-label="KL target">{options}'
-             "</select> nats (at first, the target the held-out score chose most often).</p>"]  # fmt: skip
+    parts = [
+        '<section id="concepts"><h2>Concepts side by side</h2>',
+        '<p class="note">The concept-paired steering protocol: for each concept, every '
+        "method steers its best-matching feature, judged against the concept's label. "
+        f'Samples shown at KL target <select id="kl-target" aria-label="KL target">{options}'
+        "</select> nats (at first, the target the held-out score chose most often).</p>",
+    ]
     for concept in concepts:
         target = anchor("concept", concept)
         columns = [_column(job, units[job.name], concept) for job in jobs]
-        parts.append(f'<section class="concept" id="{escape(target)}" data-concept="{escape(concept)}">'
-                     f'<h3><a class="permalink" href="{href(target)}" title="permalink">#</a> '
-                     f'{escape(concept)}</h3><div class="columns">{"".join(filter(None, columns))}'
-                     "</div></section>")  # fmt: skip
+        parts.append(
+            f'<section class="concept" id="{escape(target)}" data-concept="{escape(concept)}">'
+            f'<h3><a class="permalink" href="{href(target)}" title="permalink">#</a> '
+            f'{escape(concept)}</h3><div class="columns">{"".join(filter(None, columns))}'
+            "</div></section>"
+        )
     return "\n".join(parts) + "</section>"
 
 
@@ -87,12 +91,16 @@ def _column(job: Job, rows: pd.DataFrame, concept: str) -> str:
     if len(described):
         facts.append(f"judged against “{escape(str(described.iloc[0]))}”")
     samples = rows[rows["sample"].notna()] if "sample" in rows else rows.iloc[:0]
-    groups = [sample_group(part, f"KL {kl:g} · {sign_text(sign)}", kl)
-              for (kl, sign), part in samples.groupby(["kl_target", "sign"], sort=True)]  # fmt: skip
-    return (f'<div class="column" data-method="{escape(job.method)}"><h4>{escape(setting_of(job))}'
-            f" · {feature_link(job, feature)}</h4><p class=\"note\">job {escape(job.name)}</p>"
-            f'<ul class="facts">{"".join(f"<li>{f}</li>" for f in facts)}</ul>'
-            f'<div class="samples">{"".join(groups)}</div></div>')  # fmt: skip
+    groups = [
+        sample_group(part, f"KL {kl:g} · {sign_text(sign)}", kl)
+        for (kl, sign), part in samples.groupby(["kl_target", "sign"], sort=True)
+    ]
+    return (
+        f'<div class="column" data-method="{escape(job.method)}"><h4>{escape(setting_of(job))}'
+        f' · {feature_link(job, feature)}</h4><p class="note">job {escape(job.name)}</p>'
+        f'<ul class="facts">{"".join(f"<li>{f}</li>" for f in facts)}</ul>'
+        f'<div class="samples">{"".join(groups)}</div></div>'
+    )
 
 
 def tree_section(jobs: list[Job]) -> str:
@@ -100,12 +108,14 @@ def tree_section(jobs: list[Job]) -> str:
     hier = [j for j in jobs if isinstance(j.info.get("levels"), list) and "edges" in j.info]
     if not hier:
         return ""
-    parts = ['<section id="hierarchy"><h2>SNMF hierarchy</h2>',
-             '<p class="note">Coarsest features at the top. A feature can pass the edge threshold '
-             "under several parents; it is drawn under the one with the largest coefficient "
-             "(shown), with the number of its other parents. Click a feature to open its card. "
-             '<button type="button" data-tree="open">expand all</button> '
-             '<button type="button" data-tree="close">collapse all</button></p>']  # fmt: skip
+    parts = [
+        '<section id="hierarchy"><h2>SNMF hierarchy</h2>',
+        '<p class="note">Coarsest features at the top. A feature can pass the edge threshold '
+        "under several parents; it is drawn under the one with the largest coefficient "
+        "(shown), with the number of its other parents. Click a feature to open its card. "
+        '<button type="button" data-tree="open">expand all</button> '
+        '<button type="button" data-tree="close">collapse all</button></p>',
+    ]
     for job in hier:
         strongest: dict[int, tuple[float, int]] = {}  # child -> (coefficient, parent)
         parents: dict[int, int] = {}  # child -> how many parents it has
@@ -126,10 +136,12 @@ def tree_section(jobs: list[Job]) -> str:
             roots += f"<li><details><summary>{len(orphans)} without a parent</summary><ul>{below}</ul></details></li>"
         ranks = ", ".join(str(level["rank"]) for level in levels)
         cut = f'<p class="note">… cut at {TREE_NODES} nodes</p>' if budget[0] <= 0 else ""
-        parts.append(f'<section class="tree" data-method="{escape(job.method)}"><h3>'
-                     f"{escape(setting_of(job))} · job {escape(job.name)} · ranks {ranks} (finest "
-                     f'first), {len(job.info["edges"])} edges</h3><ul class="tree">{roots}</ul>'
-                     f"{cut}</section>")  # fmt: skip
+        parts.append(
+            f'<section class="tree" data-method="{escape(job.method)}"><h3>'
+            f"{escape(setting_of(job))} · job {escape(job.name)} · ranks {ranks} (finest "
+            f'first), {len(job.info["edges"])} edges</h3><ul class="tree">{roots}</ul>'
+            f"{cut}</section>"
+        )
     return "\n".join(parts) + "</section>"
 
 

@@ -15,9 +15,13 @@ BEST = ("best_kl_steering_score", "best_steering_score")
 
 def features_page(jobs: list[Job], top: int) -> str:
     """The whole page: per job, up to `top` features, steered ones first."""
-    lines = ["# featbench: features", "",
-             f"Per job, up to {top} features: the steered ones first (by `best_kl_steering_score`), "
-             "then by concept-detection AUROC. Contexts mark the top token as [[token]].", ""]  # fmt: skip
+    lines = [
+        "# featbench: features",
+        "",
+        f"Per job, up to {top} features: the steered ones first (by `best_kl_steering_score`), "
+        "then by concept-detection AUROC. Contexts mark the top token as [[token]].",
+        "",
+    ]
     for job in jobs:
         first = job.rows.iloc[0]
         where = place(job.rows).iloc[0]
@@ -59,8 +63,10 @@ def _feature_block(job: Job, feature: int) -> list[str]:
     if "description_text" in steering and steering["description_text"].notna().any():
         described = steering.dropna(subset=["description_text"]).drop_duplicates("description_text")
         signed = len(described) > 1  # output-centric descriptions differ by sign
-        texts = [(f"{sign_text(r['sign'])}: " if signed else "") + inline(r["description_text"])
-                 for _, r in described.iterrows()]  # fmt: skip
+        texts = [
+            (f"{sign_text(r['sign'])}: " if signed else "") + inline(r["description_text"])
+            for _, r in described.iterrows()
+        ]
         out += [f"Description: {'; '.join(texts)}", ""]
     contexts = contexts_of(job, feature)
     if contexts:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from bench.hooks import HOOKS
+from bench.core.hooks import short_of
 from bench.report.common import MISSING, ReportError, md_table, norm, num, one_line, plain
 from bench.report.series import PER_FEATURE
 
@@ -87,9 +87,18 @@ def compare_section(
         for cell in mine.to_dict("records"):
             differs = mismatches(ref, cell, settings.get(cell["setting_hash"]))
             text = MISSING if differs else cell["text"]
-            body.append([f"{cell['place']} · {cell['setting']}", cell["label"], text,
-                         _paper_value(ref), _paper_setting(ref), str(ref["source"]),
-                         str(ref["confidence"]), "; ".join(differs) or "same setting"])  # fmt: skip
+            body.append(
+                [
+                    f"{cell['place']} · {cell['setting']}",
+                    cell["label"],
+                    text,
+                    _paper_value(ref),
+                    _paper_setting(ref),
+                    str(ref["source"]),
+                    str(ref["confidence"]),
+                    "; ".join(differs) or "same setting",
+                ]
+            )
     if not body:
         return f"{head}\n\nNo (method, metric) here is in the reference ({len(reference)} rows)."
     header = ["ours: setting", "metric", "ours", "paper", "paper: setting", "source"]
@@ -107,10 +116,7 @@ def mismatches(ref: dict, cell: dict, setting: dict | None) -> list[str]:
         out.append(f"model: ours {model}, paper {paper_model}")
     if pd.notna(ref.get("layer")) and plain(cell["layer"]) != plain(float(ref["layer"])):
         out.append(f"layer: ours {plain(cell['layer'])}, paper {plain(ref['layer'])}")
-    short = setting.get("hook") or next(
-        (k for k, v in HOOKS.items() if v.format(layer=plain(cell["layer"])) == cell["hook"]),
-        cell["hook"],
-    )
+    short = setting.get("hook") or short_of(str(cell["hook"])) or cell["hook"]
     if pd.notna(ref.get("hook")) and str(ref["hook"]) not in (short, cell["hook"]):
         out.append(f"hook: ours {short}, paper {ref['hook']}")
     if pd.notna(ref.get("rank")):
@@ -137,8 +143,9 @@ def _paper_value(ref: dict) -> str:
 
 def _paper_setting(ref: dict) -> str:
     parts = [str(ref["model"]), f"layer {plain(ref['layer'])}"]
-    parts += [f"{k} {plain(ref[k])}" for k in ("hook", "rank", "sparsity", "init")
-              if pd.notna(ref.get(k))]  # fmt: skip
+    parts += [
+        f"{k} {plain(ref[k])}" for k in ("hook", "rank", "sparsity", "init") if pd.notna(ref.get(k))
+    ]
     return ", ".join(parts)
 
 

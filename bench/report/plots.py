@@ -1,5 +1,5 @@
-"""The report's pictures: steering score vs KL target, per-feature AUROC by method and SNMF
-loss curves as PNGs (matplotlib's Agg canvas, no display needed), and hierarchical SNMF
+"""The report's pictures: the steering headline by setting and the steering score vs KL
+target (each with its 95% interval), per-feature AUROC by method and SNMF loss curves as PNGs (matplotlib's Agg canvas, no display needed), and hierarchical SNMF
 trees as indented markdown lists.
 
 `plot_section` draws them for a whole sweep into its folder from the series `build`
@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from bench.core.storage import atomic_write
 from bench.report.common import Job, contexts_of, inline, num
 from bench.report.series import PlotSeries, plot_series
-from bench.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,44 @@ def _plot_steering(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
     if curves.empty:
         return "no per-sample steering_score rows"
     for label, curve in curves.groupby("label", sort=True):
-        ax.plot(curve["kl_target"].astype(float), curve["value"], marker="o", label=label)
-    ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), signs judged")
+        kl = curve["kl_target"].astype(float)
+        (line,) = ax.plot(kl, curve["value"], marker="o", label=label)
+        ax.fill_between(
+            kl,
+            curve["ci_low"].astype(float),
+            curve["ci_high"].astype(float),
+            color=line.get_color(),
+            alpha=0.15,
+            linewidth=0,
+        )
+    ax.set(xlabel="KL target (nats)", ylabel="mean steering score (0-2), 95% interval over units")
+    ax.legend(fontsize=8)
+    return None
+
+
+def _plot_headline(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
+    """The steering headline per setting with its 95% interval, one marker per protocol."""
+    rows = series.headline
+    if rows.empty:
+        return "no steering headline rows"
+    labels = list(dict.fromkeys(rows.sort_values("value", kind="stable")["label"]))
+    protocols = sorted(rows["protocol"].unique())
+    for i, protocol in enumerate(protocols):
+        mine = rows[rows["protocol"] == protocol]
+        offset = (i - (len(protocols) - 1) / 2) * 0.25
+        y = [labels.index(label) + offset for label in mine["label"]]
+        low = (mine["value"] - mine["ci_low"]).clip(lower=0)
+        high = (mine["ci_high"] - mine["value"]).clip(lower=0)
+        ax.errorbar(
+            mine["value"],
+            y,
+            xerr=[low.fillna(0), high.fillna(0)],
+            fmt="o",
+            capsize=3,
+            label=f"{protocol} protocol",
+        )
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set(xlabel="held-out steering score (0-2), 95% interval")
     ax.legend(fontsize=8)
     return None
 
@@ -115,6 +151,7 @@ def _plot_loss(ax: Any, series: PlotSeries, jobs: list[Job]) -> str | None:
 
 
 _PLOTS = [  # file name, title, drawer (returns why it skipped, or None when it drew)
+    ("steering_headline.png", "Steering headline by setting", _plot_headline),
     ("steering_vs_kl.png", "Steering score vs KL target", _plot_steering),
     ("auroc_by_method.png", "Concept-detection AUROC per feature", _plot_auroc),
     ("snmf_loss.png", "SNMF loss curves", _plot_loss),
@@ -146,6 +183,8 @@ def tree_section(jobs: list[Job]) -> str:
         more = "\n- … (cut)" if len(lines) > TREE_LINES else ""
         ranks = [level["rank"] for level in job.info["levels"]]
         picture = f"{job.name}/features/tree.png"
-        parts.append(f"### {job.method} · job `{job.name}` · ranks {ranks} (finest first)\n\n"
-                     f"Drawn: [{picture}]({picture})\n\n" + "\n".join(lines[:TREE_LINES]) + more)  # fmt: skip
+        parts.append(
+            f"### {job.method} · job `{job.name}` · ranks {ranks} (finest first)\n\n"
+            f"Drawn: [{picture}]({picture})\n\n" + "\n".join(lines[:TREE_LINES]) + more
+        )
     return "\n\n".join(parts)

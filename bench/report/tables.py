@@ -14,7 +14,7 @@ import logging
 
 import pandas as pd
 
-from bench.report.common import MISSING, code_identities, md_table, task_order
+from bench.report.common import MISSING, code_identities, md_table, mixed_kinds, task_order
 from bench.report.differences import differs_from_control, mark_key
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,17 @@ def _rows(
     for task in _tasks(part):
         mine = part[part["task"] == task].sort_values("order")
         columns += [(task, label) for label in dict.fromkeys(mine["label"])]
-        arrows.update({(task, c["label"]): ARROWS.get(c["higher_is_better"], "")
-                       for c in mine.to_dict("records")})  # fmt: skip
+        arrows.update(
+            {
+                (task, c["label"]): ARROWS.get(c["higher_is_better"], "")
+                for c in mine.to_dict("records")
+            }
+        )
     steering = describe and set(part["task"]) == {"steering"}
-    header = ["setting", *(label + arrows.get(key, "") for key, (_, label) in
-                           zip(columns, columns, strict=True))]  # fmt: skip
+    header = [
+        "setting",
+        *(label + arrows.get(key, "") for key, (_, label) in zip(columns, columns, strict=True)),
+    ]
     directions = set(part.get("direction", pd.Series(dtype=str)).dropna()) - {"", "feature"}
     header += ["description", "judge"] + (["direction"] if directions else []) if steering else []
     rows = part if rows is None else rows
@@ -117,14 +123,17 @@ def _notes(part: pd.DataFrame) -> list[str]:
     notes = []
     versions = code_identities(part)
     if len(versions) > 1:
-        notes.append(f"**These rows mix results from {len(versions)} code identities: "
-                     f"{'; '.join(versions)}.** Rerun the older jobs to compare like with like.")  # fmt: skip
-    steering = part[part["task"] == "steering"]
-    kinds = sorted(set(steering["description"].dropna().astype(str)))
-    if len(kinds) > 1:
-        notes.append(f"**WARNING: these steering cells were judged against different "
-                     f"description kinds ({', '.join(kinds)}); their scores are not comparable, "
-                     f"and no steering difference across kinds is computed.**")  # fmt: skip
+        notes.append(
+            f"**These rows mix results from {len(versions)} code identities: "
+            f"{'; '.join(versions)}.** Rerun the older jobs to compare like with like."
+        )
+    kinds = mixed_kinds(part)
+    if kinds:
+        notes.append(
+            f"**WARNING: these steering cells were judged against different "
+            f"description kinds ({', '.join(kinds)}); their scores are not comparable, "
+            f"and no steering difference across kinds is computed.**"
+        )
     return notes
 
 

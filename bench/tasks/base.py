@@ -14,26 +14,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.datasets import NEUTRAL, ConceptDataset
-from bench.encodings import Encodings
+from bench.activations.set import ActivationSet
+from bench.core.stages import Stages
+from bench.data.datasets import NEUTRAL, ConceptDataset
 from bench.errors import ConfigError
+from bench.fit.encodings import Encodings
+from bench.fit.features import Features
 from bench.judges.base import Judge
-from bench.stages import Stages
-from featbench.methods.base import ActivationSet, Features
+
+#: the value of a task setting left to its protocol (a preset of values the task declares)
+PROTOCOL = "protocol"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskData:
-    """What a task may use besides the model and the features."""
+    """What a task may use besides the model and the features (keyword arguments: the hook is
+    `activations.hook`, the layer is in it)."""
 
     dataset: ConceptDataset  # sentences, labels and the train/test split
     activations: ActivationSet  # every sentence's tokens at the features' hook
-    layer: int
-    hook: str  # the short hook name (`mlp_post`, ...); `activations.hook` is the full one
-    seed: int
+    seed: int  # the run's seed: the one way a task gets it
     output_dir: Path  # the job's directory, for artifacts and checkpoints
     judge: Judge | None = None  # the configured judge (tasks that score text need one)
-    config_hash: str = ""  # the job's config hash: keys task checkpoints in output_dir
+    # keys the task's checkpoints in output_dir (the job's config hash and code digest); None:
+    # the task cannot resume, and says so
+    checkpoint_key: str | None = None
     stage: Stages = field(default_factory=Stages)  # the job's stage timer: tasks time their parts
     _encodings: Encodings | None = field(default=None, init=False, repr=False)
 

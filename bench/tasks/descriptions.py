@@ -37,9 +37,11 @@ from typing import Any
 
 import torch
 
-from bench.contexts import encode_all, token_texts, top_contexts
+from bench.activations.set import ActivationSet
+from bench.core.hooks import is_mlp_post, layer_of
 from bench.errors import ConfigError
-from bench.hooks import layer_of
+from bench.fit.contexts import encode_all, token_texts, top_contexts
+from bench.fit.features import Features
 from bench.judges.writing import (
     INPUT_DESCRIBE,
     INPUT_TOKENS,
@@ -50,7 +52,6 @@ from bench.judges.writing import (
     output_lines,
     results_section,
 )
-from featbench.methods.base import ActivationSet, Features
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,32 @@ class Describer:
     writing judge's summary) on each call, so a checkpointed feature costs no
     judge request when a job resumes."""
 
-    def __init__(self, kind: str, model: Any, features: Features, train: ActivationSet,
-                 judge: Any, chosen: list[int], unit: torch.Tensor, top: int,
-                 codes: torch.Tensor | None = None,
-                 steered: dict[int, tuple[torch.Tensor, str]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        model: Any,
+        features: Features,
+        train: ActivationSet,
+        judge: Any,
+        chosen: list[int],
+        unit: torch.Tensor,
+        top: int,
+        codes: torch.Tensor | None = None,
+        steered: dict[int, tuple[torch.Tensor, str]] | None = None,
+    ) -> None:
         """`codes`: the train rows' codes of every feature when the caller has them (the
         job's shared encodings); None encodes them here. `steered`: per feature, the
         vector and hook it is steered with, when not its unit direction at the features'
         hook (what `output_summary` projects)."""
         check_kind(kind, judge)
         self.kind, self.model, self.hook, self.judge, self.unit, self.top = (
-            kind, model, features.hook, judge, unit, top)  # fmt: skip
+            kind,
+            model,
+            features.hook,
+            judge,
+            unit,
+            top,
+        )
         self.steered = steered or {}
         labels = features.labels
         self.concept = {f: labels[f] or None for f in chosen} if labels is not None else {}
@@ -159,8 +175,9 @@ class Describer:
         return Description(self.kind, {1: text}, concept)
 
 
-def token_contexts(codes: torch.Tensor, acts: ActivationSet, tokenizer: Any, top: int,
-                   window: int = WINDOW) -> list[tuple[str, str, float]]:  # fmt: skip
+def token_contexts(
+    codes: torch.Tensor, acts: ActivationSet, tokenizer: Any, top: int, window: int = WINDOW
+) -> list[tuple[str, str, float]]:
     """(token, context, code) of the `top` rows with the largest positive code, strongest
     first: the paper's input-centric evidence. The context is the tokens of the same
     sentence within `window` positions either side, the token included."""
@@ -174,8 +191,13 @@ def token_contexts(codes: torch.Tensor, acts: ActivationSet, tokenizer: Any, top
         near = (acts.sentence_ids == sentence) & ((acts.positions - position).abs() <= window)
         ids = acts.token_ids[near].tolist()  # rows are in dataset order, positions ascending
         text = "".join(token_texts(tokenizer, ids))
-        out.append((tokenizer.decode([int(acts.token_ids[row])]), " ".join(text.split()),
-                    float(codes[row])))  # fmt: skip
+        out.append(
+            (
+                tokenizer.decode([int(acts.token_ids[row])]),
+                " ".join(text.split()),
+                float(codes[row]),
+            )
+        )
     return out
 
 
@@ -192,8 +214,9 @@ def written_input(judge: Any, items: list[tuple[str, str, float]], concept) -> D
     return Description("input_centric", {1: text}, concept)
 
 
-def written_output(judge: Any, model: Any, hook: str, vector: torch.Tensor, top: int,
-                   concept) -> Description:  # fmt: skip
+def written_output(
+    judge: Any, model: Any, hook: str, vector: torch.Tensor, top: int, concept
+) -> Description:
     """The paper's output-centric descriptions, one per sign; a TRASH sign is excluded."""
     texts, excluded = {}, {}
     for sign in (1, -1):
@@ -227,7 +250,7 @@ def projected_tokens(
     the residual stream (an MLP-hidden vector times W_out, no b_out), strongest first."""
     layer = layer_of(hook)
     v = vector.to(model.W_U.device, model.W_U.dtype)
-    if hook.endswith("mlp.hook_post"):
+    if is_mlp_post(hook):
         v = v @ model.blocks[layer].mlp.W_out
     with torch.no_grad():
         logits = model.unembed(model.ln_final(v[None, None]))[0, 0]
@@ -265,13 +288,15 @@ def vocab_projection(model, hook: str, direction: torch.Tensor, top: int) -> tup
     hidden direction, then the final norm's scale and the unembedding."""
     layer = layer_of(hook)
     v = direction.to(model.W_U.device, model.W_U.dtype)
-    if hook.endswith("mlp.hook_post"):
+    if is_mlp_post(hook):
         v = v @ model.blocks[layer].mlp.W_out
     w = getattr(model.ln_final, "w", None)
     logits = (v * w if w is not None else v) @ model.W_U
     decode = model.tokenizer.decode
-    return ([decode([i]) for i in logits.topk(top).indices.tolist()],
-            [decode([i]) for i in (-logits).topk(top).indices.tolist()])  # fmt: skip
+    return (
+        [decode([i]) for i in logits.topk(top).indices.tolist()],
+        [decode([i]) for i in (-logits).topk(top).indices.tolist()],
+    )
 
 
 def token_list(tokens: list[str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -155,9 +156,14 @@ def s_cd_positive_statistic(
         with np.errstate(divide="ignore", invalid="ignore"):
             mean_c, mean_n = total[:, :k] / n_c, total[:, k:] / n_n
             positive = (
-                (n_c > 0) & (n_n > 0) & ~bad[:, :k] & ~bad[:, k:] & (mean_c > 0) & (mean_n > 0)
+                (n_c > 0)
+                & (n_n > 0)
+                & ~bad[:, :k]
+                & ~bad[:, k:]
+                & (mean_c > 0)
+                & (mean_n > 0)
                 & (np.log(mean_c / mean_n) > 0)
-            )  # fmt: skip
+            )
         return positive.mean(axis=1)
 
     return statistic
@@ -200,3 +206,37 @@ def fmt_estimate(estimate: stats.Estimate) -> str:
     if estimate.ci_low is None:
         return f"{estimate.value:.3f}"
     return f"{estimate.value:.3f} [{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
+
+
+def select_features(n_features: int, max_features: int | None, seed: int) -> list[int]:
+    """A seeded uniform sample of feature indices (all when there are few, or for None), sorted."""
+    if max_features is None or n_features <= max_features:
+        return list(range(n_features))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n_features, size=max_features, replace=False).tolist())
+
+
+def concept_units(features: Any, data: Any, count: int | None, seed: int) -> tuple:
+    """The concept-paired units: (concepts, concept -> feature, concept -> its train
+    sentences, concept -> {"match_auroc"}). The concepts are a seeded sample of `count` of
+    the dataset's (all when None or fewer); each gets the method's feature for it, as
+    concept detection matches: its own label's direction for a supervised method, else the
+    best train-split AUROC of the feature's native sentence scores."""
+    concepts = data.dataset.concepts
+    if count is not None and count < len(concepts):
+        rng = np.random.default_rng(seed)
+        picked = sorted(rng.choice(concepts, size=count, replace=False).tolist())
+    else:
+        picked = list(concepts)
+    train = data.dataset.indices("train")
+    labels = np.array(data.dataset.labels)[train]
+    scores = data.encodings(features).sentences("native")[train]
+    auc = np.nan_to_num(
+        auroc_matrix(scores, labels[:, None] == np.array(concepts)[None, :]), nan=0.5
+    )  # C x k
+    sentences = np.array(data.dataset.sentences, dtype=object)[train]
+    best = best_feature_per_concept(auc, concepts, features.labels)
+    feature_of = {c: int(best[concepts.index(c)]) for c in picked}
+    examples = {c: tuple(sentences[labels == c]) for c in picked}  # what the judge reads
+    extra = {c: {"match_auroc": float(auc[concepts.index(c), feature_of[c]])} for c in picked}
+    return picked, feature_of, examples, extra

@@ -4,7 +4,7 @@ description. Two protocols read them:
 
 - concept detection (`task.concept_detection.protocol=paper`): each sentence's score
   is its largest token score, the cosine of the token's activation at the features'
-  hook with the unit direction (the `projection` encoder, `bench.encodings`), BOS and
+  hook with the unit direction (the `projection` encoder, `bench.fit.encodings`), BOS and
   pads excluded; S_CD = log(mean activating score / mean neutral score);
 - the paper's DiffMean baseline (`task.steering.direction=generated_diffmean`): the
   token-weighted mean activation at `hook_mlp_out` over the activating sentences minus
@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
-from bench.activations import bos_offset, tokenize
-from bench.contexts import sentence_max
-from bench.detection_stats import mean_or_none, s_cd_of
-from bench.encodings import ENCODERS
-from bench.hooks import layer_of
+from bench.activations.extraction import bos_offset, tokenize
+from bench.activations.set import ActivationSet
+from bench.core.hooks import layer_of
+from bench.fit.contexts import sentence_max
+from bench.fit.encodings import ENCODERS
+from bench.fit.features import Features
 from bench.judges.writing import SENTENCE_TOKENS, sentence_prompt
-from featbench.methods.base import ActivationSet, Features
+from bench.tasks.detection import mean_or_none, s_cd_of
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,17 @@ class Sentences:
     @property
     def reason(self) -> str | None:
         """Why there are fewer sentences than asked for (None when complete)."""
-        short = [f"{len(getattr(self, m))} {m} ({self.failures.get(m, 0)} failed tries)"
-                 for m in MODES if len(getattr(self, m)) < N_SENTENCES]  # fmt: skip
+        short = [
+            f"{len(getattr(self, m))} {m} ({self.failures.get(m, 0)} failed tries)"
+            for m in MODES
+            if len(getattr(self, m)) < N_SENTENCES
+        ]
         return f"the writer gave only {', '.join(short)}" if short else None
 
 
-def write_sentences(judge: Any, description: str, n: int = N_SENTENCES,
-                    max_failures: int = MAX_FAILURES) -> Sentences:  # fmt: skip
+def write_sentences(
+    judge: Any, description: str, n: int = N_SENTENCES, max_failures: int = MAX_FAILURES
+) -> Sentences:
     """`n` activating then `n` neutral sentences for `description`, by the stopping rule."""
     found: dict[str, list[str]] = {}
     failures: dict[str, int] = {}
@@ -89,8 +94,9 @@ def write_sentences(judge: Any, description: str, n: int = N_SENTENCES,
 
 
 @torch.no_grad()
-def sentence_activations(model: Any, sentences: list[str], hook: str,
-                         include_bos: bool = False) -> list[torch.Tensor]:  # fmt: skip
+def sentence_activations(
+    model: Any, sentences: list[str], hook: str, include_bos: bool = False
+) -> list[torch.Tensor]:
     """Per sentence, its tokens' activations at `hook` (tokens x d, float32), in
     right-padded batches (the causal mask keeps pads out of every real token). The BOS
     row, where the model prepends one, is kept only with `include_bos`."""
@@ -110,15 +116,20 @@ def sentence_activations(model: Any, sentences: list[str], hook: str,
         tokens = torch.full((len(batch), width), pad, dtype=torch.long)
         for row, t in enumerate(batch):
             tokens[row, : len(t)] = torch.tensor(t)
-        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(hook, grab)],
-                             stop_at_layer=layer + 1, return_type=None)  # fmt: skip
+        model.run_with_hooks(
+            tokens.to(model.cfg.device),
+            fwd_hooks=[(hook, grab)],
+            stop_at_layer=layer + 1,
+            return_type=None,
+        )
         x = captured.pop("x").float().cpu()
         out += [x[row, skip : len(t)] for row, t in enumerate(batch)]
     return out
 
 
-def sentence_scores_for(features: Features, f: int, acts: list[torch.Tensor],
-                        encoder: str = "projection") -> list[float]:  # fmt: skip
+def sentence_scores_for(
+    features: Features, f: int, acts: list[torch.Tensor], encoder: str = "projection"
+) -> list[float]:
     """Each sentence's largest token score for feature f under `encoder` (`projection`: the
     cosine with the unit direction, the paper's; -inf for a sentence without tokens)."""
     if not acts:
@@ -149,16 +160,25 @@ def score_sentences(
         if reason and written.reason:
             reason = f"{reason} ({written.reason})"
         scores[encoder] = scored
-        rows.append({"feature": f, "metric": "s_cd", "value": value, "reason": reason,
-                     "encoder": encoder, "n_activating": len(written.activating),
-                     "n_neutral": len(written.neutral),
-                     "mean_activating_score": mean_or_none(scored["activating"]),
-                     "mean_neutral_score": mean_or_none(scored["neutral"])})  # fmt: skip
+        rows.append(
+            {
+                "feature": f,
+                "metric": "s_cd",
+                "value": value,
+                "reason": reason,
+                "encoder": encoder,
+                "n_activating": len(written.activating),
+                "n_neutral": len(written.neutral),
+                "mean_activating_score": mean_or_none(scored["activating"]),
+                "mean_neutral_score": mean_or_none(scored["neutral"]),
+            }
+        )
     return rows, scores
 
 
-def diffmean_vector(model: Any, sentences: Sentences, hook: str,
-                    include_bos: bool = False) -> tuple[torch.Tensor | None, str | None]:  # fmt: skip
+def diffmean_vector(
+    model: Any, sentences: Sentences, hook: str, include_bos: bool = False
+) -> tuple[torch.Tensor | None, str | None]:
     """Unit(mean over the activating sentences' tokens - mean over the neutral ones') at
     `hook`, tokens pooled across sentences (a token-weighted mean); None with the reason
     when a side has no sentence or the difference is zero."""
@@ -171,3 +191,13 @@ def diffmean_vector(model: Any, sentences: Sentences, hook: str,
     if not norm > 0:
         return None, "the generated sentences' mean activations are identical"
     return d / (norm + 1e-8), None
+
+
+def generated_diffmean(model, hook: str, description: str, judge, bos: bool) -> tuple:
+    """The SNMF paper's DiffMean arm for one feature: sentences written from its
+    description (`write_sentences`), and the DiffMean of their activations at `hook`.
+    Returns (unit vector or None, why None, {"n_activating", "n_neutral"})."""
+    sentences = write_sentences(judge, description)
+    info = {"n_activating": len(sentences.activating), "n_neutral": len(sentences.neutral)}
+    vector, why = diffmean_vector(model, sentences, hook, bos)
+    return vector, why, info

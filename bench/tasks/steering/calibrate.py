@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from bench.steer import next_token_kl, unsteered
+from bench.tasks.steering.kl import next_token_kl, unsteered
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def bisect_alpha(
         mids = (low + high) / 2.0
         unique = sorted(set(mids.tolist()))  # targets on the same path share a forward row
         vectors = torch.stack([sign * m * direction for m in unique])
-        kls, n = next_token_kl(model, hook, settings.prompts, vectors,
-                               max(settings.batch_size, len(unique)), base)  # fmt: skip
+        kls, n = next_token_kl(
+            model, hook, settings.prompts, vectors, max(settings.batch_size, len(unique)), base
+        )
         passes += n
         kl_of = dict(zip(unique, kls.tolist(), strict=True))
         for t, (mid, target) in enumerate(zip(mids.tolist(), targets.tolist(), strict=True)):
@@ -114,10 +115,14 @@ def bisect_alpha(
             found[(t, sign)] = (sign * hit[t][0], hit[t][1], None)
         else:
             _, mid, kl = closest[t]
-            found[(t, sign)] = (None, kl, f"KL target {target} not within tolerance "
-                                f"{settings.tolerance} in {settings.bisection_steps} bisection "
-                                f"steps on alpha [{lo:g}, {hi:g}] (closest KL {kl:.4g} at "
-                                f"alpha {sign * mid:.4g})")  # fmt: skip
+            found[(t, sign)] = (
+                None,
+                kl,
+                f"KL target {target} not within tolerance "
+                f"{settings.tolerance} in {settings.bisection_steps} bisection "
+                f"steps on alpha [{lo:g}, {hi:g}] (closest KL {kl:.4g} at "
+                f"alpha {sign * mid:.4g})",
+            )
     return found, passes
 
 
@@ -131,8 +136,9 @@ def _mirror(model, hook, direction, settings: SearchSettings, found: Found) -> t
     if not hits:
         return out, 0
     vectors = torch.stack([-alpha * direction for _, alpha in hits])
-    kls, passes = next_token_kl(model, hook, settings.prompts, vectors,
-                                max(settings.batch_size, len(hits)))  # fmt: skip
+    kls, passes = next_token_kl(
+        model, hook, settings.prompts, vectors, max(settings.batch_size, len(hits))
+    )
     for (t, alpha), kl in zip(hits, kls.tolist(), strict=True):
         out[(t, -1)] = (-alpha, kl, None)
     return out, passes
@@ -181,21 +187,34 @@ def search_alpha(model, hook: str, direction: torch.Tensor, settings, signs=(1, 
                 upper = next((i for i, (_, kl) in enumerate(pts) if kl >= target), None)
                 if upper is None:
                     m_max, kl_max = max(pts, key=lambda p: p[1])
-                    found[(t, sign)] = (None, kl_max, f"KL target {target} not reachable: "
-                                        f"largest KL {kl_max:.4g} at alpha {sign * m_max:.4g}")  # fmt: skip
+                    found[(t, sign)] = (
+                        None,
+                        kl_max,
+                        f"KL target {target} not reachable: "
+                        f"largest KL {kl_max:.4g} at alpha {sign * m_max:.4g}",
+                    )
                     continue
                 brackets.append((sign, pts[upper - 1][0], pts[upper][0]))
         if not brackets:
             break
         brackets = list(dict.fromkeys(brackets))  # targets sharing a bracket refine it once
         per = max(1, settings.search_points // len(brackets))
-        evaluate([(sign, float(m)) for sign, lo, hi in brackets
-                  for m in np.linspace(lo, hi, per + 2)[1:-1]])  # fmt: skip
+        evaluate(
+            [
+                (sign, float(m))
+                for sign, lo, hi in brackets
+                for m in np.linspace(lo, hi, per + 2)[1:-1]
+            ]
+        )
     for sign in signs:
         pts = sorted(seen[sign])
         for t, target in enumerate(targets):
             if (t, sign) not in found:
                 m_best, kl_best = min(pts, key=lambda p: abs(p[1] - target))
-                found[(t, sign)] = (None, kl_best, f"KL target {target} not within tolerance "
-                                    f"{settings.tolerance} after {passes} passes (closest {kl_best:.4g})")  # fmt: skip
+                found[(t, sign)] = (
+                    None,
+                    kl_best,
+                    f"KL target {target} not within tolerance "
+                    f"{settings.tolerance} after {passes} passes (closest {kl_best:.4g})",
+                )
     return found, passes

@@ -11,7 +11,7 @@ runs the same computation over the same weights with:
 - `scaled_dot_product_attention` (grouped-query heads shared as TransformerLens shares them);
 - only the hook points an intervention names, called as TransformerLens calls a hook:
   `fn(activation, hook)` with `hook.name` the canonical hook name, so
-  `bench.steer`'s steering hooks (and any other intervention that is a function of
+  `bench.tasks.steering.generate`'s steering hooks (and any other intervention that is a function of
   the activation at a hook) plug in unchanged.
 
 Supported: the decoder-only pre-norm architectures with RMSNorm or LayerNorm, rotary or
@@ -30,7 +30,7 @@ Gemma 3's additions:
   added in TransformerLens's `ln*.w`, so every norm here multiplies by the stored weight.
 
 `unsupported(model)` says why another model (soft caps, parallel blocks, ...) is not,
-and `bench.steer.generate` then uses TransformerLens's own path. Logits match
+and `bench.tasks.steering.generate.generate` then uses TransformerLens's own path. Logits match
 TransformerLens's forward with the same hooks to about 1e-5 (`tests/test_decode.py`,
 `benchmarks/steering.py`).
 """
@@ -45,18 +45,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.hooks import parse_hook_name
+from bench.core.hooks import POINTS, parse_hook_name
 
 log = logging.getLogger(__name__)
 
-# The hook points this decoder can call, per block (TransformerLens's names after `blocks.L.`).
-HOOK_POINTS = (
-    "hook_resid_pre",
-    "hook_attn_out",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
+HOOK_POINTS = POINTS  # the points inside a block this decoder can call
 Hook = tuple[str, Callable[[torch.Tensor, Any], torch.Tensor]]
 
 
@@ -147,8 +140,10 @@ class LeanDecoder:
             "b_in": mlp.b_in,
             "attn": attn,  # its own rotary tables: local and global layers rotate differently
             # sliding-window layers attend to the last `window_size` positions only
-            "window": self.cfg.window_size if getattr(attn, "attn_type", "global") == "local" else None,
-        }  # fmt: skip
+            "window": self.cfg.window_size
+            if getattr(attn, "attn_type", "global") == "local"
+            else None,
+        }
         if self.gated:
             layer["w_gate_in"] = torch.cat([mlp.W_gate.T, mlp.W_in.T]).contiguous()
         else:
@@ -273,10 +268,14 @@ class LeanDecoder:
             query, key = torch.arange(width)[:, None], torch.arange(width)[None, :]
             mask, causal = ((key <= query) & (key > query - window)).to(h.device), False
         z = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=causal,
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=causal,
             scale=1.0 / self.cfg.attn_scale if self.cfg.use_attn_scale else 1.0,
             enable_gqa=self.n_kv != self.n_heads,
-        )  # fmt: skip
+        )
         z = z.transpose(1, 2).reshape(rows, width, self.n_heads * self.d_head)
         return F.linear(z, layer["w_o"], layer["b_o"])
 
@@ -314,8 +313,11 @@ def _call(hook: dict[str, list], point: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_weights(module: Any) -> dict[str, Any]:
-    return {"w": getattr(module, "w", None), "b": getattr(module, "b", None),
-            "eps": getattr(module, "eps", 1e-5)}  # fmt: skip
+    return {
+        "w": getattr(module, "w", None),
+        "b": getattr(module, "b", None),
+        "eps": getattr(module, "eps", 1e-5),
+    }
 
 
 def _norm(x: torch.Tensor, weights: dict[str, Any], cfg: Any) -> torch.Tensor:

@@ -1,79 +1,31 @@
-"""Steering mechanics: add vectors at a hook, measure the next-token KL, and sample
-continuations with a KV cache (the alpha searches are in bench/alpha_search.py, the
-sampler in bench/sampling.py).
+"""Steered generation: sample continuations with a vector added at a hook, in batches with
+a KV cache (the lean decoder of `decode.py`, or TransformerLens's own forward), each row
+from its own seed key (`sampling.py`); and the paper's Gemma mapping of an MLP-hidden
+direction to its post-norm image at hook_mlp_out.
 
 `tasks/steering.py` runs the protocol with these; `benchmarks/steering.py`
 measures them against sequential bisection and single-sequence generation.
 Settings arguments are typed by the protocols `GenerationSettings` here and
-`bench.alpha_search.SearchSettings`; the steering task satisfies both.
+`bench.tasks.steering.calibrate.SearchSettings`; the steering task satisfies both.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from bench.decode import LeanDecoder, unsupported
-from bench.hooks import layer_of
-from bench.sampling import SamplingSettings, sample_next, uniforms
+from bench.core.hooks import hook_name, is_mlp_post, layer_of
+from bench.tasks.steering.decode import LeanDecoder, unsupported
+from bench.tasks.steering.kl import steer_hook
+from bench.tasks.steering.sampling import SamplingSettings, sample_next, uniforms
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("lean", "reference")  # generation paths: bench.decode, or TransformerLens's forward
-
-
-def _steer(vectors: torch.Tensor):
-    def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        return act + vectors[:, None, :].to(act.dtype)
-
-    return hook_fn
-
-
-@torch.no_grad()
-def unsteered(
-    model, hook: str, prompts: list[str]
-) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Per prompt, one plain forward pass: its tokens, the next-token log-probabilities
-    after it, and the mean activation norm at the hook (BOS excluded)."""
-    out = []
-    for prompt in prompts:
-        tokens = model.to_tokens(prompt)
-        logits, cache = model.run_with_cache(tokens, names_filter=hook)
-        norm = cache[hook][0, 1:].float().norm(dim=-1).mean().item()
-        out.append((tokens, torch.log_softmax(logits[0, -1].float(), -1), norm))
-    return out
-
-
-@torch.no_grad()
-def next_token_kl(
-    model, hook: str, prompts: list[str], vectors: torch.Tensor, batch: int, base=None
-):
-    """Mean over prompts of KL(P_base || P_steered) at the last prompt position, one
-    value per row of `vectors`; also the number of steered forward passes spent.
-    `base` is `unsteered(model, hook, prompts)`, computed here when not given."""
-    base = unsteered(model, hook, prompts) if base is None else base
-    total, passes = torch.zeros(len(vectors)), 0
-    for tokens, base_logp, _ in base:
-        for i in range(0, len(vectors), batch):
-            chunk = vectors[i : i + batch].to(tokens.device)
-            with model.hooks(fwd_hooks=[(hook, _steer(chunk))]):
-                logits = model(tokens.expand(len(chunk), -1))[:, -1].float()
-            passes += 1
-            steered = torch.log_softmax(logits, -1)
-            total[i : i + len(chunk)] += (base_logp.exp() * (base_logp - steered)).sum(-1).cpu()
-    return (total / len(base)).numpy(), passes
-
-
-def search_alpha(model, hook: str, direction: torch.Tensor, settings, signs=(1, -1)):
-    """featbench's batched alpha search: `bench.alpha_search.search_alpha` (kept here for
-    existing callers; the searches live in bench/alpha_search.py)."""
-    from bench.alpha_search import search_alpha as batched
-
-    return batched(model, hook, direction, settings, signs)
+ENGINES = ("lean", "reference")  # generation paths: the lean decoder, or TransformerLens's forward
 
 
 # --- generation ------------------------------------------------------------------
@@ -138,7 +90,7 @@ def generate_batches(
     including EOS when generation stops there). The text is `settings.judged_text`
     (JUDGED_TEXTS).
 
-    `engine` (default `settings.engine`, else `lean`): `lean` decodes with `bench.decode`
+    `engine` (default `settings.engine`, else `lean`): `lean` decodes with `bench.tasks.steering.decode`
     (same weights, same hook, a preallocated cache; about 1e-5 from TransformerLens's
     logits) where the model is supported, else falls back to `reference`,
     TransformerLens's own forward with its KV cache. When rows stop at EOS, the lean
@@ -166,8 +118,9 @@ def generate_batches(
     for batch in (order[i : i + size] for i in range(0, len(order), size)):
         for prompt in dict.fromkeys(rows[i].prompt for i in batch):
             group = [i for i in batch if rows[i].prompt == prompt]
-            texts = _generate_group(model, decoder, [rows[i] for i in group], settings, stats,
-                                    bar.update)  # fmt: skip
+            texts = _generate_group(
+                model, decoder, [rows[i] for i in group], settings, stats, bar.update
+            )
             yield group, texts
     bar.close()
 
@@ -262,18 +215,19 @@ def post_norm_targets(model, features, unit: torch.Tensor, feats: list[int]) -> 
     decodes, else its unit direction. Empty where that does not apply (another hook, a
     model without the norm: there the reference steers at mlp_post too)."""
     hook = features.hook
-    if not (feats and hook.endswith("mlp.hook_post") and has_post_mlp_norm(model)):
+    if not (feats and is_mlp_post(hook) and has_post_mlp_norm(model)):
         return {}
     layer = layer_of(hook)
     raw = unit[feats]
     if features.has_decoder:
         eye = torch.eye(len(features))[feats]
         raw = features.decode(eye) - features.decode(torch.zeros(1, len(features)))
-    log.info("steering %d features at blocks.%d.hook_mlp_out through ln2_post", len(feats), layer)
+    target = hook_name(layer, "mlp_out")
+    log.info("steering %d features at %s through ln2_post", len(feats), target)
     out = {}
     for f, z in zip(feats, raw, strict=True):
         v = mlp_out_image(model, layer, z.float()).float().cpu()
-        out[f] = (v / v.norm().clamp_min(1e-12), f"blocks.{layer}.hook_mlp_out")
+        out[f] = (v / v.norm().clamp_min(1e-12), target)
     return out
 
 
@@ -293,7 +247,7 @@ class _ReferenceSteps:
 
         self.model = model
         self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, tokens.device, len(tokens))
-        self.hooks = [(hook, _steer(v)) for hook, v in vectors.items()]
+        self.hooks = [(hook, steer_hook(v)) for hook, v in vectors.items()]
         self.first = self.step(tokens)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -309,7 +263,7 @@ class _ReferenceSteps:
 
 
 class _LeanSteps:
-    """The lean decoder's path (bench.decode): prefill, then one token per step; finished
+    """The lean decoder's path (bench.tasks.steering.decode): prefill, then one token per step; finished
     rows can be dropped from its cache and from the steering vectors."""
 
     can_drop = True
@@ -319,7 +273,7 @@ class _LeanSteps:
         self.first = decoder.prefill(tokens, self._hooks(), new)
 
     def _hooks(self) -> list:
-        return [(hook, _steer(v)) for hook, v in self.vectors.items()]
+        return [(hook, steer_hook(v)) for hook, v in self.vectors.items()]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder.step(tokens, self._hooks())

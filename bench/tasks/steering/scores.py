@@ -18,19 +18,39 @@ HELDOUT, BEST_KL = "heldout_steering_score", "best_kl_steering_score"
 #: EXCLUDED: a sign whose description the writer marked TRASH (no connection), not scored;
 #: NO_DIRECTION: nothing to steer (the generated DiffMean's writer gave no sentences)
 ZERO_NORM, UNREACHABLE, EMPTY, UNDESCRIBED, EXCLUDED, NO_DIRECTION = (
-    "zero_norm", "unreachable", "empty_generation", "no_description", "excluded_description",
-    "no_direction")  # fmt: skip
+    "zero_norm",
+    "unreachable",
+    "empty_generation",
+    "no_description",
+    "excluded_description",
+    "no_direction",
+)
 
 
 def _row(f, concept, metric, value, kl_target, sign, **extra) -> dict:
-    return {"feature": f, "concept": concept, "metric": metric, "value": value,
-            "kl_target": kl_target, "sign": sign, **extra}  # fmt: skip
+    return {
+        "feature": f,
+        "concept": concept,
+        "metric": metric,
+        "value": value,
+        "kl_target": kl_target,
+        "sign": sign,
+        **extra,
+    }
 
 
-def aggregate(rows: list[dict], chosen: list, *, passes: dict | None = None,
-              judge_stats: dict[str, float] | None = None, seed: int = 0,
-              n_resamples: int = RESAMPLES, unit: str = "feature",
-              units_hash: str | None = None, settings: str | None = None) -> list[dict]:  # fmt: skip
+def aggregate(
+    rows: list[dict],
+    chosen: list,
+    *,
+    passes: dict | None = None,
+    judge_stats: dict[str, float] | None = None,
+    seed: int = 0,
+    n_resamples: int = RESAMPLES,
+    unit: str = "feature",
+    units_hash: str | None = None,
+    settings: str | None = None,
+) -> list[dict]:
     """Per-unit `heldout_steering_score` and `best_kl_steering_score`, then the
     summary rows, from the task's sample rows and failure rows (see `_failure`).
     A unit is the value of each row's `unit` column (`feature`, or `concept` under
@@ -68,12 +88,24 @@ def aggregate(rows: list[dict], chosen: list, *, passes: dict | None = None,
                 _row(f, concept, metric, v, *(key or (None, None)), reason=reason or why, n=n)
             )
             if metric == HELDOUT and key is not None:
-                heldout_parts[u] = [r for r in samples if (r["kl_target"], r["sign"]) == key
-                                    and _odd(r["sample"])]  # fmt: skip
+                heldout_parts[u] = [
+                    r for r in samples if (r["kl_target"], r["sign"]) == key and _odd(r["sample"])
+                ]
         if value == 0.0:
             failed[u] = reason
-    summary = _summary(out, rows, chosen, heldout_parts, failed, passes or {},
-                       judge_stats or {}, seed, n_resamples, unit, units_hash)  # fmt: skip
+    summary = _summary(
+        out,
+        rows,
+        chosen,
+        heldout_parts,
+        failed,
+        passes or {},
+        judge_stats or {},
+        seed,
+        n_resamples,
+        unit,
+        units_hash,
+    )
     for row in summary:
         if row["metric"] == "steered_features":
             row["settings"] = settings  # the protocol's resolved settings (JSON)
@@ -128,11 +160,23 @@ def _select(scores: dict, pick, report) -> tuple[float | None, tuple | None, int
     return float(np.mean(reported)), key, len(reported), None
 
 
-def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_stats, seed,
-             n_resamples, unit="feature", units_hash=None) -> list[dict]:  # fmt: skip
+def _summary(
+    per_feature,
+    rows,
+    chosen,
+    heldout_parts,
+    failed,
+    passes,
+    judge_stats,
+    seed,
+    n_resamples,
+    unit="feature",
+    units_hash=None,
+) -> list[dict]:
     def estimate(metric: str, values: list, **extra) -> dict:
-        est = mean_estimate(values, paired_over=unit, units_hash=units_hash,
-                            n_resamples=n_resamples, seed=seed)  # fmt: skip
+        est = mean_estimate(
+            values, paired_over=unit, units_hash=units_hash, n_resamples=n_resamples, seed=seed
+        )
         missing = sum(v is None for v in values)
         return {"metric": metric, **est.row(), "missing": missing, **extra}
 
@@ -147,8 +191,13 @@ def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_sta
             got = [v for v in got if v is not None]
             values.append(float(np.mean(got)) if got else None)
         out.append(estimate(metric, values))
-    judged = [r for r in rows if r.get("sample") is not None and r.get("failure") != EMPTY
-              and r["metric"] in ("concept_score", "fluency_score")]  # fmt: skip
+    judged = [
+        r
+        for r in rows
+        if r.get("sample") is not None
+        and r.get("failure") != EMPTY
+        and r["metric"] in ("concept_score", "fluency_score")
+    ]
     sampleless = [
         r for r in rows if r.get("sample") is None and r.get("metric") == "steering_score"
     ]
@@ -157,29 +206,54 @@ def _summary(per_feature, rows, chosen, heldout_parts, failed, passes, judge_sta
     searched = [p for f, p in passes.items() if p]
     excluded = [r for r in sampleless if r.get("failure") == EXCLUDED]
     out += [
-        {"metric": "judge_failures",
-         "value": float(sum(r["value"] is None or bool(r.get("judge_failed")) for r in judged)),
-         "n": len(judged),
-         "features_undescribed": sum(r.get("failure") == UNDESCRIBED for r in sampleless),
-         "reason": "failed judgements scored 0 (judge_failure=zero)"
-         if any(r.get("judge_failed") and r["value"] is not None for r in judged) else None},
-        {"metric": "excluded_descriptions", "value": float(len(excluded)),
-         "n": len({r.get(unit) for r in sampleless if r.get("failure") == EXCLUDED}),
-         "reason": _counted(r.get("reason") for r in excluded)},
-        {"metric": "no_direction", "value": float(sum(r.get("failure") == NO_DIRECTION
-                                                      for r in sampleless)),
-         "reason": _counted(r.get("reason") for r in sampleless
-                            if r.get("failure") == NO_DIRECTION)},
-        {"metric": "failed_features", "value": float(len(failed)), "n": len(chosen),
-         "features": ",".join(map(str, failed)),
-         "reason": "; ".join(f"{unit} {u}: {why}" for u, why in failed.items()) or None},
-        {"metric": "unreachable_targets", "value": float(unreachable),
-         "n": unreachable + len(targets)},
-        {"metric": "alpha_search_passes", "value": float(np.mean(searched)) if searched else None,
-         "n": len(searched), "reason": None if searched else "no feature searched"},
-        {"metric": "steered_features", "value": float(len(chosen)), "n": len(chosen),
-         "features_chosen": ",".join(map(str, chosen)), "unit": unit},
-    ]  # fmt: skip
+        {
+            "metric": "judge_failures",
+            "value": float(sum(r["value"] is None or bool(r.get("judge_failed")) for r in judged)),
+            "n": len(judged),
+            "features_undescribed": sum(r.get("failure") == UNDESCRIBED for r in sampleless),
+            "reason": "failed judgements scored 0 (judge_failure=zero)"
+            if any(r.get("judge_failed") and r["value"] is not None for r in judged)
+            else None,
+        },
+        {
+            "metric": "excluded_descriptions",
+            "value": float(len(excluded)),
+            "n": len({r.get(unit) for r in sampleless if r.get("failure") == EXCLUDED}),
+            "reason": _counted(r.get("reason") for r in excluded),
+        },
+        {
+            "metric": "no_direction",
+            "value": float(sum(r.get("failure") == NO_DIRECTION for r in sampleless)),
+            "reason": _counted(
+                r.get("reason") for r in sampleless if r.get("failure") == NO_DIRECTION
+            ),
+        },
+        {
+            "metric": "failed_features",
+            "value": float(len(failed)),
+            "n": len(chosen),
+            "features": ",".join(map(str, failed)),
+            "reason": "; ".join(f"{unit} {u}: {why}" for u, why in failed.items()) or None,
+        },
+        {
+            "metric": "unreachable_targets",
+            "value": float(unreachable),
+            "n": unreachable + len(targets),
+        },
+        {
+            "metric": "alpha_search_passes",
+            "value": float(np.mean(searched)) if searched else None,
+            "n": len(searched),
+            "reason": None if searched else "no feature searched",
+        },
+        {
+            "metric": "steered_features",
+            "value": float(len(chosen)),
+            "n": len(chosen),
+            "features_chosen": ",".join(map(str, chosen)),
+            "unit": unit,
+        },
+    ]
     return out + [{"metric": f"judge_{k}", "value": float(v)} for k, v in judge_stats.items()]
 
 

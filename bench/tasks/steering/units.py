@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
-from bench.descriptions import Description
 from bench.judges.base import Judge, Judgement
-from bench.steering_scores import EMPTY, _row
+from bench.tasks.descriptions import Description
+from bench.tasks.steering.scores import EMPTY, _row
 
 GENERATED, JUDGED = "generated", "feature"  # a unit's checkpoints: its texts; its judged rows
 EMPTY_REASON = "empty generation"
@@ -63,8 +63,13 @@ class Unit:
         """What its checkpoint at `stage` holds (JSON)."""
         state = {"rows": self.rows, "passes": self.passes, "judge_stats": self.judge_stats}
         if stage == GENERATED:
-            state.update(texts=self.texts, jobs=self.jobs, info=self.info, hook=self.hook,
-                         desc=_desc_state(self.desc))  # fmt: skip
+            state.update(
+                texts=self.texts,
+                jobs=self.jobs,
+                info=self.info,
+                hook=self.hook,
+                desc=_desc_state(self.desc),
+            )
         return state
 
     def restore(self, judged: dict | None, generated: dict | None) -> None:
@@ -87,8 +92,16 @@ class Unit:
         out = []
         for sign in self.desc.signs:
             mine = [(j, job) for j, job in enumerate(self.jobs) if job[1] == sign]
-            out.append((sign, [(job, s, self.texts[j * samples + s])
-                               for j, job in mine for s in range(samples)]))  # fmt: skip
+            out.append(
+                (
+                    sign,
+                    [
+                        (job, s, self.texts[j * samples + s])
+                        for j, job in mine
+                        for s in range(samples)
+                    ],
+                )
+            )
         return out
 
 
@@ -96,17 +109,27 @@ def _desc_state(desc: Description | None) -> dict | None:
     """A description as JSON (its signs as lists of pairs: JSON keys are strings)."""
     if desc is None:
         return None
-    return {"kind": desc.kind, "texts": list(desc.texts.items()), "concept": desc.concept,
-            "reason": desc.reason, "excluded": list(desc.excluded.items()),
-            "examples": list(desc.examples)}  # fmt: skip
+    return {
+        "kind": desc.kind,
+        "texts": list(desc.texts.items()),
+        "concept": desc.concept,
+        "reason": desc.reason,
+        "excluded": list(desc.excluded.items()),
+        "examples": list(desc.examples),
+    }
 
 
 def _desc_from(state: dict | None) -> Description | None:
     if state is None:
         return None
-    return Description(state["kind"], {int(s): t for s, t in state["texts"]}, state["concept"],
-                       state["reason"], {int(s): w for s, w in state["excluded"]},
-                       tuple(state["examples"]))  # fmt: skip
+    return Description(
+        state["kind"],
+        {int(s): t for s, t in state["texts"]},
+        state["concept"],
+        state["reason"],
+        {int(s): w for s, w in state["excluded"]},
+        tuple(state["examples"]),
+    )
 
 
 # --- judging ----------------------------------------------------------------------
@@ -126,14 +149,33 @@ class JudgingSettings(Protocol):
 Group = tuple[int, Description, int, list[Sample]]
 
 
-def judge_samples(settings: JudgingSettings, groups: Sequence[Group], baseline: list[str],
-                  judge: Judge) -> list[list[dict]]:  # fmt: skip
+def judge_units(settings: Any, units: list[Unit], baseline: list[str], judge: Judge) -> None:
+    """Each unit's sample rows, after its failure rows (with its extra columns: the
+    sentences written under generated_diffmean)."""
+    groups, owner = [], []
+    for u in units:
+        for sign, samples in u.groups(settings.samples):
+            groups.append((u.feature, u.desc, sign, samples))
+            owner.append(u)
+    judged = judge_samples(settings, groups, baseline, judge) if groups else []
+    for u in units:
+        mine = [row for v, rows in zip(owner, judged, strict=True) if v is u for row in rows]
+        u.rows = [{**row, **u.info} for row in u.rows + mine]
+
+
+def judge_samples(
+    settings: JudgingSettings, groups: Sequence[Group], baseline: list[str], judge: Judge
+) -> list[list[dict]]:
     """Rows of each group's samples, each judged against its sign's description. An empty
     text scores 0 unjudged (the steering broke the model, not the judge); a failed
     judgement is missing or 0 by `judge_failure`, and marked `judge_failed`."""
     holds = settings.judged_text == "bos_prompt_continuation"
-    asked = [(g, i) for g, (_, _, _, samples) in enumerate(groups)
-             for i, (_, _, text) in enumerate(samples) if text.strip()]  # fmt: skip
+    asked = [
+        (g, i)
+        for g, (_, _, _, samples) in enumerate(groups)
+        for i, (_, _, text) in enumerate(samples)
+        if text.strip()
+    ]
     texts = [groups[g][3][i][2] for g, i in asked]
     judge.prepare(texts)
     # a text that holds its prompt is rated alone (the reference's fluency rubric)
@@ -143,8 +185,13 @@ def judge_samples(settings: JudgingSettings, groups: Sequence[Group], baseline: 
     for g, (_, desc, sign, samples) in enumerate(groups):
         mine = [i for i, (_, _, text) in enumerate(samples) if text.strip()]
         if mine:
-            judged = judge.concept([samples[i][2] for i in mine], desc.texts[sign], baseline,
-                                   kind=desc.kind, examples=desc.examples or None)  # fmt: skip
+            judged = judge.concept(
+                [samples[i][2] for i in mine],
+                desc.texts[sign],
+                baseline,
+                kind=desc.kind,
+                examples=desc.examples or None,
+            )
             concept.update({(g, i): j for i, j in zip(mine, judged, strict=True)})
     return [_rows(settings, g, group, concept, fluency) for g, group in enumerate(groups)]
 
@@ -156,9 +203,16 @@ def _rows(settings: JudgingSettings, g: int, group: Group, concept: dict, fluenc
     mirrored = settings.negative_alpha == "mirrored" and sign == -1
     rows = []
     for i, ((t, _, alpha, kl), s, text) in enumerate(samples):
-        common = {"alpha": alpha, "kl_achieved": kl, "sample": s, "prompt": _prompt(settings, s),
-                  "text": text, "description_text": description, "alpha_calibrated": not mirrored,
-                  "failure": None if text.strip() else EMPTY}  # fmt: skip
+        common = {
+            "alpha": alpha,
+            "kl_achieved": kl,
+            "sample": s,
+            "prompt": _prompt(settings, s),
+            "text": text,
+            "description_text": description,
+            "alpha_calibrated": not mirrored,
+            "failure": None if text.strip() else EMPTY,
+        }
         judged_c, judged_f = concept.get((g, i), empty), fluency.get((g, i), empty)
         failed_c, failed_f = judged_c.score is None, judged_f.score is None
         c, fl = _policy(settings, judged_c), _policy(settings, judged_f)
@@ -169,8 +223,19 @@ def _rows(settings: JudgingSettings, g: int, group: Group, concept: dict, fluenc
             ("fluency_score", fl.score, fl.reason, failed_f),
             ("steering_score", score, reasons or None, failed_c or failed_f),
         ):
-            rows.append(_row(f, desc.concept, metric, value, settings.kl_targets[t], sign,
-                             reason=reason, judge_failed=failed, **common))  # fmt: skip
+            rows.append(
+                _row(
+                    f,
+                    desc.concept,
+                    metric,
+                    value,
+                    settings.kl_targets[t],
+                    sign,
+                    reason=reason,
+                    judge_failed=failed,
+                    **common,
+                )
+            )
     return rows
 
 
@@ -206,5 +271,15 @@ def _fluency(judge: Judge, texts: list[str], prompts: list[str]) -> list[Judgeme
 
 def failure_row(f, desc: Description, failure, reason, kl_target=None, sign=None, **extra) -> dict:
     """A sample-less `steering_score` row saying why nothing was generated or judged."""
-    return _row(f, desc.concept, "steering_score", None, kl_target, sign, sample=None,
-                failure=failure, reason=reason, **extra)  # fmt: skip
+    return _row(
+        f,
+        desc.concept,
+        "steering_score",
+        None,
+        kl_target,
+        sign,
+        sample=None,
+        failure=failure,
+        reason=reason,
+        **extra,
+    )
