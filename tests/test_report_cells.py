@@ -307,3 +307,38 @@ def test_the_ranking_orders_settings_by_the_steering_headline_with_every_pair(tm
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split(" | ")[1] for r in rows] == ["diffmean", "snmf", "random"]
     assert "concept protocol" in text and "diffmean − snmf" in text and "snmf − random" in text
+
+
+def test_the_ranking_samples_are_the_held_out_texts_at_the_chosen_target():
+    """ranking.md's samples (issue 23): per setting, three texts of the reported (odd)
+    half at the (KL target, sign) chosen on the other half, for a concept every setting
+    steered, from each setting's first seed."""
+    import pandas as pd
+
+    from bench.report.ranking import samples_section
+
+    rows = []
+    for name, seed in (("snmf", 43), ("snmf", 42), ("random", 42)):
+        job = f"{name}-{seed}"
+        for concept in ("animals", "zoo"):
+            if concept == "zoo" and name == "random":
+                continue  # not steered by every setting: never the shown concept
+            rows.append({"task": "steering", "protocol": "concept", "setting": name,
+                         "seed": seed, "job_dir": job, "concept": concept,
+                         "metric": "heldout_steering_score", "kl_target": 0.5, "sign": -1,
+                         "sample": np.nan, "value": 0.25, "text": None})  # fmt: skip
+            for kl in (0.1, 0.5):
+                for sample in range(8):
+                    rows.append({"task": "steering", "protocol": "concept", "setting": name,
+                                 "seed": seed, "job_dir": job, "concept": concept,
+                                 "metric": "steering_score", "kl_target": kl, "sign": -1,
+                                 "sample": float(sample), "value": 1.0,
+                                 "text": f"{job} {concept} kl{kl} s{sample}"})  # fmt: skip
+    text = samples_section(pd.DataFrame(rows))
+    assert "`animals`" in text and "zoo" not in text
+    assert "**snmf** (seed 42, KL 0.50, sign -1; held-out score 0.25)" in text
+    for job in ("snmf-42", "random-42"):
+        shown = [f"{job} animals kl0.5 s{s}" for s in (1, 3, 5)]
+        assert all(t in text for t in shown)
+        assert f"{job} animals kl0.5 s0" not in text and f"{job} animals kl0.1" not in text
+    assert "snmf-43" not in text

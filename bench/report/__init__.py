@@ -171,7 +171,7 @@ def write_report(
     write_metrics(summary, directory / "summary.parquet", meta)
     write_metrics(diffs, directory / "differences.parquet", meta)
     atomic_write_text(directory / "features.md", features_page(built.jobs, top))
-    ranking = ranking_section(cells, diffs)
+    ranking = ranking_section(cells, diffs, summary)
     if ranking:  # the settings by the steering headline, and every pair's differences
         atomic_write_text(directory / "ranking.md", ranking)
     write_html(built, directory, plots)

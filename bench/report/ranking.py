@@ -24,8 +24,11 @@ COMPARED = (
 )
 
 
-def ranking_section(cells: pd.DataFrame, diffs: pd.DataFrame) -> str:
-    """Markdown: a block per (model, layer, hook) and steering protocol; '' without steering."""
+def ranking_section(
+    cells: pd.DataFrame, diffs: pd.DataFrame, summary: pd.DataFrame | None = None
+) -> str:
+    """Markdown: a block per (model, layer, hook) and steering protocol, then (given the
+    summary's per-sample rows) what the scores look like as text; '' without steering."""
     steering = cells[(cells["task"] == "steering") & (cells["metric"] == HEADLINE)]
     if steering.empty:
         return ""
@@ -38,7 +41,47 @@ def ranking_section(cells: pd.DataFrame, diffs: pd.DataFrame) -> str:
             parts.append(f"## {model} · layer {layer} · `{hook}` · {protocol} protocol")
             parts.append(_ordered(mine, diffs, protocol))
             parts.append(_pairs(mine, diffs, block, protocol))
+    if summary is not None and (samples := samples_section(summary)):
+        parts.append(samples)
     return "\n\n".join(parts) + "\n"
+
+
+def samples_section(summary: pd.DataFrame, per_setting: int = 3) -> str:
+    """Three held-out samples per setting for one concept under the concept protocol, at
+    the (KL target, sign) its steering chose on the other half: the texts behind a
+    `heldout_steering_score`. The concept is the first, alphabetically, that every setting
+    steered (fixed in advance, not picked by score); the job is each setting's first seed."""
+    if not {"protocol", "text", "concept", "sample"} <= set(summary.columns):
+        return ""  # no per-sample texts under the concept protocol in these jobs
+    rows = summary[(summary["task"] == "steering") & (summary["protocol"] == "concept")]
+    chosen = rows[rows["metric"] == HEADLINE].dropna(subset=["kl_target", "concept"])
+    if chosen.empty:
+        return ""
+    per_concept = chosen.groupby("concept")["setting"].nunique()
+    everywhere = sorted(per_concept[per_concept == chosen["setting"].nunique()].index)
+    if not everywhere:
+        return ""
+    concept = everywhere[0]
+    texts = rows[(rows["metric"] == "steering_score") & rows["text"].notna()]
+    parts = [f"## Samples: `{concept}`, concept protocol, held-out half"]
+    for setting, part in chosen[chosen["concept"] == concept].groupby("setting", sort=True):
+        first = part.sort_values("seed").iloc[0]
+        mine = texts[(texts["job_dir"] == first["job_dir"]) & (texts["concept"] == concept)
+                     & (texts["kl_target"] == first["kl_target"])
+                     & (texts["sign"] == first["sign"]) & (texts["sample"] % 2 == 1)]  # fmt: skip
+        header = (f"**{setting}** (seed {int(first['seed'])}, KL {num(first['kl_target'])}, "
+                  f"sign {int(first['sign']):+d}; held-out score {num(first['value'])})")  # fmt: skip
+        lines = [
+            f"- steering {num(r['value'])}: “{_quote(r['text'])}”"
+            for r in mine.sort_values("sample").head(per_setting).to_dict("records")
+        ]
+        parts.append("\n".join([header, "", *(lines or ["- (no generated text)"])]))
+    return "\n\n".join(parts)
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _rows(diffs: pd.DataFrame, block: tuple, metric: str, encoder, protocol) -> pd.DataFrame:
