@@ -13,7 +13,9 @@ once, about 25 s, and never touches the user's cache).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,10 +67,20 @@ def tiny_model():
 
     tokenizer = _embedded_tokenizer(embedded_gguf_path())
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=48, d_vocab=tokenizer.vocab_size,
-        n_ctx=128, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-        gated_mlp=True, final_rms=True, seed=0,
-    )  # fmt: skip
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=48,
+        d_vocab=tokenizer.vocab_size,
+        n_ctx=128,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        final_rms=True,
+        seed=0,
+    )
     torch.manual_seed(0)
     return HookedTransformer(cfg, tokenizer).eval()
 
@@ -88,3 +100,21 @@ def featbench_cmd() -> list[str]:
     """The installed console script (what a user runs)."""
     script = Path(sys.executable).parent / "featbench"
     return [str(script)] if script.exists() else [sys.executable, "-m", "bench"]
+
+
+def wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float) -> Path:
+    """The first file under `root` matching `pattern`, waiting while `proc` (a sweep) runs.
+
+    Fails naming the pattern if the sweep ends first or `timeout` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(root.rglob(pattern))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the sweep ended (rc={proc.returncode}) before {pattern} appeared"
+            )
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern} did not appear under {root} in {timeout} s")

@@ -124,12 +124,23 @@ def test_python_dash_m_runs_a_job_to_the_end_and_prints_its_headline(tmp_path, e
     `__main__` guard, so it raised NameError when a job finished. `python -m bench` is the
     fallback now; the command's own module runs to the end too."""
     out = subprocess.run(
-        [sys.executable, "-m", module, "experiment=smoke", "method=random",
-         "task=[concept_detection]", "hydra.mode=RUN", "logger=none",
-         f"paths.results_dir={tmp_path / 'res'}"],
-        cwd=tmp_path, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            module,
+            "experiment=smoke",
+            "method=random",
+            "task=[concept_detection]",
+            "hydra.mode=RUN",
+            "logger=none",
+            f"paths.results_dir={tmp_path / 'res'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mean_feature_auroc native" in out.stdout + out.stderr  # the headline, printed
 
@@ -149,10 +160,20 @@ def test_bad_values_fail_before_the_model_loads(tmp_path):
         (["method._target_=nowhere.Method"], "method 'nowhere.Method' could not be built"),
         # issue 18: an endpoint that refuses connections, found by one request (port 9: no
         # server), and a rank the hook cannot hold, both before the model loads
-        (["judge=openai", "judge.base_url=http://127.0.0.1:9/v1", "judge.api_key_env=null",
-          "task=[steering]"], "the judge endpoint http://127.0.0.1:9/v1/models cannot be reached"),
-        (["method=snmf", "method.rank=4000"], "rank 4000 exceeds the mlp_post width of smollm2"),
-    ]:  # fmt: skip
+        (
+            [
+                "judge=openai",
+                "judge.base_url=http://127.0.0.1:9/v1",
+                "judge.api_key_env=null",
+                "task=[steering]",
+            ],
+            "the judge endpoint http://127.0.0.1:9/v1/models cannot be reached",
+        ),
+        (
+            ["method=snmf", "method.rank=4000", "hook=mlp_post"],
+            "rank 4000 exceeds the mlp_post width of smollm2",
+        ),
+    ]:
         out = _run(args + [f"paths.results_dir={tmp_path}"], cwd=tmp_path, timeout=120)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert message in out.stderr + out.stdout, (args, out.stderr[-2000:])
@@ -163,14 +184,35 @@ def test_bad_values_fail_before_the_model_loads(tmp_path):
 def test_non_editable_install_finds_config_from_any_directory(tmp_path):
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site), str(REPO)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
-        [sys.executable, "-c", "import bench, sys; print(bench.__file__); sys.argv=['featbench','--cfg','job']; from bench.cli.featbench import cli; cli()"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import bench, sys; print(bench.__file__); sys.argv=['featbench','--cfg','job']; from bench.cli.featbench import cli; cli()",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0].startswith(str(site))
     assert (
@@ -198,8 +240,18 @@ def test_configuration_errors_are_exit_code_2(tmp_path):
 def test_a_sweep_with_a_failed_job_exits_with_that_jobs_code(tmp_path):
     """The end-of-sweep callback's verdict (bench.errors.SweepFailed) is featbench's exit
     code: a sweep whose job failed on a configuration error exits 2, naming the job."""
-    out = _run(["-m", "experiment=smoke", "method=snmf", "method.rank=99999", "logger=none",
-                f"paths.results_dir={tmp_path}"], tmp_path, 300)  # fmt: skip
+    out = _run(
+        [
+            "-m",
+            "experiment=smoke",
+            "method=snmf",
+            "method.rank=99999",
+            "logger=none",
+            f"paths.results_dir={tmp_path}",
+        ],
+        tmp_path,
+        300,
+    )
     printed = out.stdout + out.stderr  # Hydra's log lines go to stdout
     assert out.returncode == 2, printed[-2000:]
     assert "rank 99999 exceeds the mlp_post width" in printed

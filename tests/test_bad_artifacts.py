@@ -45,16 +45,22 @@ ARTIFACT_TAMPERING = {
     "json is null": lambda d: (d / "features.json").write_text("null"),
     "json not utf-8": lambda d: (d / "features.json").write_bytes(b"\xff\xfe{"),
     "sae spec removed": lambda d: _edit_json(d / "features.json", lambda m: m["info"].pop("sae")),
-    "labels miscounted": lambda d: _edit_json(d / "features.json", lambda m: m.update(labels=["x"])),
+    "labels miscounted": lambda d: _edit_json(
+        d / "features.json", lambda m: m.update(labels=["x"])
+    ),
     "extra not a list": lambda d: _edit_json(d / "features.json", lambda m: m.update(extra=3)),
-    "extra tensor dropped": lambda d: _edit_json(d / "features.json",
-                                                  lambda m: m.update(extra=m["extra"][1:])),
-    "format version": lambda d: _edit_json(d / "features.json", lambda m: m.update(format_version=99)),
+    "extra tensor dropped": lambda d: _edit_json(
+        d / "features.json", lambda m: m.update(extra=m["extra"][1:])
+    ),
+    "format version": lambda d: _edit_json(
+        d / "features.json", lambda m: m.update(format_version=99)
+    ),
     "tensors zero bytes": lambda d: (d / "features.safetensors").write_bytes(b""),
     "tensors garbage": lambda d: (d / "features.safetensors").write_bytes(b"\x00" * 64),
     "tensors truncated": lambda d: (d / "features.safetensors").write_bytes(
-        (d / "features.safetensors").read_bytes()[:-10]),
-}  # fmt: skip
+        (d / "features.safetensors").read_bytes()[:-10]
+    ),
+}
 
 
 @pytest.mark.parametrize("case", ARTIFACT_TAMPERING, ids=str)
@@ -77,11 +83,19 @@ def _saved_sae(folder: Path) -> Path:
     [
         (lambda f: f.write_text('{"architecture": "stand'), "cfg.json", "not valid JSON"),
         (lambda f: f.write_text("[1, 2]"), "cfg.json", "must hold a JSON object"),
-        (lambda f: f.write_bytes(f.read_bytes()[:-16]), "sae_weights.safetensors", "not a readable safetensors"),
-        (lambda f: f.write_bytes(b"garbage"), "sae_weights.safetensors", "not a readable safetensors"),
+        (
+            lambda f: f.write_bytes(f.read_bytes()[:-16]),
+            "sae_weights.safetensors",
+            "not a readable safetensors",
+        ),
+        (
+            lambda f: f.write_bytes(b"garbage"),
+            "sae_weights.safetensors",
+            "not a readable safetensors",
+        ),
     ],
     ids=["cfg truncated", "cfg not an object", "weights truncated", "weights garbage"],
-)  # fmt: skip
+)
 def test_tampered_sae_folder_fails_at_construction_naming_the_file(
     tmp_path, tamper, bad_file, message
 ):
@@ -126,8 +140,12 @@ def unsafe_loads(source: str) -> list[str]:
         if isinstance(word, str) and "pickle" in word.lower():
             found.append(f"line {node.lineno}: {word}")
         if isinstance(node, ast.Call) and _is_torch_load(node.func):
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
-                       and k.value.value is True for k in node.keywords)  # fmt: skip
+            safe = any(
+                k.arg == "weights_only"
+                and isinstance(k.value, ast.Constant)
+                and k.value.value is True
+                for k in node.keywords
+            )
             if not safe:
                 found.append(f"line {node.lineno}: torch.load without weights_only=True")
     return found

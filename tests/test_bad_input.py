@@ -126,8 +126,12 @@ BASE = {
     "task": ["task=[concept_detection]"],
     "judge": ["judge=none"],
     "logger": ["logger=none"],
-    "dataset": ["dataset.concepts=[food,music]", "dataset.max_per_concept=4", "dataset.max_neutral=4"],
-}  # fmt: skip
+    "dataset": [
+        "dataset.concepts=[food,music]",
+        "dataset.max_per_concept=4",
+        "dataset.max_neutral=4",
+    ],
+}
 STEERING = ["task=[steering]"]
 
 
@@ -148,10 +152,19 @@ def _with_base(overrides: list[str]) -> list[str]:
         (["activations.max_length=1"], r"activations.max_length=1 >= 2"),
         (["method=snmf", "method.sparsity=0"], r"method.sparsity=0: must be in \(0, 1\]"),
         (["method=snmf", "method.sparsity=1.5"], r"method.sparsity=1.5: must be in \(0, 1\]"),
-        (["method=snmf_hier", "method.sparsity=-0.1"], r"method.sparsity=-0.1: must be in \(0, 1\]"),
+        (
+            ["method=snmf_hier", "method.sparsity=-0.1"],
+            r"method.sparsity=-0.1: must be in \(0, 1\]",
+        ),
         (["method=snmf", "method.rank=0"], r"method.rank=0: must be >= 1"),
-        (["method=snmf_hier", "method.ranks=[10,20]"], r"method.ranks=\[10, 20\]: must be .*decreasing"),
-        (["method=snmf", "+method.rnak=5"], r"(?s)method 'featbench.methods.snmf.SNMF' could not be built.*unexpected keyword argument 'rnak'"),
+        (
+            ["method=snmf_hier", "method.ranks=[10,20]"],
+            r"method.ranks=\[10, 20\]: must be .*decreasing",
+        ),
+        (
+            ["method=snmf", "+method.rnak=5"],
+            r"(?s)method 'featbench.methods.snmf.SNMF' could not be built.*unexpected keyword argument 'rnak'",
+        ),
         ([*STEERING, "task.steering.kl_targets=[0.1,-0.2]"], r"task.steering.kl_targets=.*must be"),
         ([*STEERING, "task.steering.kl_targets=[0]"], r"task.steering.kl_targets=\[0\].*must be"),
         ([*STEERING, "task.steering.kl_targets=[]"], r"task.steering.kl_targets=\[\].*must be"),
@@ -159,25 +172,46 @@ def _with_base(overrides: list[str]) -> list[str]:
         ([*STEERING, "task.steering.max_features=0"], r"task.steering.max_features=0.*must be"),
         ([*STEERING, "task.steering.max_features=-3"], r"task.steering.max_features=-3.*must be"),
         ([*STEERING, "judge=none"], r"task steering needs a judge; choose judge="),
-        (["task=[synthetic_recovery]", "task.synthetic_recovery.sparsity=0"],
-         r"task.synthetic_recovery.sparsity=0.* is out of range"),
-        (["task=[concept_detection]", "task.concept_detection.coverage_threshold=1.5"],
-         r"task.concept_detection.coverage_threshold=1.5: must be in \[0, 1\]"),
-        (["task=[reconstruction]", "task.reconstruction.max_sentences=0"],
-         r"task.reconstruction.max_sentences=0: must be >= 1 or null"),
+        (
+            ["task=[synthetic_recovery]", "task.synthetic_recovery.sparsity=0"],
+            r"task.synthetic_recovery.sparsity=0.* is out of range",
+        ),
+        (
+            ["task=[concept_detection]", "task.concept_detection.coverage_threshold=1.5"],
+            r"task.concept_detection.coverage_threshold=1.5: must be in \[0, 1\]",
+        ),
+        (
+            ["task=[reconstruction]", "task.reconstruction.max_sentences=0"],
+            r"task.reconstruction.max_sentences=0: must be >= 1 or null",
+        ),
         (["dataset.test_fraction=1.5"], r"test_fraction=1.5: must be in \[0, 1\)"),
-        (["dataset.test_fraction=0"], r"task concept_detection scores held-out sentences .* no test split"),
+        (
+            ["dataset.test_fraction=0"],
+            r"task concept_detection scores held-out sentences .* no test split",
+        ),
         (["dataset.max_per_concept=2"], r"dataset.max_per_concept=2: must be >= 4"),
         (["dataset.concepts=[food]"], r"method diffmean needs at least two concepts.*\['food'\]"),
-        (["judge_failure_limit=1.5"], r"judge_failure_limit=1.5 is not allowed; a fraction in \[0, 1\]"),
+        (
+            ["judge_failure_limit=1.5"],
+            r"judge_failure_limit=1.5 is not allowed; a fraction in \[0, 1\]",
+        ),
         # a rank above the hook's width (the model config's) or above the train tokens (at
         # most one per UTF-8 byte, plus BOS: 9 short train sentences here)
-        (["method=snmf", "method.rank=1600", "dataset.max_per_concept=40"], r"rank 1600 exceeds the mlp_post width of smollm2-135m \(1536\)"),
-        (["method=pca", "method.n_features=600", "hook=mlp_out", "dataset.max_per_concept=40"], r"rank 600 exceeds the mlp_out width of smollm2-135m \(576\)"),
-        (["method=snmf_hier", "method.ranks=[1500,10]"], r"rank 1500 exceeds the train split's tokens \(at most \d+\)"),
+        (
+            ["method=snmf", "method.rank=1600", "hook=mlp_post", "dataset.max_per_concept=40"],
+            r"rank 1600 exceeds the mlp_post width of smollm2-135m \(1536\)",
+        ),
+        (
+            ["method=pca", "method.n_features=600", "hook=mlp_out", "dataset.max_per_concept=40"],
+            r"rank 600 exceeds the mlp_out width of smollm2-135m \(576\)",
+        ),
+        (
+            ["method=snmf_hier", "method.ranks=[1500,10]", "hook=mlp_post"],
+            r"rank 1500 exceeds the train split's tokens \(at most \d+\)",
+        ),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
-)  # fmt: skip
+)
 def test_bad_value_is_named_before_the_model_loads(overrides, message, no_expensive_work, tmp_path):
     cfg = _compose(_with_base(overrides))
     with pytest.raises(FeatbenchError, match=message):
@@ -214,15 +248,20 @@ WIDE = torch.randn(30, 60, generator=torch.Generator().manual_seed(0))  # 30 tok
 @pytest.mark.parametrize(
     ("method", "message"),
     [
-        (SNMF(rank=50), r"method.rank=50 exceeds min\(tokens, width\) = min\(30, 60\); choose rank <= 30"),
-        (HierarchicalSNMF(ranks=[50, 10]),
-         r"method.ranks=\[50, 10\]: the finest rank 50 exceeds min\(tokens, width\) = min\(30, 60\)"),
+        (
+            SNMF(rank=50),
+            r"method.rank=50 exceeds min\(tokens, width\) = min\(30, 60\); choose rank <= 30",
+        ),
+        (
+            HierarchicalSNMF(ranks=[50, 10]),
+            r"method.ranks=\[50, 10\]: the finest rank 50 exceeds min\(tokens, width\) = min\(30, 60\)",
+        ),
         (PCA(n_features=40), r"method.n_features=40: must be in 1..30"),
         (Neurons(n_features=61), r"method.n_features=61: must be in 1..60"),
         (RandomDirections(n_features=0), r"method.n_features=0: must be >= 1"),
     ],
     ids=lambda value: getattr(value, "name", None),
-)  # fmt: skip
+)
 def test_rank_beyond_tokens_or_width_names_rank_and_limits(method, message, monkeypatch):
     def no_init(*args, **kwargs):
         raise AssertionError("SNMF started initializing before checking the rank")
@@ -264,8 +303,12 @@ def test_truncated_sentences_are_counted_on_the_activations(
     tiny_model, monkeypatch, tmp_path, caplog
 ):
     monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path))
-    data = ConceptDataset((" ".join(["word"] * 300), "short one", "another short one"),
-                          ("a", "a", "a"), ("train",) * 3, "memory")  # fmt: skip
+    data = ConceptDataset(
+        (" ".join(["word"] * 300), "short one", "another short one"),
+        ("a", "a", "a"),
+        ("train",) * 3,
+        "memory",
+    )
     for _ in range(2):  # a fresh extraction, then a cache hit: the count is there both times
         acts = extract(
             tiny_model, data, 0, "mlp_post", model_fingerprint="tiny-trunc", max_length=40
@@ -303,10 +346,14 @@ def test_non_english_and_emoji_dataset_runs_on_the_embedded_model(embedded, tmp_
     from bench.data import datasets
     from bench.fit.contexts import top_contexts
 
-    rows = [{"prompt": text, "label": "emoji" if "🙂" in text or "🎉" in text else "world"}
-            for text in MULTILINGUAL]  # fmt: skip
-    rows += [{"prompt": f"{emoji} {word}", "label": "emoji"}
-             for emoji, word in [("😀", "smile"), ("🚀", "launch"), ("🌧️", "rain")]]  # fmt: skip
+    rows = [
+        {"prompt": text, "label": "emoji" if "🙂" in text or "🎉" in text else "world"}
+        for text in MULTILINGUAL
+    ]
+    rows += [
+        {"prompt": f"{emoji} {word}", "label": "emoji"}
+        for emoji, word in [("😀", "smile"), ("🚀", "launch"), ("🌧️", "rain")]
+    ]
     rows += [
         {"prompt": f"Plain sentence number {n} in English.", "label": NEUTRAL} for n in range(4)
     ]
@@ -414,11 +461,19 @@ def test_directions_of_the_wrong_shape_are_named_right_after_the_fit(shape):
     from bench.fit.checks import check_fitted
     from featbench.methods.base import Features
 
-    acts = ActivationSet(torch.zeros(3, 16), torch.zeros(3, dtype=torch.long),
-                         torch.zeros(3, dtype=torch.long), torch.arange(3), "blocks.0.mlp.hook_post")  # fmt: skip
+    acts = ActivationSet(
+        torch.zeros(3, 16),
+        torch.zeros(3, dtype=torch.long),
+        torch.zeros(3, dtype=torch.long),
+        torch.arange(3),
+        "blocks.0.mlp.hook_post",
+    )
     features = Features(torch.zeros(shape), method="ica", hook=acts.hook)
-    with pytest.raises(ConfigError, match=rf"method ica: fit returned directions of shape "
-                                          rf"\({shape[0]}, {shape[1]}\); expected k x 16"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=rf"method ica: fit returned directions of shape "
+        rf"\({shape[0]}, {shape[1]}\); expected k x 16",
+    ):
         check_fitted("ica", features, acts)
     check_fitted("ica", Features(torch.zeros(4, 16), method="ica", hook=acts.hook), acts)
 
@@ -434,12 +489,17 @@ def test_a_target_that_cannot_be_built_says_why(tmp_path, monkeypatch):
     (tmp_path / "broken_plugin.py").write_text("import a_module_that_does_not_exist\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for target, message in [
-        ("nowhere.Method", "module 'nowhere' not found. A plugin outside featbench must be "
-                           "importable: installed, or its folder on PYTHONPATH"),
-        ("featbench.methods.snmf.NoSuch", "module 'featbench.methods.snmf' has no attribute "
-                                          "'NoSuch'"),
+        (
+            "nowhere.Method",
+            "module 'nowhere' not found. A plugin outside featbench must be "
+            "importable: installed, or its folder on PYTHONPATH",
+        ),
+        (
+            "featbench.methods.snmf.NoSuch",
+            "module 'featbench.methods.snmf' has no attribute 'NoSuch'",
+        ),
         ("broken_plugin.Method", "importing module 'broken_plugin' failed: ModuleNotFoundError"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ConfigError) as info:
             build(OmegaConf.create({"_target_": target}), "method", Method)
         assert message in str(info.value) and "HYDRA_FULL_ERROR" not in str(info.value)

@@ -25,9 +25,15 @@ from tests.conftest import featbench_cmd
 pytestmark = pytest.mark.integration
 
 ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1280, "height": 900}
 
 
@@ -57,9 +63,12 @@ def smoke_page(chromium, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     out = subprocess.run(
         featbench_cmd() + ["experiment=smoke", "logger=none", f"paths.results_dir={tmp / 'res'}"],
-        cwd=tmp, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
+        cwd=tmp,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
         timeout=900,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     [page] = list((tmp / "res").rglob("index.html"))
     return page
@@ -86,7 +95,9 @@ def test_the_smoke_report_page_renders_offline_in_chromium(chromium, smoke_page)
             assert page.locator("article.card span.tok.top").count() >= 1  # shaded tokens
             target = cards.first.get_attribute("id")
             page.goto(f"{url}#{target}")  # a permalink opens and marks its card
-            page.wait_for_function(f"document.getElementById({target!r}).classList.contains('focus')")  # fmt: skip
+            page.wait_for_function(
+                f"document.getElementById({target!r}).classList.contains('focus')"
+            )
             shot = page.screenshot()  # the card, its contexts and samples
         finally:
             browser.close()

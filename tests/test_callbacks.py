@@ -35,29 +35,74 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _job(method: str, seed: int = 1, supervised: bool = False) -> pd.DataFrame:
     """One job's rows: per-feature AUROCs and steering samples plus their summary rows."""
-    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": seed, "config_hash": f"hash{seed}", "setting_hash": method,
-           "code_version": "featbench 0.1.0", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
-    concept = [{"feature": f, "concept": "food", "metric": "auroc", "value": v}
-               for f, v in enumerate((0.9, 0.7))]  # fmt: skip
-    concept += [{"metric": "mean_feature_auroc", "value": 0.925, "ci_low": 0.9, "ci_high": 0.95},
-                {"metric": "concept_coverage", "value": 0.5}]  # fmt: skip
+    run = {
+        "run_id": f"{method}-{seed}",
+        "model": "smollm2-135m",
+        "layer": 3,
+        "hook": HOOK,
+        "method": method,
+        "seed": seed,
+        "config_hash": f"hash{seed}",
+        "setting_hash": method,
+        "code_version": "featbench 0.1.0",
+        "code_digest": "digest0",
+        "dataset_hash": "d0",
+        "dataset_version": "1",
+    }
+    concept = [
+        {"feature": f, "concept": "food", "metric": "auroc", "value": v}
+        for f, v in enumerate((0.9, 0.7))
+    ]
+    concept += [
+        {"metric": "mean_feature_auroc", "value": 0.925, "ci_low": 0.9, "ci_high": 0.95},
+        {"metric": "concept_coverage", "value": 0.5},
+    ]
     concept = [{**r, "encoder": "native"} for r in concept]
-    steering = [{"feature": 0, "concept": "food", "kl_target": kl, "sign": 1, "sample": s,
-                 "metric": "steering_score", "value": v, "judge": "offline"}
-                for kl in (0.1, 0.5) for s, v in enumerate((2.0, 1.0))]  # fmt: skip
+    steering = [
+        {
+            "feature": 0,
+            "concept": "food",
+            "kl_target": kl,
+            "sign": 1,
+            "sample": s,
+            "metric": "steering_score",
+            "value": v,
+            "judge": "offline",
+        }
+        for kl in (0.1, 0.5)
+        for s, v in enumerate((2.0, 1.0))
+    ]
     steering.append({"metric": "heldout_steering_score", "value": 0.35, "judge": "offline"})
-    frames = [finalize(rows, {**run, "task": task}) for task, rows in
-              (("concept_detection", concept), ("steering", steering))]  # fmt: skip
+    frames = [
+        finalize(rows, {**run, "task": task})
+        for task, rows in (("concept_detection", concept), ("steering", steering))
+    ]
     return pd.concat(frames, ignore_index=True).assign(supervised=supervised)
 
 
 def _reconstruction_only(method: str) -> pd.DataFrame:
-    run = {"run_id": f"{method}-0", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": 0, "config_hash": "hash0", "task": "reconstruction",
-           "setting_hash": method, "code_version": "featbench 0.1.0", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "1"}  # fmt: skip
-    return finalize([{"metric": "fvu", "value": 0.2}, {"metric": "kl_spliced", "value": None,
-                      "reason": "no model"}], run)  # fmt: skip
+    run = {
+        "run_id": f"{method}-0",
+        "model": "smollm2-135m",
+        "layer": 3,
+        "hook": HOOK,
+        "method": method,
+        "seed": 0,
+        "config_hash": "hash0",
+        "task": "reconstruction",
+        "setting_hash": method,
+        "code_version": "featbench 0.1.0",
+        "code_digest": "digest0",
+        "dataset_hash": "d0",
+        "dataset_version": "1",
+    }
+    return finalize(
+        [
+            {"metric": "fvu", "value": 0.2},
+            {"metric": "kl_spliced", "value": None, "reason": "no model"},
+        ],
+        run,
+    )
 
 
 @pytest.fixture()
@@ -79,8 +124,21 @@ def test_comparison_table_leads_with_heldout_steering_and_shows_missing_cells(sw
     lines = _table(sweep).splitlines()
     assert lines[0] == f"smollm2-135m · layer 3 · {HOOK}"
     header = lines[1].split()
-    assert header == ["setting", "heldout_steering_score", "↑", "mean_feature_auroc", "(native)",
-                      "↑", "concept_coverage", "(native)", "↑", "fvu", "↓", "kl_spliced", "↓"]  # fmt: skip
+    assert header == [
+        "setting",
+        "heldout_steering_score",
+        "↑",
+        "mean_feature_auroc",
+        "(native)",
+        "↑",
+        "concept_coverage",
+        "(native)",
+        "↑",
+        "fvu",
+        "↓",
+        "kl_spliced",
+        "↓",
+    ]
     assert set(lines[2]) == {"-", " "}
     diffmean = next(line for line in lines if line.startswith("diffmean †"))
     assert "0.93 [0.90, 0.95]" in diffmean and "0.50" in diffmean and "0.35" in diffmean

@@ -26,8 +26,13 @@ SWEEP = ["-m", "method=random", "task=[concept_detection]", "logger=none"]
 
 
 def _git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -53,10 +58,16 @@ def copy(tmp_path) -> Path:
 
 def _sweep(src: Path, results: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(src), "HYDRA_FULL_ERROR": "0"}
-    args = [sys.executable, "-c", "from bench.cli.featbench import cli; cli()", *SWEEP,
-            f"paths.results_dir={results}"]  # fmt: skip
-    done = subprocess.run(args, cwd=results.parent, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        "from bench.cli.featbench import cli; cli()",
+        *SWEEP,
+        f"paths.results_dir={results}",
+    ]
+    done = subprocess.run(
+        args, cwd=results.parent, env=env, capture_output=True, text=True, timeout=600
+    )
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed[-3000:]
     return printed

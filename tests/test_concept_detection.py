@@ -110,8 +110,15 @@ def test_every_row_names_its_encoder_and_both_encoders_are_scored(tmp_path):
     assert {r["encoder"] for r in rows} == {"native", "projection"}
     for encoder in ("native", "projection"):
         metrics = {r["metric"] for r in _rows(rows, encoder)}
-        assert metrics == {"auroc", "s_cd", "concept_best_auroc", "mean_feature_auroc",
-                           "concept_coverage", "frac_s_cd_positive", "dead_features"}  # fmt: skip
+        assert metrics == {
+            "auroc",
+            "s_cd",
+            "concept_best_auroc",
+            "mean_feature_auroc",
+            "concept_coverage",
+            "frac_s_cd_positive",
+            "dead_features",
+        }
     assert len(_rows(rows, "projection", metric="auroc")) == 2
 
 
@@ -190,8 +197,11 @@ def test_intervals_bracket_the_value_and_pair_two_feature_sets_on_the_same_split
     assert a["units_hash"] == b["units_hash"] is not None
     dataset, _ = _planted()
     assert a["units_hash"] == units_hash(dataset, dataset.indices("test"))
-    estimate = lambda r: stats.Estimate(r["value"], r["ci_low"], r["ci_high"], r["n"],  # noqa: E731
-                                        r["paired_over"], r["units_hash"], r["replicates"])  # fmt: skip
+
+    def estimate(r):
+        keys = ("value", "ci_low", "ci_high", "n", "paired_over", "units_hash", "replicates")
+        return stats.Estimate(*(r[k] for k in keys))
+
     assert stats.difference(estimate(a), estimate(b)).paired
     # another split of the same sentences: other units, not pairable
     moved = ConceptDataset(

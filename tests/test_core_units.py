@@ -23,14 +23,26 @@ from bench.results import (
     finalize,
     read_metrics,
     write_metrics,
-)  # fmt: skip
+)
 from bench.tasks.detection import auroc, auroc_matrix, best_feature_per_concept
 from featbench.methods.base import ActivationSet, ArtifactError, Features
 from featbench.methods.diffmean import DiffMean
 
-RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
-       "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
-       "code_version": "featbench 0.1.0+gtest", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "v0"}  # fmt: skip
+RUN = {
+    "run_id": "r",
+    "model": "m",
+    "layer": 3,
+    "hook": "blocks.3.mlp.hook_post",
+    "method": "x",
+    "task": "t",
+    "seed": 42,
+    "config_hash": "abc",
+    "setting_hash": "def",
+    "code_version": "featbench 0.1.0+gtest",
+    "code_digest": "digest0",
+    "dataset_hash": "d0",
+    "dataset_version": "v0",
+}
 
 
 def test_hook_names_are_canonical_and_checked():
@@ -142,8 +154,14 @@ def test_secret_names_and_redaction():
 def _acts(x, labels_per_sentence, tokens_per_sentence):
     sentence_ids = torch.arange(len(labels_per_sentence)).repeat_interleave(tokens_per_sentence)
     n = x.shape[0]
-    return ActivationSet(x, torch.zeros(n, dtype=torch.long), sentence_ids, torch.ones(n, dtype=torch.long),
-                         "blocks.0.mlp.hook_post", list(labels_per_sentence))  # fmt: skip
+    return ActivationSet(
+        x,
+        torch.zeros(n, dtype=torch.long),
+        sentence_ids,
+        torch.ones(n, dtype=torch.long),
+        "blocks.0.mlp.hook_post",
+        list(labels_per_sentence),
+    )
 
 
 def test_diffmean_matches_closed_form():
@@ -167,8 +185,14 @@ def test_diffmean_matches_closed_form():
 
 
 def test_features_round_trip_and_tampering(tmp_path):
-    feats = Features(torch.randn(5, 7), method="demo", hook="blocks.1.hook_mlp_out", labels=list("abcde"),
-                     info={"loss": [3.0, 2.0]}, extra={"bias": torch.randn(7)})  # fmt: skip
+    feats = Features(
+        torch.randn(5, 7),
+        method="demo",
+        hook="blocks.1.hook_mlp_out",
+        labels=list("abcde"),
+        info={"loss": [3.0, 2.0]},
+        extra={"bias": torch.randn(7)},
+    )
     feats.save(tmp_path, provenance={"model": "m", "layer": 1, "dataset_hash": "d0"})
     back = Features.load(tmp_path)
     assert back.provenance == {"model": "m", "layer": 1, "dataset_hash": "d0"}

@@ -28,8 +28,21 @@ def test_shipped_dataset_size_and_coverage(shipped):
         lab for lab, s in zip(shipped.labels, shipped.splits, strict=True) if s == "test"
     )
     assert min(test[c] for c in concepts) >= 18  # per concept in the test split
-    for required in ("food", "sports", "law_enforcement", "music", "programming_code", "weather",
-                     "questions", "past_tense", "numbers_dates", "lists", "french", "spanish", "german"):  # fmt: skip
+    for required in (
+        "food",
+        "sports",
+        "law_enforcement",
+        "music",
+        "programming_code",
+        "weather",
+        "questions",
+        "past_tense",
+        "numbers_dates",
+        "lists",
+        "french",
+        "spanish",
+        "german",
+    ):
         assert required in concepts, required
     assert shipped.version == datasets.SHIPPED_VERSION
 
@@ -56,8 +69,10 @@ def test_token_count_alone_separates_no_label(shipped):
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    counts = np.array([len(tokenizer(s, add_special_tokens=False)["input_ids"])
-                       for s in shipped.sentences], dtype=float)  # fmt: skip
+    counts = np.array(
+        [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in shipped.sentences],
+        dtype=float,
+    )
     labels = np.array(shipped.labels)
     names = sorted(set(labels))
     auc = auroc_matrix(counts[:, None], labels[:, None] == np.array(names)[None, :])[:, 0]
@@ -86,14 +101,18 @@ def test_stratified_split_is_a_function_of_its_seed():
     assert other != first
     for split in (first, other):  # still stratified: 3 of each label's 10 in the test split
         assert Counter(lab for lab, s in zip(labels, split, strict=True) if s == "test") == {
-            "a": 3, "b": 3, NEUTRAL: 3,
-        }  # fmt: skip
+            "a": 3,
+            "b": 3,
+            NEUTRAL: 3,
+        }
 
 
 def test_split_is_keyed_by_sentence_not_by_label_or_order(tmp_path, shipped):
     """Renaming a label or reordering the file moves no sentence across the split."""
-    records = [{"prompt": s, "label": lab} for s, lab in zip(shipped.sentences, shipped.labels,
-                                                               strict=True)]  # fmt: skip
+    records = [
+        {"prompt": s, "label": lab}
+        for s, lab in zip(shipped.sentences, shipped.labels, strict=True)
+    ]
     renamed = [{**r, "label": "cuisine" if r["label"] == "food" else r["label"]} for r in records]
     shuffled = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
     for name, rows in (("renamed", renamed), ("shuffled", shuffled)):
@@ -107,8 +126,10 @@ def test_split_is_keyed_by_sentence_not_by_label_or_order(tmp_path, shipped):
 def test_near_duplicates_stay_on_one_side_of_the_split(tmp_path, caplog):
     base = [f"Sentence {w} about the topic here" for w in "abcdefghijklmnopqrst"]
     rows = [{"prompt": s, "label": "x" if i < 10 else "y"} for i, s in enumerate(base)]
-    rows += [{"prompt": s.replace(" here", ", here!").upper(), "label": r["label"]}
-             for s, r in zip(base, rows, strict=True)]  # fmt: skip
+    rows += [
+        {"prompt": s.replace(" here", ", here!").upper(), "label": r["label"]}
+        for s, r in zip(base, rows, strict=True)
+    ]
     file = tmp_path / "near.jsonl"
     file.write_text("\n".join(json.dumps(r) for r in rows))
     for seed in range(5):
@@ -135,8 +156,11 @@ def test_selection_caps_and_filters(shipped):
 
 
 def _records(n_per=4, labels=("a", "b")):
-    return [{"prompt": f"sentence number {i} about {lab} things", "label": lab}
-            for lab in labels for i in range(n_per)]  # fmt: skip
+    return [
+        {"prompt": f"sentence number {i} about {lab} things", "label": lab}
+        for lab in labels
+        for i in range(n_per)
+    ]
 
 
 def test_formats_jsonl_json_csv_read_the_same(tmp_path):
@@ -172,8 +196,11 @@ def test_bad_jsonl_rows_are_named(tmp_path, content, message):
 
 def test_too_few_sentences_for_a_concept(tmp_path):
     file = tmp_path / "few.jsonl"
-    rows = _records() + [{"prompt": "only three of these", "label": "c"}, {"prompt": "second c", "label": "c"},
-                         {"prompt": "third c one", "label": "c"}]  # fmt: skip
+    rows = _records() + [
+        {"prompt": "only three of these", "label": "c"},
+        {"prompt": "second c", "label": "c"},
+        {"prompt": "third c one", "label": "c"},
+    ]
     file.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DatasetError, match=r"fewer than 4 sentences: \{'c': 3\}"):
         datasets.load(str(file))

@@ -46,14 +46,32 @@ def tiny_gemma(tiny_model):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, d_head=8, n_heads=4, n_key_value_heads=1, d_mlp=48,
-        d_vocab=tiny_model.cfg.d_vocab, n_ctx=64, act_fn="gelu_pytorch_tanh",
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_base=1_000_000,
-        rotary_base_local=10_000, gated_mlp=True, final_rms=True, eps=1e-6,
-        use_normalization_before_and_after=True, use_qk_norm=True, use_local_attn=True,
-        attn_types=["local", "global", "local"], window_size=4, use_attn_scale=True,
-        attn_scale=8**0.5, original_architecture="Gemma3ForCausalLM", seed=0,
-    )  # fmt: skip
+        n_layers=3,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=1,
+        d_mlp=48,
+        d_vocab=tiny_model.cfg.d_vocab,
+        n_ctx=64,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=1_000_000,
+        rotary_base_local=10_000,
+        gated_mlp=True,
+        final_rms=True,
+        eps=1e-6,
+        use_normalization_before_and_after=True,
+        use_qk_norm=True,
+        use_local_attn=True,
+        attn_types=["local", "global", "local"],
+        window_size=4,
+        use_attn_scale=True,
+        attn_scale=8**0.5,
+        original_architecture="Gemma3ForCausalLM",
+        seed=0,
+    )
     torch.manual_seed(0)
     model = HookedTransformer(cfg, tiny_model.tokenizer).eval()
     with torch.no_grad():
@@ -67,8 +85,9 @@ def test_tiny_gemma_is_supported_and_uses_each_piece(tiny_gemma):
     assert unsupported(tiny_gemma) is None
     decoder = LeanDecoder(tiny_gemma)
     assert [layer["window"] for layer in decoder.layers] == [4, None, 4]
-    assert all(layer["ln1_post"] is not None and layer["q_norm"] is not None
-               for layer in decoder.layers)  # fmt: skip
+    assert all(
+        layer["ln1_post"] is not None and layer["q_norm"] is not None for layer in decoder.layers
+    )
     local, global_ = tiny_gemma.blocks[0].attn, tiny_gemma.blocks[1].attn
     assert not torch.equal(local.rotary_cos, global_.rotary_cos)  # two rotary bases
 
@@ -81,8 +100,10 @@ def test_tiny_gemma_matches_transformer_lens_at_every_step(tiny_gemma, point, pr
     """Short and longer-than-the-window prompts; 8 steps run past the window of 4 either way."""
     torch.manual_seed(0)
     width = tiny_gemma.cfg.d_mlp if point == "mlp.hook_post" else tiny_gemma.cfg.d_model
-    hooks = [(f"blocks.0.{point}", _steer(torch.randn(3, width))),
-             (f"blocks.1.{point}", _steer(torch.randn(3, width)))]  # fmt: skip
+    hooks = [
+        (f"blocks.0.{point}", _steer(torch.randn(3, width))),
+        (f"blocks.1.{point}", _steer(torch.randn(3, width))),
+    ]
     tokens = tiny_gemma.to_tokens(prompt).expand(3, -1)
     assert prompt.startswith("I") or tokens.shape[1] > tiny_gemma.cfg.window_size
     reference, chosen = _reference_steps(tiny_gemma, tokens, hooks, 8)

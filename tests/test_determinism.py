@@ -34,13 +34,22 @@ VOLATILE = ["created_at"]  # wall-clock time of the run: the one column allowed 
 
 
 def _start(job_dir: Path, hash_seed: str) -> subprocess.Popen:
-    args = ["experiment=smoke", "device=cpu", "logger=none", "hydra.mode=RUN",
-            f"hydra.run.dir={job_dir}"]  # fmt: skip
+    args = [
+        "experiment=smoke",
+        "device=cpu",
+        "logger=none",
+        "hydra.mode=RUN",
+        f"hydra.run.dir={job_dir}",
+    ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": hash_seed}
     return subprocess.Popen(
-        featbench_cmd() + args, cwd=job_dir.parent, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        featbench_cmd() + args,
+        cwd=job_dir.parent,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.mark.integration

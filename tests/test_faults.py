@@ -26,9 +26,21 @@ import pytest
 from bench.results import ResultsError, finalize, read_metrics, write_metrics
 from tests.conftest import featbench_cmd
 
-RUN = {"run_id": "r", "model": "m", "layer": 0, "hook": "h", "method": "x", "task": "t",
-       "seed": 0, "config_hash": "c", "setting_hash": "s", "code_version": "featbench test", "code_digest": "digest0",
-       "dataset_hash": "d", "dataset_version": "v"}  # fmt: skip
+RUN = {
+    "run_id": "r",
+    "model": "m",
+    "layer": 0,
+    "hook": "h",
+    "method": "x",
+    "task": "t",
+    "seed": 0,
+    "config_hash": "c",
+    "setting_hash": "s",
+    "code_version": "featbench test",
+    "code_digest": "digest0",
+    "dataset_hash": "d",
+    "dataset_version": "v",
+}
 SMOKE = ["experiment=smoke", "task=[concept_detection]", "logger=none"]
 
 
@@ -82,20 +94,37 @@ def _table(results: Path) -> pd.DataFrame:
 
 
 def _run(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run(featbench_cmd() + args, cwd=cwd, env=_env(cache), capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd() + args,
+        cwd=cwd,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return out
 
 
-def _kill_when(args: list[str], cwd: Path, cache: Path, ready, timeout: float = 600,
-               command: list[str] | None = None) -> None:  # fmt: skip
+def _kill_when(
+    args: list[str],
+    cwd: Path,
+    cache: Path,
+    ready,
+    timeout: float = 600,
+    command: list[str] | None = None,
+) -> None:
     """Start featbench (or `command`), SIGKILL its process group as soon as `ready()` is
     true."""
     with open(cwd / "killed.log", "w") as log:
-        proc = subprocess.Popen((command or featbench_cmd()) + args, cwd=cwd, env=_env(cache),
-                                stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            (command or featbench_cmd()) + args,
+            cwd=cwd,
+            env=_env(cache),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + timeout
             while not ready():
@@ -116,8 +145,14 @@ def test_concurrent_jobs_build_one_cache_entry_once(tmp_path, fresh_activations)
     """joblib with 2 workers: both jobs need the same activations; one builds the
     entry under the lock, the other waits and reads it."""
     results = tmp_path / "results"
-    args = ["-m", *SMOKE, "method=diffmean,random", "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2", f"paths.results_dir={results}"]  # fmt: skip
+    args = [
+        "-m",
+        *SMOKE,
+        "method=diffmean,random",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"paths.results_dir={results}",
+    ]
     _run(args, tmp_path, fresh_activations)
     assert len(_entries(fresh_activations)) == 1
     logs = "".join(p.read_text() for p in results.rglob("featbench.log"))
@@ -132,9 +167,17 @@ def test_two_identical_sweeps_started_together_compute_each_job_once(tmp_path, e
     results = tmp_path / "results"
     args = ["-m", *SMOKE, "method=diffmean,random", f"paths.results_dir={results}"]
     cache = Path(os.environ["FEATBENCH_CACHE"])
-    procs = [subprocess.Popen(featbench_cmd() + args, cwd=tmp_path, env=_env(cache),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            featbench_cmd() + args,
+            cwd=tmp_path,
+            env=_env(cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     printed = [proc.communicate(timeout=900)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], printed
     both = "".join(printed)
@@ -198,8 +241,13 @@ def test_kill_during_activation_caching_leaves_no_entry_and_the_rerun_matches(
                 return True
         return False
 
-    _kill_when(args, tmp_path, fresh_activations, half_written,
-               command=[sys.executable, "-c", HALF_WRITTEN])  # fmt: skip
+    _kill_when(
+        args,
+        tmp_path,
+        fresh_activations,
+        half_written,
+        command=[sys.executable, "-c", HALF_WRITTEN],
+    )
     [(tmp, size)] = at_kill.items()
     assert tmp.stat().st_size == size  # the kill left it as it was: half a file
     assert not _entries(fresh_activations)  # nothing half-written under the entry's name
@@ -256,8 +304,9 @@ def test_a_job_folder_that_fills_up_after_the_fit_keeps_its_results(
     import bench.tasks.checkpoints
     from bench.job.run import rescue_dir, run_job
 
-    cfg = _compose(["experiment=smoke", "task=[concept_detection,steering]", "logger=none",
-                    "hydra.mode=RUN"])  # fmt: skip
+    cfg = _compose(
+        ["experiment=smoke", "task=[concept_detection,steering]", "logger=none", "hydra.mode=RUN"]
+    )
     undisturbed = run_job(cfg, tmp_path / "undisturbed")
     full = tmp_path / "full"
 
@@ -269,8 +318,11 @@ def test_a_job_folder_that_fills_up_after_the_fit_keeps_its_results(
 
         return write
 
-    monkeypatch.setattr(bench.tasks.checkpoints, "atomic_write_text",
-                        refusing(bench.tasks.checkpoints.atomic_write_text))  # fmt: skip
+    monkeypatch.setattr(
+        bench.tasks.checkpoints,
+        "atomic_write_text",
+        refusing(bench.tasks.checkpoints.atomic_write_text),
+    )
     monkeypatch.setattr(bench.results, "atomic_write", refusing(bench.results.atomic_write))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -292,11 +344,19 @@ def test_a_results_folder_that_takes_no_folder_is_one_line_and_exit_2(tmp_path):
     blocker.write_text("a file where the results folder should be")
     for mode in ("RUN", "MULTIRUN"):
         out = subprocess.run(
-            featbench_cmd() + ["experiment=smoke", f"paths.results_dir={blocker}/results",
-                               f"hydra.mode={mode}", "logger=none"],
-            cwd=tmp_path, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+            featbench_cmd()
+            + [
+                "experiment=smoke",
+                f"paths.results_dir={blocker}/results",
+                f"hydra.mode={mode}",
+                "logger=none",
+            ],
+            cwd=tmp_path,
+            env=_env(tmp_path / "cache"),
+            capture_output=True,
+            text=True,
             timeout=300,
-        )  # fmt: skip
+        )
         assert out.returncode == 2, (mode, (out.stdout + out.stderr)[-3000:])
         assert "Traceback" not in out.stderr and f"cannot write {blocker}" in out.stderr, mode
 
@@ -336,14 +396,28 @@ def test_a_job_whose_folder_stops_taking_writes_fails_the_sweep_naming_its_rescu
     plugins.mkdir(parents=True)
     (plugins / "__init__.py").write_text(SABOTAGE)
     (tmp_path / "tmp").mkdir()
-    env = {**_env(Path(os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache/featbench")),
-           "PYTHONPATH": str(plugins.parent), "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    env = {
+        **_env(Path(os.environ.get("FEATBENCH_CACHE") or Path.home() / ".cache/featbench")),
+        "PYTHONPATH": str(plugins.parent),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
     out = subprocess.run(
-        featbench_cmd() + ["-m", "experiment=smoke", "method=random", "task=[concept_detection]",
-                           "+task.sabotage._target_=hostile_tasks.Sabotage", "logger=none",
-                           f"paths.results_dir={tmp_path / 'results'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        featbench_cmd()
+        + [
+            "-m",
+            "experiment=smoke",
+            "method=random",
+            "task=[concept_detection]",
+            "+task.sabotage._target_=hostile_tasks.Sabotage",
+            "logger=none",
+            f"paths.results_dir={tmp_path / 'results'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     printed = out.stdout + out.stderr
     assert out.returncode == 2, printed[-3000:]
     [rescued] = list((tmp_path / "tmp" / "featbench-rescued").glob("*/metrics.parquet"))
@@ -356,8 +430,10 @@ def test_a_job_whose_folder_stops_taking_writes_fails_the_sweep_naming_its_rescu
 
 
 def _judged(failed: float, judged: int) -> pd.DataFrame:
-    rows = [{"metric": "judge_failures", "value": failed, "n": judged},
-            {"metric": "heldout_steering_score", "value": 0.5, "n": 8}]  # fmt: skip
+    rows = [
+        {"metric": "judge_failures", "value": failed, "n": judged},
+        {"metric": "heldout_steering_score", "value": 0.5, "n": 8},
+    ]
     return finalize(rows, RUN)
 
 
@@ -374,8 +450,11 @@ def test_too_many_judge_failures_mark_the_job_failed_and_a_rerun_runs_it(tmp_pat
     frame = _judged(72, 224)  # the share of a 135M judge's failures in a paper run
     write_metrics(frame, tmp_path / "metrics.parquet", {})
     assert completed(tmp_path, "c", "digest0") is not None
-    with pytest.raises(JudgeFailures, match=r"72 of 224 judgements failed \(32%\), more than "
-                                            r"judge_failure_limit=0.1"):  # fmt: skip
+    with pytest.raises(
+        JudgeFailures,
+        match=r"72 of 224 judgements failed \(32%\), more than "
+        r"judge_failure_limit=0.1",
+    ):
         check_judge_failures(frame, 0.1, tmp_path)
     record = json.loads((tmp_path / "failed.json").read_text())
     assert record["exit_code"] == 2 and record["judge_failures"] == 72

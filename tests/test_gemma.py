@@ -136,8 +136,11 @@ def test_warm_load_comes_from_the_cache_and_the_gguf_is_assembled_once(gemma, _c
     ids = _ids(gemma.model.tokenizer, PROMPTS[0])
     with torch.no_grad():
         assert torch.equal(again.model(ids), gemma.model(ids))
-    [entry] = [p for p in (_cache_dir / "models").glob(f"{NAME}-*") if p.is_dir()
-               and json.loads((p / "meta.json").read_text())["key"]["n_ctx"] == 2048]  # fmt: skip
+    [entry] = [
+        p
+        for p in (_cache_dir / "models").glob(f"{NAME}-*")
+        if p.is_dir() and json.loads((p / "meta.json").read_text())["key"]["n_ctx"] == 2048
+    ]
     key = json.loads((entry / "meta.json").read_text())["key"]
     assert key["gguf_sha256"] == embedded_model(NAME).gguf.sha256
     assert key["tl_config"] == "google/gemma-3-270m"

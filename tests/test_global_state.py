@@ -59,8 +59,9 @@ print("after register:", [OmegaConf.has_resolver(n) for n in names], stored())
 
 
 def test_importing_the_modules_registers_nothing_and_changes_no_umask():
-    out = subprocess.run([sys.executable, "-c", IMPORT_ONLY], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_ONLY], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == [
         "umask calls at import: []",
@@ -92,11 +93,15 @@ def test_sweep_folder_comes_from_hydras_overrides_and_every_job_shares_it(tmp_pa
         )
         sweep = f"{results}/multirun/layer=2__method=diffmean,random"
         assert master.hydra.sweep.dir == sweep  # not `unrelated=1__...` from sys.argv
-        jobs = [loader.load_sweep_config(master, [f"method={m}", *fixed])
-                for m in ("random", "diffmean")]  # fmt: skip
+        jobs = [
+            loader.load_sweep_config(master, [f"method={m}", *fixed])
+            for m in ("random", "diffmean")
+        ]
     assert [job.hydra.sweep.dir for job in jobs] == [sweep, sweep]
-    assert [job.hydra.sweep.subdir for job in jobs] == ["layer=2,method=random",
-                                                        "layer=2,method=diffmean"]  # fmt: skip
+    assert [job.hydra.sweep.subdir for job in jobs] == [
+        "layer=2,method=random",
+        "layer=2,method=diffmean",
+    ]
 
 
 def test_a_sweep_without_overrides_is_default():
@@ -129,8 +134,9 @@ def test_a_job_draws_the_seeds_numbers_and_leaves_the_callers_random_state(tmp_p
     DRAWN.clear()
     monkeypatch.setattr(bench.job.run, "code_digest", lambda: "digest-test")
     loader = f"{__name__}.{_drawing_loader.__name__}"
-    cfg = OmegaConf.create({"seed": 7, "force": False, "device": "cpu",
-                            "dataset": {"_target_": loader}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {"seed": 7, "force": False, "device": "cpu", "dataset": {"_target_": loader}}
+    )
     identity = Identity({"seed": 7}, {}, "c0ffee", "5e771")
 
     torch.manual_seed(1234)

@@ -141,8 +141,10 @@ def test_concept_scores_are_relative_to_the_baseline():
 def test_each_kind_scores_with_its_own_thresholds():
     judge = stub_judge()
     texts, base = ["c=0.35", "c=0.45", "c=0.6", "c=0.8"], ["c=0.2", "c=0.4"]  # deltas .05-.5
-    scores = {kind: [j.score for j in judge.concept(texts, "desc", base, kind=kind)]
-              for kind in (None, "label", "tokens", "output_centric")}  # fmt: skip
+    scores = {
+        kind: [j.score for j in judge.concept(texts, "desc", base, kind=kind)]
+        for kind in (None, "label", "tokens", "output_centric")
+    }
     assert scores[None] == scores["label"] == [0.0, 1.0, 2.0, 2.0]  # 0.1 / 0.2
     assert scores["tokens"] == scores["output_centric"] == [0.0, 0.0, 1.0, 2.0]  # 0.2 / 0.4
 
@@ -155,7 +157,9 @@ def test_summary_and_unknown_kinds_are_clear_errors_before_any_work():
     with pytest.raises(ConfigError, match="does not know description kind 'topics'"):
         judge.concept(["c=0.5"], "desc", ["c=0.1"], kind="topics")
     assert not hasattr(judge._embedder, "calls")  # refused before embedding anything
-    calibrated = OfflineJudge(concept_thresholds={**STUB_THRESHOLDS, "summary": {"somewhat": 0.0, "clear": 0.3}})  # fmt: skip
+    calibrated = OfflineJudge(
+        concept_thresholds={**STUB_THRESHOLDS, "summary": {"somewhat": 0.0, "clear": 0.3}}
+    )
     calibrated._embedder = StubEmbedder()
     (got,) = calibrated.concept(["c=0.5"], "desc", ["c=0.1"], kind="summary")
     assert got == Judgement(2.0)  # once calibrated, a writing judge's summary kind scores
@@ -170,8 +174,15 @@ def test_distinctive_tokens_rank_what_sets_a_concept_apart():
             return " " + WORDS[ids[0]]  # a leading space, as byte-level BPE decodes
 
     WORDS = ["the", "goal", "match", "court", "judge", "a", "score"]
-    sentences = ["the goal match", "a goal score", "the goal", "the court judge", "a judge",
-                 "the court", "the the the"]  # fmt: skip
+    sentences = [
+        "the goal match",
+        "a goal score",
+        "the goal",
+        "the court judge",
+        "a judge",
+        "the court",
+        "the the the",
+    ]
     labels = ["sport"] * 3 + ["law"] * 3 + ["neutral"]
     got = distinctive_tokens(sentences, labels, WordTokenizer(), top=2)
     assert got == {"sport": ["goal", "match"], "law": ["court", "judge"]}  # never "the"
@@ -272,8 +283,10 @@ def test_each_kind_separates_held_out_concept_sentences(judge, dataset, embedded
     train, train_labels, _ = split_texts(dataset, "train")
     if kind == "examples":  # the concept's train sentences, as the steering task passes them
         descriptions = {c: c.replace("_", " ") for c in dataset.concepts}
-        examples = {c: [s for s, lab in zip(train, train_labels, strict=True) if lab == c]
-                    for c in dataset.concepts}  # fmt: skip
+        examples = {
+            c: [s for s, lab in zip(train, train_labels, strict=True) if lab == c]
+            for c in dataset.concepts
+        }
     else:
         descriptions = kind_descriptions(dataset, embedded.model.tokenizer)[kind]
         examples = dict.fromkeys(descriptions)
@@ -290,9 +303,11 @@ def test_each_kind_separates_held_out_concept_sentences(judge, dataset, embedded
         off_scores += scores[off].tolist()
     recorded = yaml.safe_load(YAML.read_text())["concept_thresholds"][kind]
     mean = float(np.mean(list(aurocs.values())))
-    print(f"{kind}: test-split concept AUROC mean {mean:.3f} (train {recorded['auroc_mean']}), "
-          f"min {min(aurocs.values()):.3f} ({min(aurocs, key=aurocs.get)}); mean score "
-          f"on-concept {np.mean(on_scores):.2f}, off-concept {np.mean(off_scores):.2f}")  # fmt: skip
+    print(
+        f"{kind}: test-split concept AUROC mean {mean:.3f} (train {recorded['auroc_mean']}), "
+        f"min {min(aurocs.values()):.3f} ({min(aurocs, key=aurocs.get)}); mean score "
+        f"on-concept {np.mean(on_scores):.2f}, off-concept {np.mean(off_scores):.2f}"
+    )
     assert mean >= TEST_AUROC_FLOOR[kind] and recorded["auroc_mean"] >= TEST_AUROC_FLOOR[kind]
     # the train-calibrated thresholds carry over to held-out sentences
     assert np.mean(on_scores) >= 1.0 and np.mean(off_scores) <= 0.2
@@ -312,9 +327,12 @@ def test_fluency_separates_sentences_from_shuffled_ones(judge, dataset):
     assert looped.score == 0.0
     # What steered generations looked like when a word count scored them as fluent (2):
     # loops of newlines, punctuation and phrases. Token trigrams score them 0.
-    steered = [" as an" + "\n" * 48, "'s why thing is)s)t)s)\ns)s)t)s)\nb)s)w)t)s)\nb)w)w)s)w)",
-               " there is.\n\nThe Sun.\n\nThe Micro.\n\nResearch.\n\nThe Sun.\n\nThe Sun.\n\n"
-               "Research.\n\nThe Sun."]  # fmt: skip
+    steered = [
+        " as an" + "\n" * 48,
+        "'s why thing is)s)t)s)\ns)s)t)s)\nb)s)w)t)s)\nb)w)w)s)w)",
+        " there is.\n\nThe Sun.\n\nThe Micro.\n\nResearch.\n\nThe Sun.\n\nThe Sun.\n\n"
+        "Research.\n\nThe Sun.",
+    ]
     assert [j.score for j in judge.fluency(steered, "I think that")] == [0.0, 0.0, 0.0]
 
 
@@ -322,8 +340,12 @@ def test_fluency_separates_sentences_from_shuffled_ones(judge, dataset):
 def test_batched_nll_equals_one_at_a_time(embedded):
     judge = OfflineJudge(batch_tokens=40)  # several right-padded batches of mixed lengths
     judge.bind(embedded.model)
-    texts = [" it rains.", " the committee will meet again next week to discuss the budget.",
-             " yes", " and then we walked home along the river, tired but happy."]  # fmt: skip
+    texts = [
+        " it rains.",
+        " the committee will meet again next week to discuss the budget.",
+        " yes",
+        " and then we walked home along the river, tired but happy.",
+    ]
     batched = judge.nll(texts, "I think that")
     alone = [judge.nll([t], "I think that")[0] for t in texts]
     assert batched == pytest.approx(alone, abs=1e-4)

@@ -43,9 +43,16 @@ def fake_api() -> Iterator[Callable[[Script], OpenAIDouble]]:
 
 def make_judge(url: str, tmp_path: Path, **kwargs) -> OpenAIJudge:
     """Small timeouts and backoff, so every fault test takes well under a second."""
-    args = {"base_url": url, "model": "fake", "api_key_env": None, "timeout": 2.0,
-            "max_retries": 3, "backoff": 0.01, "concurrency": 2,
-            "cache_dir": str(tmp_path / "judge")}  # fmt: skip
+    args = {
+        "base_url": url,
+        "model": "fake",
+        "api_key_env": None,
+        "timeout": 2.0,
+        "max_retries": 3,
+        "backoff": 0.01,
+        "concurrency": 2,
+        "cache_dir": str(tmp_path / "judge"),
+    }
     return OpenAIJudge(**(args | kwargs))
 
 
@@ -270,10 +277,19 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
     # tests/llama_server.py is `python -m llama_cpp.server` with llama.cpp's AMX/repack
     # buffers off: a CPU that advertises AMX in a VM that refuses it dies with SIGILL.
     cmd = [
-        sys.executable, str(Path(__file__).with_name("llama_server.py")),
-        "--model", str(embedded_gguf_path()),
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "False",
-    ]  # fmt: skip
+        sys.executable,
+        str(Path(__file__).with_name("llama_server.py")),
+        "--model",
+        str(embedded_gguf_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--verbose",
+        "False",
+    ]
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -303,9 +319,15 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
 
 def real_judge(url: str, tmp_path: Path) -> OpenAIJudge:
     return OpenAIJudge(
-        base_url=url, model="smollm2", api_key_env=None, timeout=120.0,
-        max_retries=1, backoff=0.5, concurrency=2, cache_dir=str(tmp_path / "judge"),
-    )  # fmt: skip
+        base_url=url,
+        model="smollm2",
+        api_key_env=None,
+        timeout=120.0,
+        max_retries=1,
+        backoff=0.5,
+        concurrency=2,
+        cache_dir=str(tmp_path / "judge"),
+    )
 
 
 def describe_prompt(contexts: list[str]) -> str:

@@ -22,9 +22,23 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "errors": 0, "data": 1, "stats": 1, "results": 1, "conf": 1,
-          "models": 2, "activations": 3, "fit": 4, "judges": 5, "tasks": 6, "report": 7,
-          "job": 8, "cli": 9, "__main__": 9}  # fmt: skip
+LAYERS = {
+    "core": 0,
+    "errors": 0,
+    "data": 1,
+    "stats": 1,
+    "results": 1,
+    "conf": 1,
+    "models": 2,
+    "activations": 3,
+    "fit": 4,
+    "judges": 5,
+    "tasks": 6,
+    "report": 7,
+    "job": 8,
+    "cli": 9,
+    "__main__": 9,
+}
 
 
 def _module(path: Path) -> str:
@@ -53,8 +67,10 @@ def _layer(module: str) -> int:
 
 
 def test_bench_never_imports_its_plugins():
-    bad = {m: sorted(i for i in imports if i.startswith("featbench."))
-           for m, imports in _imports().items()}  # fmt: skip
+    bad = {
+        m: sorted(i for i in imports if i.startswith("featbench."))
+        for m, imports in _imports().items()
+    }
     assert not {m: i for m, i in bad.items() if i}
 
 
@@ -121,7 +137,10 @@ def test_the_contracts_live_in_the_core_and_the_plugin_api_re_exports_them():
     assert methods.Features is bench.fit.features.Features
     assert methods.Method is bench.fit.method.Method
     assert (tasks.Task, tasks.TaskData, tasks.Headline) == (
-        bench.tasks.base.Task, bench.tasks.base.TaskData, bench.tasks.base.Headline)  # fmt: skip
+        bench.tasks.base.Task,
+        bench.tasks.base.TaskData,
+        bench.tasks.base.Headline,
+    )
 
 
 def _library() -> list[Path]:
@@ -131,8 +150,13 @@ def _library() -> list[Path]:
 def test_hook_names_are_built_and_parsed_in_one_place():
     """`bench/core/hooks.py` builds and parses hook names; nothing else spells them."""
     spelled = re.compile(r"""f["']blocks\.|endswith\(["']mlp\.|\.split\(["']\.["']\)\[1\]""")
-    found = [f"{p.relative_to(REPO)}:{i}" for p in _library() if p.name != "hooks.py"
-             for i, line in enumerate(p.read_text().splitlines(), 1) if spelled.search(line)]  # fmt: skip
+    found = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _library()
+        if p.name != "hooks.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if spelled.search(line)
+    ]
     assert not found
 
 
@@ -141,6 +165,9 @@ def test_few_fmt_skip_markers_and_short_files():
     library file is split by responsibility before it grows long."""
     markers = sum(p.read_text().count("# fmt: skip") for p in _library())
     assert markers <= 30, markers
-    long = {str(p.relative_to(REPO)): n for p in _library()
-            if (n := len(p.read_text().splitlines())) > 410}  # fmt: skip
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in _library()
+        if (n := len(p.read_text().splitlines())) > 410
+    }
     assert not long

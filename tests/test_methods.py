@@ -35,8 +35,14 @@ def planted(n=3000, d=200, k=10, p=0.05, active=0.2, seed=0, noise=0.0):
 def as_acts(x, labels=None):
     n = x.shape[0]
     sentences = torch.arange(n) // 4
-    return ActivationSet(x, torch.zeros(n, dtype=torch.long), sentences, torch.arange(n) % 4 + 1,
-                         "blocks.0.mlp.hook_post", labels)  # fmt: skip
+    return ActivationSet(
+        x,
+        torch.zeros(n, dtype=torch.long),
+        sentences,
+        torch.arange(n) % 4 + 1,
+        "blocks.0.mlp.hook_post",
+        labels,
+    )
 
 
 def matched_cosine(learned, true):
@@ -221,8 +227,12 @@ def test_a_plugin_outside_the_repo_runs_end_to_end(tmp_path, embedded):
     (plugin_dir / "tasks").mkdir()
     (plugin_dir / "tasks" / "__init__.py").write_text("raise ImportError('shadowed tasks')\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(plugin_dir)}
-    args = ["experiment=smoke", "method._target_=methods.FirstCoordinates", "+method.k=4",
-            f"paths.results_dir={tmp_path / 'res'}"]  # fmt: skip
+    args = [
+        "experiment=smoke",
+        "method._target_=methods.FirstCoordinates",
+        "+method.k=4",
+        f"paths.results_dir={tmp_path / 'res'}",
+    ]
     out = subprocess.run(
         featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
@@ -267,9 +277,14 @@ def test_a_task_plugin_outside_the_repo_reaches_the_report(tmp_path, embedded):
     (plugin_dir / "my_tasks").mkdir(parents=True)
     (plugin_dir / "my_tasks" / "__init__.py").write_text(TASK_PLUGIN)
     env = {**__import__("os").environ, "PYTHONPATH": str(plugin_dir)}
-    args = ["experiment=smoke", "task=[concept_detection]", "logger=none",
-            "+task.norms._target_=my_tasks.DirectionNorms", "+task.norms.scale=2.0",
-            f"paths.results_dir={tmp_path / 'res'}"]  # fmt: skip
+    args = [
+        "experiment=smoke",
+        "task=[concept_detection]",
+        "logger=none",
+        "+task.norms._target_=my_tasks.DirectionNorms",
+        "+task.norms.scale=2.0",
+        f"paths.results_dir={tmp_path / 'res'}",
+    ]
     out = subprocess.run(
         featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

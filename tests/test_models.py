@@ -72,8 +72,11 @@ def test_warm_load_comes_from_the_cache(embedded):
 @pytest.mark.integration
 def test_stale_or_corrupt_cache_entries_are_never_used(embedded, _cache_dir):
     key = models._embedded_key(models.sha256_file(models.embedded_gguf_path()), 2048)
-    [entry] = [p for p in (_cache_dir / "models").iterdir() if p.is_dir() and
-               json.loads((p / "meta.json").read_text())["key"] == key]  # fmt: skip
+    [entry] = [
+        p
+        for p in (_cache_dir / "models").iterdir()
+        if p.is_dir() and json.loads((p / "meta.json").read_text())["key"] == key
+    ]
     assert models._read_converted(entry, key) is not None
     assert models._read_converted(entry, {**key, "conversion": -1}) is None  # stale
     weights = entry / "weights.safetensors"
@@ -95,8 +98,11 @@ def test_corrupt_entry_is_rebuilt_on_load(tmp_path, monkeypatch, embedded, _cach
     """A copy of the warm entry, corrupted, is rebuilt from the GGUF file (about 25 s)."""
     import shutil
 
-    [entry] = [p for p in (_cache_dir / "models").glob("smollm2-135m-*") if p.is_dir()
-               and json.loads((p / "meta.json").read_text())["key"]["n_ctx"] == 2048]  # fmt: skip
+    [entry] = [
+        p
+        for p in (_cache_dir / "models").glob("smollm2-135m-*")
+        if p.is_dir() and json.loads((p / "meta.json").read_text())["key"]["n_ctx"] == 2048
+    ]
     copy = tmp_path / "models" / entry.name
     shutil.copytree(entry, copy)
     (copy / "weights.safetensors").write_bytes(b"garbage")
@@ -257,8 +263,13 @@ def test_a_chunked_wheel_is_assembled_once_into_the_cache(tmp_path, monkeypatch)
     _chunked_wheel(tmp_path, payload)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("FEATBENCH_CACHE", str(tmp_path / "cache"))
-    node = {"package": "fake_chunked_gguf", "file": "model.gguf", "sha256": sha,
-            "assemble": "fake_chunked_gguf:assemble", "distribution": "fake-chunked-gguf"}  # fmt: skip
+    node = {
+        "package": "fake_chunked_gguf",
+        "file": "model.gguf",
+        "sha256": sha,
+        "assemble": "fake_chunked_gguf:assemble",
+        "distribution": "fake-chunked-gguf",
+    }
     source = GGUFSource.of(node)
     first = gguf_path(source)
     assert first == tmp_path / "cache" / "gguf" / sha[:16] / "model.gguf"
@@ -309,8 +320,9 @@ def test_a_model_added_by_its_config_alone(tmp_path, monkeypatch, embedded):
     entry = found["third-model"]
     third = load_model("third-model", EmbeddedSource(entry.gguf, entry.tl_config), n_ctx=2048)
     assert third.cache_hit is False and third.fingerprint == embedded.fingerprint
-    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "models").iterdir()
-            if p.is_dir()] == ["third"]  # fmt: skip
+    assert [
+        p.name.split("-")[0] for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()
+    ] == ["third"]
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(third.model(ids), embedded.model(ids))

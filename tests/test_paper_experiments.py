@@ -66,13 +66,37 @@ SOURCE = "arXiv 2506.10920"
 STEERING = ["snmf", "topk_sae", "diffmean", "random"]
 # experiment -> (model.name, hook, paper layers, plugin names the sweep runs, task)
 EXPERIMENTS = {
-    "paper_steering_llama8b": ("meta-llama/Llama-3.1-8B", "mlp_post", [23, 31], STEERING, "steering"),
-    "paper_steering_llama8b_sae_mlp_out": ("meta-llama/Llama-3.1-8B", "mlp_out", [23, 31], ["sae_pretrained"], "steering"),
+    "paper_steering_llama8b": (
+        "meta-llama/Llama-3.1-8B",
+        "mlp_post",
+        [23, 31],
+        STEERING,
+        "steering",
+    ),
+    "paper_steering_llama8b_sae_mlp_out": (
+        "meta-llama/Llama-3.1-8B",
+        "mlp_out",
+        [23, 31],
+        ["sae_pretrained"],
+        "steering",
+    ),
     "paper_steering_gemma2b": ("gemma-2-2b", "mlp_post", [18], STEERING, "steering"),
-    "paper_steering_gemma2b_sae_mlp_out": ("gemma-2-2b", "mlp_out", [18], ["sae_pretrained"], "steering"),
+    "paper_steering_gemma2b_sae_mlp_out": (
+        "gemma-2-2b",
+        "mlp_out",
+        [18],
+        ["sae_pretrained"],
+        "steering",
+    ),
     "paper_steering_gpt2": ("gpt2-small", "mlp_post", [0], STEERING, "steering"),
-    "paper_concept_detection_llama8b": ("meta-llama/Llama-3.1-8B", "mlp_post", [0, 6, 12, 18, 25, 31], ["snmf"], "concept_detection"),
-}  # fmt: skip
+    "paper_concept_detection_llama8b": (
+        "meta-llama/Llama-3.1-8B",
+        "mlp_post",
+        [0, 6, 12, 18, 25, 31],
+        ["snmf"],
+        "concept_detection",
+    ),
+}
 N_LAYERS = {"meta-llama/Llama-3.1-8B": 32, "gemma-2-2b": 26, "gpt2-small": 12}
 SMOLLM_N_LAYERS = 30
 # The paper's layers at SmolLM2's depth, as each experiment's header lists them.
@@ -88,21 +112,34 @@ SMOLLM_LAYERS = {
 # run scripts' 2000 iterations / patience 1500 (not the method's 500 / 100 defaults).
 SNMF_PAPER = {"rank": 100, "sparsity": 0.01, "init": "random", "max_iter": 2000, "patience": 1500}
 ARM_FIELDS = {
-    "k100": {"snmf": SNMF_PAPER, "diffmean": SNMF_PAPER, "topk_sae": {"d_sae": 100},
-             "random": {"n_features": 100}},
+    "k100": {
+        "snmf": SNMF_PAPER,
+        "diffmean": SNMF_PAPER,
+        "topk_sae": {"d_sae": 100},
+        "random": {"n_features": 100},
+    },
     "k50": {
         "snmf": {**SNMF_PAPER, "rank": 50},
         "diffmean": {**SNMF_PAPER, "rank": 50},
         "topk_sae": {"d_sae": 50},
         "random": {"n_features": 50},
     },
-}  # fmt: skip
+}
 #: what the paper's steering protocol resolves to (tasks/steering.py, PROTOCOL_VALUES)
-PAPER_STEERING = {"top_p": None, "stop_at_eos": False, "alpha_search": "bisection",
-                  "negative_alpha": "mirrored", "judged_text": "bos_prompt_continuation",
-                  "judge_failure": "zero", "judge_attempts": 2, "description": "input_centric",
-                  "description_signs": "both", "max_features": None, "alpha_range": [1.0, 2000.0],
-                  "bisection_steps": 20}  # fmt: skip
+PAPER_STEERING = {
+    "top_p": None,
+    "stop_at_eos": False,
+    "alpha_search": "bisection",
+    "negative_alpha": "mirrored",
+    "judged_text": "bos_prompt_continuation",
+    "judge_failure": "zero",
+    "judge_attempts": 2,
+    "description": "input_centric",
+    "description_signs": "both",
+    "max_features": None,
+    "alpha_range": [1.0, 2000.0],
+    "bisection_steps": 20,
+}
 METRIC_TASK = {
     "best_kl_steering_score": "steering",
     "s_cd": "concept_detection",
@@ -186,8 +223,12 @@ def test_cli_prints_a_paper_experiments_config(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     out = subprocess.run(
         featbench_cmd() + ["experiment=paper_steering_gpt2", "--cfg", "job"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["name"] == "gpt2-small" and printed["method"]["rank"] == 50
@@ -237,12 +278,15 @@ def no_model_loads(monkeypatch):
 
         return load
 
-    targets = [(bench.models, "load_model"), (bench.models, "load_hf_embedded"),
-               (bench.judges.offline, "load_embedder"),
-               (transformers.PreTrainedModel, "from_pretrained"),
-               (transformer_lens.HookedTransformer, "__init__"),
-               (sentence_transformers.SentenceTransformer, "__init__"),
-               (sae_lens.SAE, "from_pretrained")]  # fmt: skip
+    targets = [
+        (bench.models, "load_model"),
+        (bench.models, "load_hf_embedded"),
+        (bench.judges.offline, "load_embedder"),
+        (transformers.PreTrainedModel, "from_pretrained"),
+        (transformer_lens.HookedTransformer, "__init__"),
+        (sentence_transformers.SentenceTransformer, "__init__"),
+        (sae_lens.SAE, "from_pretrained"),
+    ]
     for owner, name in targets:
         monkeypatch.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
     return loaded
@@ -326,9 +370,18 @@ def test_offline_run_fails_at_once_naming_the_embedded_model(tmp_path):
     }
     start = time.perf_counter()
     out = subprocess.run(
-        featbench_cmd() + ["experiment=paper_steering_llama8b", "hydra.mode=RUN", f"paths.results_dir={tmp_path / 'res'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        featbench_cmd()
+        + [
+            "experiment=paper_steering_llama8b",
+            "hydra.mode=RUN",
+            f"paths.results_dir={tmp_path / 'res'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - start
     printed = out.stderr + out.stdout
     assert out.returncode == 2, printed[-3000:]
@@ -399,8 +452,12 @@ def test_reference_values_agree_with_the_papers_abstract():
     DiffMean."""
     frame = _reference()
     steering = frame[frame["metric"] == "best_kl_steering_score"]
-    main = steering[(steering["method"] == "snmf") & steering["rank"].eq(MAIN["rank"])
-                    & steering["sparsity"].eq(MAIN["sparsity"]) & steering["init"].eq(MAIN["init"])]  # fmt: skip
+    main = steering[
+        (steering["method"] == "snmf")
+        & steering["rank"].eq(MAIN["rank"])
+        & steering["sparsity"].eq(MAIN["sparsity"])
+        & steering["init"].eq(MAIN["init"])
+    ]
     assert len(main) >= 2
     for row in main.itertuples(index=False):
         others = steering[(steering["model"] == row.model) & (steering["layer"] == row.layer)]
@@ -413,8 +470,11 @@ def test_reference_values_are_in_range_and_their_confidence_matches_their_source
     """Each metric's value lies on its scale; a number read off a figure is low confidence
     and has no ±; a printed ± is a spread (>= 0) and only on printed numbers."""
     frame = _reference()
-    scale = {"best_kl_steering_score": (0.0, 2.0),  # harmonic mean of two 0-2 judge scores
-             "frac_s_cd_positive": (0.0, 1.0), "s_cd": (-10.0, 10.0)}  # a log ratio  # fmt: skip
+    scale = {
+        "best_kl_steering_score": (0.0, 2.0),  # harmonic mean of two 0-2 judge scores
+        "frac_s_cd_positive": (0.0, 1.0),
+        "s_cd": (-10.0, 10.0),
+    }  # a log ratio
     for metric, (low, high) in scale.items():
         values = frame.loc[frame["metric"] == metric, "value"]
         assert len(values) and values.between(low, high).all(), metric
@@ -426,8 +486,11 @@ def test_reference_values_are_in_range_and_their_confidence_matches_their_source
     bounded = frame[frame["bound"].notna()]
     assert len(bounded) == 1 and bounded.iloc[0]["metric"] == "frac_s_cd_positive"
     # the SNMF ablations (layer 23, k = 100) hold one row per init and per sparsity
-    ablation = frame[(frame["metric"] == "best_kl_steering_score") & (frame["method"] == "snmf")
-                     & (frame["layer"] == 23)]  # fmt: skip
+    ablation = frame[
+        (frame["metric"] == "best_kl_steering_score")
+        & (frame["method"] == "snmf")
+        & (frame["layer"] == 23)
+    ]
     assert sorted(ablation.loc[ablation["sparsity"] == 0.01, "init"]) == ["kmeans", "random", "svd"]
     assert sorted(ablation.loc[ablation["init"] == "random", "sparsity"]) == [0.01, 0.05, 0.1]
     assert ablation["std"].notna().all()  # the ablation table prints a ± for every row
@@ -447,9 +510,10 @@ def test_every_reference_row_has_an_experiment_that_measures_it():
         matches = {
             job
             for job in jobs
-            if job[0] == row.model and job[2:] == (row.hook, row.method, task)
+            if job[0] == row.model
+            and job[2:] == (row.hook, row.method, task)
             and (pd.isna(row.layer) or job[1] == row.layer)
-        }  # fmt: skip
+        }
         assert matches, row
 
 
@@ -481,9 +545,13 @@ def test_concept_detection_experiment_runs_on_the_embedded_model(tmp_path, embed
         ]
         env = {**os.environ, "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
         out = subprocess.run(
-            featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+            featbench_cmd() + args,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=300,
-        )  # fmt: skip
+        )
         asked = len(server.requests)
     assert out.returncode == 0, out.stderr[-3000:]
     assert asked >= 3 + 10  # three descriptions, and at least one feature's ten sentences

@@ -62,8 +62,11 @@ def test_top_k_only_is_transformer_lens_sample_logits():
     torch.testing.assert_close(probs, expected / expected.sum())
     assert int((probs > 0).sum()) == 31
     n = 40_000
-    ours = sample_next(logits.expand(n, -1), torch.rand(n, dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(1)), settings)  # fmt: skip
+    ours = sample_next(
+        logits.expand(n, -1),
+        torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        settings,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(2)
         theirs = sample_logits(logits.expand(n, -1).clone(), top_k=30, top_p=0.3, temperature=0.7)
@@ -128,8 +131,9 @@ def _reference_bisection(model, direction, targets, prompt="I think that"):
 
 
 def test_bisection_gives_the_reference_alphas_and_counts_the_unreached(tiny_model):
-    direction = torch.nn.functional.normalize(torch.randn(tiny_model.cfg.d_mlp,
-                                              generator=torch.Generator().manual_seed(3)), dim=0)  # fmt: skip
+    direction = torch.nn.functional.normalize(
+        torch.randn(tiny_model.cfg.d_mlp, generator=torch.Generator().manual_seed(3)), dim=0
+    )
     direction = direction * 0.02  # tiny model: keep KL(alpha in [1, 2000]) spanning the targets
     targets = [0.025, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 1e6]
     task = Steering(protocol="paper", kl_targets=targets, prompts=["I think that"])
@@ -160,8 +164,14 @@ def test_a_retry_is_a_new_request_and_a_rerun_replays_both_from_the_cache(tmp_pa
     with serving(answering(first_unparsable)) as server:
 
         def judge(**kw):
-            return OpenAIJudge(base_url=server.url, model="double", api_key_env=None, max_retries=0,
-                               cache_dir=str(tmp_path / "cache"), **kw)  # fmt: skip
+            return OpenAIJudge(
+                base_url=server.url,
+                model="double",
+                api_key_env=None,
+                max_retries=0,
+                cache_dir=str(tmp_path / "cache"),
+                **kw,
+            )
 
         once = judge().concept(["some text"], "food", [])
         assert once[0].score is None and len(server.requests) == 1
@@ -232,8 +242,14 @@ def test_a_trash_sign_is_excluded_with_its_reason_and_counted(tiny_model):
     judge = _Writer()
     desc = written_output(judge, tiny_model, HOOK, direction, 25, None)
     assert desc.texts == {1: "up words"} and "TRASH" in desc.excluded[-1]
-    task = Steering(protocol="paper", kl_targets=[0.05], samples=2, max_new_tokens=3,
-                    description="output_summary", alpha_range=[0.01, 50.0])  # fmt: skip
+    task = Steering(
+        protocol="paper",
+        kl_targets=[0.05],
+        samples=2,
+        max_new_tokens=3,
+        description="output_summary",
+        alpha_range=[0.01, 50.0],
+    )
     result = task._steer_feature(tiny_model, HOOK, 0, direction, 1.0, desc, [], judge, 0)
     excluded = [r for r in result["rows"] if r.get("failure") == EXCLUDED]
     assert [(r["sign"], r["value"]) for r in excluded] == [(-1, None)]
@@ -249,11 +265,22 @@ def test_post_norm_mapping_is_ln2_post_of_the_mlp_output(tiny_model):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=tiny_model.cfg.d_vocab,
-        n_ctx=32, act_fn="gelu_pytorch_tanh", normalization_type="RMS",
-        positional_embedding_type="rotary", gated_mlp=True, final_rms=True, eps=1e-6,
-        use_normalization_before_and_after=True, seed=0,
-    )  # fmt: skip
+        n_layers=2,
+        d_model=16,
+        d_head=4,
+        n_heads=4,
+        d_mlp=24,
+        d_vocab=tiny_model.cfg.d_vocab,
+        n_ctx=32,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        final_rms=True,
+        eps=1e-6,
+        use_normalization_before_and_after=True,
+        seed=0,
+    )
     model = HookedTransformer(cfg, tiny_model.tokenizer).eval()
     with torch.no_grad():
         model.blocks[1].ln2_post.w.copy_(1 + torch.randn(16))
@@ -286,8 +313,13 @@ def setup(tiny_model, tmp_path):
 
 
 def _double_judge(server, tmp_path) -> OpenAIJudge:
-    return OpenAIJudge(base_url=server.url, model="double", api_key_env=None, max_retries=0,
-                       cache_dir=str(tmp_path / "judge"))  # fmt: skip
+    return OpenAIJudge(
+        base_url=server.url,
+        model="double",
+        api_key_env=None,
+        max_retries=0,
+        cache_dir=str(tmp_path / "judge"),
+    )
 
 
 @torch.no_grad()
@@ -313,7 +345,17 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
         asked = len(server.requests)
         prompts = server.prompts()
         again = ConceptDetection(protocol="paper", max_features=2, resamples=50).evaluate(
-            tiny_model, features, TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path, judge=_double_judge(server, tmp_path)), None)  # fmt: skip
+            tiny_model,
+            features,
+            TaskData(
+                dataset=data,
+                activations=acts,
+                seed=0,
+                output_dir=tmp_path,
+                judge=_double_judge(server, tmp_path),
+            ),
+            None,
+        )
         assert len(server.requests) == asked  # the rerun asked nothing: every answer cached
     assert sum("Results:" in p and "activation" in p for p in prompts) == 2  # one per feature
     # the double describes both features alike: the second's sentences come from the cache
@@ -325,8 +367,15 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
     for entry in record:  # S_CD recomputed from each sentence run alone
         f = entry["feature"]
         unit = features.directions[f] / features.directions[f].norm()
-        score = {m: [float((torch.nn.functional.normalize(_alone(tiny_model, s, HOOK), dim=1) @ unit).max())
-                     for s in entry[m]] for m in ("activating", "neutral")}  # fmt: skip
+        score = {
+            m: [
+                float(
+                    (torch.nn.functional.normalize(_alone(tiny_model, s, HOOK), dim=1) @ unit).max()
+                )
+                for s in entry[m]
+            ]
+            for m in ("activating", "neutral")
+        }
         assert len(entry["activating"]) == len(entry["neutral"]) == 5
         expected = math.log(np.mean(score["activating"]) / np.mean(score["neutral"]))
         assert per_feature[f]["value"] == pytest.approx(expected, abs=1e-5)
@@ -358,9 +407,16 @@ def test_generated_diffmean_wiring_against_the_test_double(
         task_data = TaskData(
             dataset=data, activations=acts, seed=0, output_dir=tmp_path, judge=judge
         )
-        task = Steering(protocol="paper", direction="generated_diffmean", max_features=1,
-                        kl_targets=[0.05], samples=2, max_new_tokens=4, bootstrap=20,
-                        alpha_range=[0.01, 100.0])  # fmt: skip
+        task = Steering(
+            protocol="paper",
+            direction="generated_diffmean",
+            max_features=1,
+            kl_targets=[0.05],
+            samples=2,
+            max_new_tokens=4,
+            bootstrap=20,
+            alpha_range=[0.01, 100.0],
+        )
         rows = task.evaluate(tiny_model, features, task_data, None)
         sentences = write_sentences(judge, "Food and cooking.")  # replayed from the cache
     ((hook, vector, signs),) = steered
@@ -386,7 +442,11 @@ def test_generated_diffmean_wiring_against_the_test_double(
 def test_protocol_presets_resolve_and_explicit_values_win():
     paper = Steering(protocol="paper")
     assert (paper.top_p, paper.stop_at_eos, paper.alpha_search, paper.max_features) == (
-        None, False, "bisection", None)  # fmt: skip
+        None,
+        False,
+        "bisection",
+        None,
+    )
     assert (paper.judge_failure, paper.judge_attempts, paper.description) == (
         "zero",
         2,
@@ -422,16 +482,27 @@ def test_paper_steering_experiment_diffmean_arm_runs_on_the_embedded_model(tmp_p
 
     with serving() as server:
         overrides = [
-            "experiment=paper_steering_gpt2", "model=smollm2-135m",
-            "experiment/paper_method/k50=diffmean", "method.max_iter=30",
-            "dataset.concepts=[food,sports,french]", "dataset.max_per_concept=6",
-            "dataset.max_neutral=6", "task.steering.max_features=1",
-            "task.steering.kl_targets=[0.1]", "task.steering.samples=2",
-            "task.steering.max_new_tokens=6", "task.steering.bootstrap=50",
-            "task.steering.bisection_steps=8", "task.steering.baseline_samples=2",
-            f"judge.base_url={server.url}", "judge.model=double", "judge.api_key_env=null",
-            f"judge.cache_dir={tmp_path / 'judge'}", "device=cpu", "logger=none",
-        ]  # fmt: skip
+            "experiment=paper_steering_gpt2",
+            "model=smollm2-135m",
+            "experiment/paper_method/k50=diffmean",
+            "method.max_iter=30",
+            "dataset.concepts=[food,sports,french]",
+            "dataset.max_per_concept=6",
+            "dataset.max_neutral=6",
+            "task.steering.max_features=1",
+            "task.steering.kl_targets=[0.1]",
+            "task.steering.samples=2",
+            "task.steering.max_new_tokens=6",
+            "task.steering.bootstrap=50",
+            "task.steering.bisection_steps=8",
+            "task.steering.baseline_samples=2",
+            f"judge.base_url={server.url}",
+            "judge.model=double",
+            "judge.api_key_env=null",
+            f"judge.cache_dir={tmp_path / 'judge'}",
+            "device=cpu",
+            "logger=none",
+        ]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         frame = run_job(cfg, tmp_path / "job")
@@ -464,8 +535,13 @@ def test_the_job_refuses_the_paper_detection_without_a_judge(tmp_path):
     from bench.job.run import run_job
     from tests.conftest import REPO
 
-    overrides = ["task=[concept_detection]", "task.concept_detection.protocol=paper",
-                 "judge=none", "logger=none", "hydra.mode=RUN"]  # fmt: skip
+    overrides = [
+        "task=[concept_detection]",
+        "task.concept_detection.protocol=paper",
+        "judge=none",
+        "logger=none",
+        "hydra.mode=RUN",
+    ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides[:-1])
     with pytest.raises(ConfigError, match="concept_detection needs a judge"):

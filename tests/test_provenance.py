@@ -24,9 +24,21 @@ from bench.results import (
     write_replicates,
 )
 
-RUN = {"run_id": "r", "model": "m", "layer": 3, "hook": "blocks.3.mlp.hook_post", "method": "x",
-       "task": "t", "seed": 42, "config_hash": "abc", "setting_hash": "def",
-       "code_version": "featbench 0.1.0+gold", "code_digest": "digest0", "dataset_hash": "d0", "dataset_version": "v0"}  # fmt: skip
+RUN = {
+    "run_id": "r",
+    "model": "m",
+    "layer": 3,
+    "hook": "blocks.3.mlp.hook_post",
+    "method": "x",
+    "task": "t",
+    "seed": 42,
+    "config_hash": "abc",
+    "setting_hash": "def",
+    "code_version": "featbench 0.1.0+gold",
+    "code_digest": "digest0",
+    "dataset_hash": "d0",
+    "dataset_version": "v0",
+}
 
 
 def _cfg(*overrides: str):
@@ -54,8 +66,11 @@ def test_the_method_gets_the_runs_seed_from_the_job_and_nowhere_else():
     with pytest.raises(ConfigError, match=r"interpolate the run's seed \(\$\{seed\}\)"):
         job_identity(_cfg("method=snmf", "+method.seed=${seed}"))
     with pytest.raises(ConfigError, match="interpolate the run's seed"):
-        job_identity(_cfg("method=snmf", "task=[synthetic_recovery]",
-                          "+task.synthetic_recovery.seed=${seed}"))  # fmt: skip
+        job_identity(
+            _cfg(
+                "method=snmf", "task=[synthetic_recovery]", "+task.synthetic_recovery.seed=${seed}"
+            )
+        )
 
 
 def test_device_auto_is_resolved_before_hashing():
@@ -130,9 +145,11 @@ def test_the_printed_headline_names_no_missing_dimension():
     from bench.cli.featbench import headline
 
     frame = finalize(
-        [{"metric": "mean_feature_auroc", "value": 0.9, "encoder": "native"},
-         {"metric": "judge_requests", "value": 3.0}],
+        [
+            {"metric": "mean_feature_auroc", "value": 0.9, "encoder": "native"},
+            {"metric": "judge_requests", "value": 3.0},
+        ],
         {**RUN, "task": "concept_detection"},
-    )  # fmt: skip
+    )
     text = headline(frame)
     assert "mean_feature_auroc native" in text and "nan" not in text

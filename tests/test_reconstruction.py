@@ -138,8 +138,9 @@ def test_an_exact_reconstruction_spliced_at_resid_post_costs_nothing(embedded, t
     ~26,000: an exact reconstruction spliced there still changes no next-token
     distribution, and both variance figures say so."""
     model, data = embedded.model, datasets.load(max_per_concept=6, max_neutral=6)
-    acts = extract(model, data, 12, "resid_post", model_fingerprint=embedded.fingerprint,
-                   use_cache=False)  # fmt: skip
+    acts = extract(
+        model, data, 12, "resid_post", model_fingerprint=embedded.fingerprint, use_cache=False
+    )
     full = PCA(n_features=acts.d).fit(acts.subset(data.indices("train")))
     task_data = TaskData(dataset=data, activations=acts, seed=0, output_dir=tmp_path)
     values = _metrics(Reconstruction(bootstrap=20).evaluate(model, full, task_data, None))

@@ -59,15 +59,36 @@ DECLARED = {
 }
 
 
-def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]], keys: dict | None = None,
-              code: str = CODE, dataset: str = "d0", meta: bool = True, digest: str = "digest0",
-              declare: bool = True, **extra) -> int:  # fmt: skip
+def write_job(
+    folder: Path,
+    method: str,
+    seed: int,
+    tasks: dict[str, list[dict]],
+    keys: dict | None = None,
+    code: str = CODE,
+    dataset: str = "d0",
+    meta: bool = True,
+    digest: str = "digest0",
+    declare: bool = True,
+    **extra,
+) -> int:
     """A job folder as bench.cli.featbench writes it: metrics.parquet (with meta["setting"]) and
     replicates.parquet; summary rows may carry `replicates` (an Estimate's row())."""
     keys = keys if keys is not None else setting(method)
-    run = {"run_id": f"{method}-{seed}", "model": "smollm2-135m", "layer": 3, "hook": HOOK,
-           "method": method, "seed": seed, "config_hash": f"{setting_hash(keys)}-{seed}",
-           "setting_hash": setting_hash(keys), "code_version": code, "code_digest": digest, "dataset_hash": dataset, "dataset_version": "1"}  # fmt: skip
+    run = {
+        "run_id": f"{method}-{seed}",
+        "model": "smollm2-135m",
+        "layer": 3,
+        "hook": HOOK,
+        "method": method,
+        "seed": seed,
+        "config_hash": f"{setting_hash(keys)}-{seed}",
+        "setting_hash": setting_hash(keys),
+        "code_version": code,
+        "code_digest": digest,
+        "dataset_hash": dataset,
+        "dataset_version": "1",
+    }
     frames, reps = [], {}
     for task, rows in tasks.items():
         rows = [dict(r) for r in rows]
@@ -84,35 +105,75 @@ def write_job(folder: Path, method: str, seed: int, tasks: dict[str, list[dict]]
 
 
 def _rows_concept(aurocs: list[float], supervised: bool, summary: float) -> list[dict]:
-    rows = [{"feature": f, "concept": "food", "metric": "auroc", "value": v, "encoder": "native"}
-            for f, v in enumerate(aurocs)]  # fmt: skip
-    rows += [{"concept": "food", "metric": "concept_best_auroc", "value": max(aurocs)},
-             {"metric": "mean_feature_auroc", "value": summary, "encoder": "native"},
-             {"metric": "concept_coverage", "value": 0.5, "threshold": 0.9, "encoder": "native"}]  # fmt: skip
+    rows = [
+        {"feature": f, "concept": "food", "metric": "auroc", "value": v, "encoder": "native"}
+        for f, v in enumerate(aurocs)
+    ]
+    rows += [
+        {"concept": "food", "metric": "concept_best_auroc", "value": max(aurocs)},
+        {"metric": "mean_feature_auroc", "value": summary, "encoder": "native"},
+        {"metric": "concept_coverage", "value": 0.5, "threshold": 0.9, "encoder": "native"},
+    ]
     return [{**r, "supervised": supervised} for r in rows]
 
 
 def _rows_steering(score: float, low: float, high: float, kind: str = "tokens") -> list[dict]:
     rows = []
     for sample, (value, text) in enumerate([(2.0, SAMPLE), (0.0, "I think that it is fine")]):
-        common = {"feature": 0, "concept": "food", "kl_target": 0.1, "sign": 1, "sample": sample,
-                  "text": text, "description_text": "food", "judge": "offline"}  # fmt: skip
-        rows += [{**common, "metric": m, "value": v} for m, v in
-                 (("concept_score", value), ("fluency_score", 2.0), ("steering_score", value))]  # fmt: skip
+        common = {
+            "feature": 0,
+            "concept": "food",
+            "kl_target": 0.1,
+            "sign": 1,
+            "sample": sample,
+            "text": text,
+            "description_text": "food",
+            "judge": "offline",
+        }
+        rows += [
+            {**common, "metric": m, "value": v}
+            for m, v in (
+                ("concept_score", value),
+                ("fluency_score", 2.0),
+                ("steering_score", value),
+            )
+        ]
         rows.append({**common, "kl_target": 0.5, "metric": "steering_score", "value": 0.5})
-    rows += [{"feature": 0, "concept": "food", "metric": "best_kl_steering_score", "value": 1.0,
-              "kl_target": 0.1, "sign": 1, "judge": "offline"},
-             {"metric": "heldout_steering_score", "value": score, "ci_low": low, "ci_high": high,
-              "n": 12, "judge": "offline"},
-             {"metric": "best_kl_steering_score", "value": None, "reason": "no defined score",
-              "judge": "offline"}]  # fmt: skip
+    rows += [
+        {
+            "feature": 0,
+            "concept": "food",
+            "metric": "best_kl_steering_score",
+            "value": 1.0,
+            "kl_target": 0.1,
+            "sign": 1,
+            "judge": "offline",
+        },
+        {
+            "metric": "heldout_steering_score",
+            "value": score,
+            "ci_low": low,
+            "ci_high": high,
+            "n": 12,
+            "judge": "offline",
+        },
+        {
+            "metric": "best_kl_steering_score",
+            "value": None,
+            "reason": "no defined score",
+            "judge": "offline",
+        },
+    ]
     return [{**r, "description": kind} for r in rows]
 
 
 def _rows_synthetic(mcc: float) -> list[dict]:
-    return [{"metric": m, "value": v * (1 - noise), "generator": g, "noise": noise}
-            for g in ("snmf", "sae_lens") for noise in (0.0, 0.5)
-            for m, v in (("mcc", mcc), ("recovered_fraction", 0.25))]  # fmt: skip
+    return [
+        {"metric": m, "value": v * (1 - noise), "generator": g, "noise": noise}
+        for g in ("snmf", "sae_lens")
+        for noise in (0.0, 0.5)
+        for m, v in (("mcc", mcc), ("recovered_fraction", 0.25))
+    ]
 
 
 def _rows_reconstruction(fvu: float) -> list[dict]:
@@ -136,22 +197,38 @@ def sweep(tmp_path: Path) -> tuple[Path, int]:
     """Four jobs: diffmean (supervised), two seeds of snmf (one nested deeper) and
     snmf_hier; returns the folder and the number of rows written."""
     root = tmp_path / "sweep"
-    n = write_job(root / "0", "diffmean", 1, {
-        "concept_detection": _rows_concept([0.9, 0.8], True, 0.85),
-        "steering": _rows_steering(0.73, 0.42, 1.04),
-        "synthetic_recovery": [{**r, "value": None, "reason": "needs labels"} for r in _rows_synthetic(0)],
-    }, tag=True)  # fmt: skip
-    contexts = [[{"sentence": 0, "position": 5, "score": 2.1, "token": "dough", "context": CONTEXT}],
-                [{"sentence": 1, "position": 2, "score": 1.0, "token": " and", "context": "x[[ and]] y"}]]  # fmt: skip
+    n = write_job(
+        root / "0",
+        "diffmean",
+        1,
+        {
+            "concept_detection": _rows_concept([0.9, 0.8], True, 0.85),
+            "steering": _rows_steering(0.73, 0.42, 1.04),
+            "synthetic_recovery": [
+                {**r, "value": None, "reason": "needs labels"} for r in _rows_synthetic(0)
+            ],
+        },
+        tag=True,
+    )
+    contexts = [
+        [{"sentence": 0, "position": 5, "score": 2.1, "token": "dough", "context": CONTEXT}],
+        [{"sentence": 1, "position": 2, "score": 1.0, "token": " and", "context": "x[[ and]] y"}],
+    ]
     (root / "0" / "features").mkdir(parents=True)
     (root / "0" / "features" / "contexts.json").write_text(json.dumps(contexts))
     for folder, seed, fvu in ((root / "1", 1, 0.2), (root / "more" / "2", 2, 0.4)):
-        n += write_job(folder, "snmf", seed, {
-            "concept_detection": _rows_concept([0.6, 0.7, 0.5], False, 0.6),
-            "steering": _rows_steering(0.35, 0.1, 0.5),
-            "reconstruction": _rows_reconstruction(fvu),
-            "synthetic_recovery": _rows_synthetic(0.9),
-        }, tag="seed run")  # fmt: skip
+        n += write_job(
+            folder,
+            "snmf",
+            seed,
+            {
+                "concept_detection": _rows_concept([0.6, 0.7, 0.5], False, 0.6),
+                "steering": _rows_steering(0.35, 0.1, 0.5),
+                "reconstruction": _rows_reconstruction(fvu),
+                "synthetic_recovery": _rows_synthetic(0.9),
+            },
+            tag="seed run",
+        )
         _fit_features(folder, SNMF(rank=4, sparsity=0.5, max_iter=20, patience=5, device="cpu"))
     n += write_job(root / "3", "snmf_hier", 1, {"reconstruction": _rows_reconstruction(0.3)})
     _fit_features(
@@ -239,8 +316,13 @@ def test_cli_errors_name_the_directory(tmp_path, capsys):
 
 
 def test_module_entry_point_exits_2_on_an_empty_folder(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert (
         out.stderr
@@ -278,11 +360,18 @@ def test_report_on_a_real_two_method_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     args = ["-m", "experiment=smoke", "method=diffmean,random", f"hydra.sweep.dir={sweep}"]
-    out = subprocess.run(featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    done = subprocess.run([sys.executable, "-m", "bench.report", str(sweep)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(sweep)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == str(sweep / "report.md")
     jobs = sorted(sweep.rglob("metrics.parquet"))
@@ -311,8 +400,13 @@ def test_a_steering_cell_names_its_judge_its_failure_policy_and_its_direction():
     failed judgements counted as 0, and that the DiffMean arm steered a generated direction."""
     from bench.report.tables import _judged_by
 
-    paper = pd.DataFrame({"judge": ["openai"], "judge_failure_policy": ["zero"],
-                          "judge_label": ["openai smollm2-135m @ http://127.0.0.1:8123/v1"]})  # fmt: skip
+    paper = pd.DataFrame(
+        {
+            "judge": ["openai"],
+            "judge_failure_policy": ["zero"],
+            "judge_label": ["openai smollm2-135m @ http://127.0.0.1:8123/v1"],
+        }
+    )
     assert _judged_by(paper) == (
         "openai smollm2-135m @ http://127.0.0.1:8123/v1 (failed judgements scored 0)"
     )
@@ -326,18 +420,54 @@ def test_the_plotted_and_compared_numbers_are_computed_once_by_the_series_module
     mean is per job, then over the seeds of one setting."""
     from bench.report.series import feature_means, plot_series
 
-    base = {"model": "m", "layer": 3, "hook": "h", "method": "snmf", "setting": "snmf",
-            "setting_hash": "s1", "encoder": pd.NA}  # fmt: skip
-    steer = [{**base, "task": "steering", "metric": "steering_score", "feature": f,
-              "kl_target": kl, "sample": s, "value": v, "job_dir": "0"}
-             for f, kl, s, v in [(0, 0.5, 0, 1.0), (1, 0.5, 0, 0.0), (0, 1.0, 0, 2.0),
-                                 (0, 1.0, 1, 1.0)]]  # fmt: skip
-    detect = [{**base, "task": "concept_detection", "metric": "auroc", "feature": f,
-               "kl_target": pd.NA, "sample": pd.NA, "value": v, "job_dir": "0"}
-              for f, v in [(0, 0.9), (1, 0.7)]]  # fmt: skip
-    s_cd = [{**base, "task": "concept_detection", "metric": "s_cd", "feature": f,
-             "kl_target": pd.NA, "sample": pd.NA, "value": v, "job_dir": job}
-            for job, f, v in [("0", 0, 1.0), ("0", 1, 3.0), ("1", 0, 5.0), ("1", 1, 7.0)]]  # fmt: skip
+    base = {
+        "model": "m",
+        "layer": 3,
+        "hook": "h",
+        "method": "snmf",
+        "setting": "snmf",
+        "setting_hash": "s1",
+        "encoder": pd.NA,
+    }
+    steer = [
+        {
+            **base,
+            "task": "steering",
+            "metric": "steering_score",
+            "feature": f,
+            "kl_target": kl,
+            "sample": s,
+            "value": v,
+            "job_dir": "0",
+        }
+        for f, kl, s, v in [(0, 0.5, 0, 1.0), (1, 0.5, 0, 0.0), (0, 1.0, 0, 2.0), (0, 1.0, 1, 1.0)]
+    ]
+    detect = [
+        {
+            **base,
+            "task": "concept_detection",
+            "metric": "auroc",
+            "feature": f,
+            "kl_target": pd.NA,
+            "sample": pd.NA,
+            "value": v,
+            "job_dir": "0",
+        }
+        for f, v in [(0, 0.9), (1, 0.7)]
+    ]
+    s_cd = [
+        {
+            **base,
+            "task": "concept_detection",
+            "metric": "s_cd",
+            "feature": f,
+            "kl_target": pd.NA,
+            "sample": pd.NA,
+            "value": v,
+            "job_dir": job,
+        }
+        for job, f, v in [("0", 0, 1.0), ("0", 1, 3.0), ("1", 0, 5.0), ("1", 1, 7.0)]
+    ]
     summary = pd.DataFrame(steer + detect + s_cd)
     series = plot_series(summary)
     curve = series.steering_vs_kl.set_index("kl_target")["value"]

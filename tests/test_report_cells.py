@@ -26,8 +26,15 @@ from tests.test_report import HOOK, _rows_reconstruction, setting, write_job
 def _heldout(values, units: str, kind: str = "tokens", **extra) -> list[dict]:
     """A steering job's held-out headline: the mean over test units with its replicates."""
     est = mean_estimate(values, paired_over="test sentence", units_hash=units, seed=0)
-    return [{"metric": "heldout_steering_score", **est.row(), "judge": "offline",
-             "description": kind, **extra}]  # fmt: skip
+    return [
+        {
+            "metric": "heldout_steering_score",
+            **est.row(),
+            "judge": "offline",
+            "description": kind,
+            **extra,
+        }
+    ]
 
 
 UNITS = np.linspace(0.0, 2.0, 24)  # per-test-sentence scores
@@ -56,10 +63,20 @@ def test_setting_labels_name_the_keys_that_vary():
 def test_two_settings_give_two_rows_and_two_seeds_give_one(tmp_path):
     seeds = {1: UNITS, 2: UNITS[::-1] * 0.5}  # same units, different scores per seed
     for seed, values in seeds.items():
-        write_job(tmp_path / f"r50-{seed}", "snmf", seed, {"steering": _heldout(values, "u")},
-                  keys=setting("snmf", rank=50))  # fmt: skip
-    write_job(tmp_path / "r100", "snmf", 1, {"steering": _heldout(UNITS + 0.1, "u")},
-              keys=setting("snmf", rank=100))  # fmt: skip
+        write_job(
+            tmp_path / f"r50-{seed}",
+            "snmf",
+            seed,
+            {"steering": _heldout(values, "u")},
+            keys=setting("snmf", rank=50),
+        )
+    write_job(
+        tmp_path / "r100",
+        "snmf",
+        1,
+        {"steering": _heldout(UNITS + 0.1, "u")},
+        keys=setting("snmf", rank=100),
+    )
     text = report(tmp_path).read_text()
     summary, _ = read_metrics(tmp_path / "summary.parquet")
     assert set(summary["setting"]) == {"snmf rank=50", "snmf rank=100"}
@@ -85,8 +102,10 @@ def _three_settings(root: Path) -> dict:
     units = {"snmf": "u", "random": "u", "diffmean": "other"}
     for method, v in values.items():
         write_job(root / method, method, 1, {"steering": _heldout(v, units[method])})
-    return {m: mean_estimate(v, paired_over="test sentence", units_hash=units[m], seed=0)
-            for m, v in values.items()}  # fmt: skip
+    return {
+        m: mean_estimate(v, paired_over="test sentence", units_hash=units[m], seed=0)
+        for m, v in values.items()
+    }
 
 
 def test_differences_are_paired_on_shared_units_and_holm_adjusted(tmp_path):
@@ -131,8 +150,10 @@ def test_mixed_description_kinds_are_flagged_and_never_compared(tmp_path):
     write_job(tmp_path / "b", "diffmean", 1, {"steering": _heldout(UNITS, "u", kind="label")})
     text = report(tmp_path).read_text()
     table = text.split("### Steering")[1]
-    assert table.index("WARNING: these steering cells were judged against different "
-                       "description kinds (label, tokens)") < table.index("| setting |")  # fmt: skip
+    assert table.index(
+        "WARNING: these steering cells were judged against different "
+        "description kinds (label, tokens)"
+    ) < table.index("| setting |")
     diffs, _ = read_metrics(tmp_path / "differences.parquet")
     assert diffs.empty
 
@@ -156,8 +177,14 @@ def test_a_table_mixing_code_identities_says_so_and_lists_them(tmp_path):
     write_job(tmp_path / "b", "pca", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new)
     table = report(tmp_path).read_text().split("### Reconstruction")[1]
     assert "These rows mix" not in table  # two commits, one code identity
-    write_job(tmp_path / "b", "pca", 1, {"reconstruction": _rows_reconstruction(0.3)}, code=new,
-              digest="digest1")  # fmt: skip
+    write_job(
+        tmp_path / "b",
+        "pca",
+        1,
+        {"reconstruction": _rows_reconstruction(0.3)},
+        code=new,
+        digest="digest1",
+    )
     table = report(tmp_path).read_text().split("### Reconstruction")[1]
     flag = f"These rows mix results from 2 code identities: digest0 ({old}); digest1 ({new})."
     assert flag in table and table.index(flag) < table.index("| setting |")
@@ -171,8 +198,13 @@ def test_a_table_mixing_code_identities_says_so_and_lists_them(tmp_path):
 
 def test_jobs_from_older_code_fall_back_to_their_config_hash(tmp_path, caplog):
     for seed in (1, 2):  # no setting_hash column, no meta: each job is its own setting
-        write_job(tmp_path / str(seed), "snmf", seed, {"reconstruction": _rows_reconstruction(0.2)},
-                  meta=False)  # fmt: skip
+        write_job(
+            tmp_path / str(seed),
+            "snmf",
+            seed,
+            {"reconstruction": _rows_reconstruction(0.2)},
+            meta=False,
+        )
     with caplog.at_level("WARNING", logger="bench.report"):
         text = report(tmp_path).read_text()
     assert any(
@@ -200,12 +232,17 @@ def _paper_sweep(root: Path) -> None:
     ):
         keys = {**keys, "judge.model": judge}
         steering = [{"metric": "best_kl_steering_score", "value": 0.4, "n": 10, "judge": judge}]
-        concept = [{"feature": f, "metric": "s_cd", "value": v, "encoder": "projection"}
-                   for f, v in enumerate((1.0, 2.0, 3.0))]  # fmt: skip
-        concept += [{"metric": "s_cd", "value": 9.0, "encoder": "projection"},  # not per feature
-                    {"metric": "frac_s_cd_positive", "value": 0.8, "encoder": "projection"}]  # fmt: skip
-        write_job(root / name, "snmf", 1, {"steering": steering, "concept_detection": concept},
-                  keys=keys)  # fmt: skip
+        concept = [
+            {"feature": f, "metric": "s_cd", "value": v, "encoder": "projection"}
+            for f, v in enumerate((1.0, 2.0, 3.0))
+        ]
+        concept += [
+            {"metric": "s_cd", "value": 9.0, "encoder": "projection"},  # not per feature
+            {"metric": "frac_s_cd_positive", "value": 0.8, "encoder": "projection"},
+        ]
+        write_job(
+            root / name, "snmf", 1, {"steering": steering, "concept_detection": concept}, keys=keys
+        )
 
 
 def test_compare_paper_puts_a_value_beside_ours_only_in_the_papers_setting(tmp_path, monkeypatch):
@@ -251,8 +288,14 @@ def test_a_task_class_that_does_not_import_is_left_out_with_a_warning(tmp_path, 
     """Issue 25: a job from code that recorded no declaration names its task class; one
     that no longer imports used to be logged at debug level only."""
     keys = {**setting("snmf"), "task.reconstruction._target_": "nowhere.Task"}
-    write_job(tmp_path / "a", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)},
-              keys=keys, declare=False)  # fmt: skip
+    write_job(
+        tmp_path / "a",
+        "snmf",
+        1,
+        {"reconstruction": _rows_reconstruction(0.2)},
+        keys=keys,
+        declare=False,
+    )
     with caplog.at_level("WARNING", logger="bench.report"):
         text = report(tmp_path).read_text()
     assert "`task nowhere.Task`: no declaration" in text and "item(s) left out" in text
@@ -264,9 +307,21 @@ def test_a_difference_whose_interval_excludes_0_but_not_holm_says_so():
     report never wrote; it called every interval that excludes 0 "separated"."""
     from bench.report.differences import _md_row
 
-    row = {"metric": "fvu", "encoder": None, "protocol": None, "delta": 0.01, "ci_low": 0.001,
-           "ci_high": 0.03, "paired": True, "paired_over": "test sentence", "n_for_power": 40,
-           "p_holm": 0.48, "setting_a": "snmf", "setting_b": "random", "n_pairs": 30}  # fmt: skip
+    row = {
+        "metric": "fvu",
+        "encoder": None,
+        "protocol": None,
+        "delta": 0.01,
+        "ci_low": 0.001,
+        "ci_high": 0.03,
+        "paired": True,
+        "paired_over": "test sentence",
+        "n_for_power": 40,
+        "p_holm": 0.48,
+        "setting_a": "snmf",
+        "setting_b": "random",
+        "n_pairs": 30,
+    }
     assert _md_row(row)[-1] == "interval excludes 0; Holm does not"
     assert _md_row({**row, "p_holm": 0.01})[-1] == "separated"
     assert _md_row({**row, "ci_low": -0.01})[-1] == "40 units to separate at 80% power"
@@ -279,11 +334,11 @@ def test_jobs_from_before_the_seed_left_the_config_share_cells_with_new_ones(tmp
     from bench.core.storage import sha256_json
 
     keys = setting("snmf")
-    write_job(tmp_path / "new", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)},
-              keys=keys)  # fmt: skip
+    write_job(tmp_path / "new", "snmf", 1, {"reconstruction": _rows_reconstruction(0.2)}, keys=keys)
     legacy = {**keys, "method.seed": "<seed>"}
-    write_job(tmp_path / "old", "snmf", 2, {"reconstruction": _rows_reconstruction(0.3)},
-              keys=legacy)  # fmt: skip
+    write_job(
+        tmp_path / "old", "snmf", 2, {"reconstruction": _rows_reconstruction(0.3)}, keys=legacy
+    )
     assert sha256_json(legacy)[:16] != sha256_json(keys)[:16]
     text = report(tmp_path).read_text().split("### Reconstruction")[1]
     assert "2 seeds" in text and text.count("| snmf") == 1
@@ -296,8 +351,16 @@ def test_the_ranking_orders_settings_by_the_steering_headline_with_every_pair(tm
 
     def steering(values):
         est = mean_estimate(values, paired_over="concept", units_hash="u", seed=0)
-        return {"steering": [{"metric": "heldout_steering_score", **est.row(),
-                              "protocol": "concept", "description": "label"}]}  # fmt: skip
+        return {
+            "steering": [
+                {
+                    "metric": "heldout_steering_score",
+                    **est.row(),
+                    "protocol": "concept",
+                    "description": "label",
+                }
+            ]
+        }
 
     base = np.random.default_rng(0).uniform(0, 1, 16)
     for name, shift in (("random", 0.0), ("snmf", 0.1), ("diffmean", 0.8)):
@@ -323,17 +386,40 @@ def test_the_ranking_samples_are_the_held_out_texts_at_the_chosen_target():
         for concept in ("animals", "zoo"):
             if concept == "zoo" and name == "random":
                 continue  # not steered by every setting: never the shown concept
-            rows.append({"task": "steering", "protocol": "concept", "setting": name,
-                         "seed": seed, "job_dir": job, "concept": concept,
-                         "metric": "heldout_steering_score", "kl_target": 0.5, "sign": -1,
-                         "sample": np.nan, "value": 0.25, "text": None})  # fmt: skip
+            rows.append(
+                {
+                    "task": "steering",
+                    "protocol": "concept",
+                    "setting": name,
+                    "seed": seed,
+                    "job_dir": job,
+                    "concept": concept,
+                    "metric": "heldout_steering_score",
+                    "kl_target": 0.5,
+                    "sign": -1,
+                    "sample": np.nan,
+                    "value": 0.25,
+                    "text": None,
+                }
+            )
             for kl in (0.1, 0.5):
                 for sample in range(8):
-                    rows.append({"task": "steering", "protocol": "concept", "setting": name,
-                                 "seed": seed, "job_dir": job, "concept": concept,
-                                 "metric": "steering_score", "kl_target": kl, "sign": -1,
-                                 "sample": float(sample), "value": 1.0,
-                                 "text": f"{job} {concept} kl{kl} s{sample}"})  # fmt: skip
+                    rows.append(
+                        {
+                            "task": "steering",
+                            "protocol": "concept",
+                            "setting": name,
+                            "seed": seed,
+                            "job_dir": job,
+                            "concept": concept,
+                            "metric": "steering_score",
+                            "kl_target": kl,
+                            "sign": -1,
+                            "sample": float(sample),
+                            "value": 1.0,
+                            "text": f"{job} {concept} kl{kl} s{sample}",
+                        }
+                    )
     text = samples_section(pd.DataFrame(rows))
     assert "`animals`" in text and "zoo" not in text
     assert "**snmf** (seed 42, KL 0.50, sign -1; held-out score 0.25)" in text

@@ -34,18 +34,51 @@ def _concept_steering(method: str, feature: int, text: str) -> list[dict]:
     and the summary row."""
     rows = []
     for concept in ("food", "music"):
-        unit = {"feature": feature, "concept": concept, "sign": 1, "description_text": concept,
-                "match_auroc": 0.8, "protocol": "concept", "description": "label", "judge": "offline"}  # fmt: skip
+        unit = {
+            "feature": feature,
+            "concept": concept,
+            "sign": 1,
+            "description_text": concept,
+            "match_auroc": 0.8,
+            "protocol": "concept",
+            "description": "label",
+            "judge": "offline",
+        }
         for kl, alpha in ((0.1, 3.0), (0.5, 6.0)):
             for sample in (0, 1):
-                common = {**unit, "kl_target": kl, "sample": sample, "alpha": alpha,
-                          "kl_achieved": kl, "prompt": "I think that", "text": f"{text} {kl}"}  # fmt: skip
-                rows += [{**common, "metric": m, "value": v} for m, v in
-                         (("concept_score", 1.0), ("fluency_score", 2.0), ("steering_score", 1.33))]  # fmt: skip
-        rows += [{**unit, "metric": m, "value": 1.0, "kl_target": 0.5} for m in
-                 ("heldout_steering_score", "best_kl_steering_score")]  # fmt: skip
-    rows.append({"metric": "heldout_steering_score", "value": 0.9, "ci_low": 0.5, "ci_high": 1.3,
-                 "n": 2, "protocol": "concept", "description": "label", "judge": "offline"})  # fmt: skip
+                common = {
+                    **unit,
+                    "kl_target": kl,
+                    "sample": sample,
+                    "alpha": alpha,
+                    "kl_achieved": kl,
+                    "prompt": "I think that",
+                    "text": f"{text} {kl}",
+                }
+                rows += [
+                    {**common, "metric": m, "value": v}
+                    for m, v in (
+                        ("concept_score", 1.0),
+                        ("fluency_score", 2.0),
+                        ("steering_score", 1.33),
+                    )
+                ]
+        rows += [
+            {**unit, "metric": m, "value": 1.0, "kl_target": 0.5}
+            for m in ("heldout_steering_score", "best_kl_steering_score")
+        ]
+    rows.append(
+        {
+            "metric": "heldout_steering_score",
+            "value": 0.9,
+            "ci_low": 0.5,
+            "ci_high": 1.3,
+            "n": 2,
+            "protocol": "concept",
+            "description": "label",
+            "judge": "offline",
+        }
+    )
     return rows
 
 
@@ -59,12 +92,32 @@ def sweep(tmp_path_factory) -> Path:
         {"feature": 0, "concept": "food", "metric": "s_cd", "value": 0.7, "encoder": "native"}
     ]
     detection[2].update(selected_feature=0, encoder="native")  # concept_best_auroc
-    write_job(root / "0", "diffmean", 1, {"concept_detection": detection,
-              "steering": _concept_steering("diffmean", 0, HOSTILE)}, supervised=True)  # fmt: skip
-    write_job(root / "1", "random", 1, {"concept_detection": _rows_concept([0.6, 0.5], False, 0.55),
-              "steering": _concept_steering("random", 1, "plain text")})  # fmt: skip
-    context = {"sentence": 0, "position": 4, "score": 2.0, "token": "dough", "top": 4,
-               "context": "a slice of sour[[dough]] bread", "tokens": TOKENS, "acts": ACTS}  # fmt: skip
+    write_job(
+        root / "0",
+        "diffmean",
+        1,
+        {"concept_detection": detection, "steering": _concept_steering("diffmean", 0, HOSTILE)},
+        supervised=True,
+    )
+    write_job(
+        root / "1",
+        "random",
+        1,
+        {
+            "concept_detection": _rows_concept([0.6, 0.5], False, 0.55),
+            "steering": _concept_steering("random", 1, "plain text"),
+        },
+    )
+    context = {
+        "sentence": 0,
+        "position": 4,
+        "score": 2.0,
+        "token": "dough",
+        "top": 4,
+        "context": "a slice of sour[[dough]] bread",
+        "tokens": TOKENS,
+        "acts": ACTS,
+    }
     (root / "0" / "features").mkdir(parents=True)
     (root / "0" / "features" / "contexts.json").write_text(json.dumps([[context], []]))
     write_job(root / "2", "snmf_hier", 1, {"reconstruction": _rows_reconstruction(0.3)})
@@ -78,7 +131,10 @@ def test_report_writes_the_page_with_tables_cards_and_views(sweep):
     report(sweep)
     page = (sweep / "index.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    order = [page.index(f'<section id="{s}"') for s in ("comparison", "concepts", "features", "hierarchy")]  # fmt: skip
+    order = [
+        page.index(f'<section id="{s}"')
+        for s in ("comparison", "concepts", "features", "hierarchy")
+    ]
     assert order == sorted(order)  # the comparison first
     assert '<table class="headline">' in page and "0.90 [0.50, 1.30] n=2" in page
     assert "diffmean †" in page  # supervised
@@ -171,8 +227,13 @@ def test_token_texts_spell_the_decoded_text():
 
 def test_top_contexts_record_each_tokens_activation():
     ids = torch.tensor([0, 1, 2, 3, 4, 0])
-    acts = ActivationSet(torch.tensor([[0.1], [0.5], [0.2], [0.9], [0.3], [0.4]]), ids,
-                         torch.tensor([0, 0, 0, 0, 0, 1]), torch.arange(6), "hook")  # fmt: skip
+    acts = ActivationSet(
+        torch.tensor([[0.1], [0.5], [0.2], [0.9], [0.3], [0.4]]),
+        ids,
+        torch.tensor([0, 0, 0, 0, 0, 1]),
+        torch.arange(6),
+        "hook",
+    )
     features = Features(torch.ones(1, 1), method="x", hook="hook")
     [[first, second]] = top_contexts(features, acts, _Bytes(), window=2)
     assert first["tokens"] == [" caf", "", "é", " ok"] and first["top"] == 2

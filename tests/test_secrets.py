@@ -18,17 +18,34 @@ URL = f"http://featbench-user:{URL_SECRET}@127.0.0.1:9/v1"
 
 
 def test_values_that_look_like_keys_and_url_userinfo_are_redacted():
-    for text in (KEY, "hf_" + "a1B2c3D4e5F6g7H8i9J0kL", "0123456789abcdef" * 2 + "01234567",
-                 "Zx9" * 11):  # fmt: skip
+    for text in (
+        KEY,
+        "hf_" + "a1B2c3D4e5F6g7H8i9J0kL",
+        "0123456789abcdef" * 2 + "01234567",
+        "Zx9" * 11,
+    ):
         assert looks_like_secret(text) and redact_text(f"key {text} end") == f"key {REDACTED} end"
     assert redact_text(URL) == f"http://{REDACTED}@127.0.0.1:9/v1"
-    for text in ("gpt-4o-mini", "https://api.openai.com/v1", "blocks.12.mlp.hook_post",
-                 "gemma-scope-2b-pt-mlp-canonical", "OPENAI_API_KEY", "5d41402abc4b2a76",
-                 "I think that", "/root/.cache/featbench/models/smollm2-135m-0123abcd"):  # fmt: skip
+    for text in (
+        "gpt-4o-mini",
+        "https://api.openai.com/v1",
+        "blocks.12.mlp.hook_post",
+        "gemma-scope-2b-pt-mlp-canonical",
+        "OPENAI_API_KEY",
+        "5d41402abc4b2a76",
+        "I think that",
+        "/root/.cache/featbench/models/smollm2-135m-0123abcd",
+    ):
         assert not looks_like_secret(text) and redact_text(text) == text, text
     tree = {"judge": {"base_url": URL, "api_key_env": KEY, "model": "m"}, "layers": [1, 2]}
-    assert redact(tree) == {"judge": {"base_url": f"http://{REDACTED}@127.0.0.1:9/v1",
-                                      "api_key_env": REDACTED, "model": "m"}, "layers": [1, 2]}  # fmt: skip
+    assert redact(tree) == {
+        "judge": {
+            "base_url": f"http://{REDACTED}@127.0.0.1:9/v1",
+            "api_key_env": REDACTED,
+            "model": "m",
+        },
+        "layers": [1, 2],
+    }
 
 
 def test_an_environment_variable_name_that_looks_like_a_key_is_refused():
@@ -42,8 +59,9 @@ def test_an_environment_variable_name_that_looks_like_a_key_is_refused():
 
 def _run(args, cwd, extra_env):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **extra_env}
-    return subprocess.run(featbench_cmd() + args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        featbench_cmd() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _leaks(root, *secrets) -> list[str]:
@@ -69,14 +87,32 @@ def test_planted_secrets_reach_no_file_of_a_run(tmp_path, embedded):
     exit 2; credentials in the judge's URL are redacted in every file of a finished run
     (config.yaml, parquet, report, W&B) and in folder names."""
     env = {"FB_TEST_KEY": KEY, "FB_TEST_URL": URL, "WANDB_MODE": "offline"}
-    refused = _run(["experiment=smoke", "judge=openai", "judge.api_key_env=${oc.env:FB_TEST_KEY}",
-                    f"paths.results_dir={tmp_path / 'refused'}", "logger=none"], tmp_path, env)  # fmt: skip
+    refused = _run(
+        [
+            "experiment=smoke",
+            "judge=openai",
+            "judge.api_key_env=${oc.env:FB_TEST_KEY}",
+            f"paths.results_dir={tmp_path / 'refused'}",
+            "logger=none",
+        ],
+        tmp_path,
+        env,
+    )
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "must name an environment variable" in refused.stdout + refused.stderr
-    ran = _run(["experiment=smoke", "judge=openai", "judge.base_url=${oc.env:FB_TEST_URL}",
-                "judge.api_key_env=null",
-                "task=[concept_detection]", f"paths.results_dir={tmp_path / 'ran'}",
-                "logger=wandb"], tmp_path, env)  # fmt: skip
+    ran = _run(
+        [
+            "experiment=smoke",
+            "judge=openai",
+            "judge.base_url=${oc.env:FB_TEST_URL}",
+            "judge.api_key_env=null",
+            "task=[concept_detection]",
+            f"paths.results_dir={tmp_path / 'ran'}",
+            "logger=wandb",
+        ],
+        tmp_path,
+        env,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert any((tmp_path / "ran").rglob("metrics.parquet")) and any(
         (tmp_path / "ran").rglob("report.md")

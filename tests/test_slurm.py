@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from bench.results import read_metrics
-from tests.conftest import REPO, featbench_cmd
+from tests.conftest import REPO, featbench_cmd, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -43,9 +43,13 @@ SLURM = [
 ]
 SWEEP = ["-m", "experiment=smoke", "method=diffmean,random", "logger=none"]
 # steering long enough to outlast a one-minute time limit, with a checkpoint per unit
-LONG = ["task=[steering]", "task.steering.concepts=6", "task.steering.samples=8",
-        "task.steering.kl_targets=[0.025,0.05,0.1,0.15,0.25,0.35,0.5]",
-        "task.steering.max_new_tokens=48"]  # fmt: skip
+LONG = [
+    "task=[steering]",
+    "task.steering.concepts=6",
+    "task.steering.samples=8",
+    "task.steering.kl_targets=[0.025,0.05,0.1,0.15,0.25,0.35,0.5]",
+    "task.steering.max_new_tokens=48",
+]
 VOLATILE = ["created_at", "code_version"]
 
 
@@ -60,19 +64,26 @@ def _up() -> bool:
 def cluster() -> str:
     """The node's name, once the test cluster is up (started here when it is not)."""
     if not _up() and (os.environ.get("CI") or os.environ.get("FEATBENCH_SLURM")):
-        started = subprocess.run(["bash", str(REPO / "tests/slurm/start.sh")],
-                                 capture_output=True, text=True, timeout=900)  # fmt: skip
+        started = subprocess.run(
+            ["bash", str(REPO / "tests/slurm/start.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if started.returncode != 0:
             pytest.fail(f"the Slurm test cluster did not start:\n{started.stderr[-3000:]}")
     if not _up():
-        message = ("no Slurm cluster: run `bash tests/slurm/start.sh` (root or sudo: it "
-                   "installs Debian's slurm-wlm and munge and starts a one-node cluster), or "
-                   "set FEATBENCH_SLURM=1 to let the tests start it")  # fmt: skip
+        message = (
+            "no Slurm cluster: run `bash tests/slurm/start.sh` (root or sudo: it "
+            "installs Debian's slurm-wlm and munge and starts a one-node cluster), or "
+            "set FEATBENCH_SLURM=1 to let the tests start it"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return subprocess.run(["sinfo", "-h", "-o", "%n"], capture_output=True, text=True,
-                          check=True).stdout.split()[0]  # fmt: skip
+    return subprocess.run(
+        ["sinfo", "-h", "-o", "%n"], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
 
 
 def _env(cache: Path | None = None) -> dict:
@@ -83,8 +94,9 @@ def _env(cache: Path | None = None) -> dict:
 
 
 def _featbench(args: list[str], cwd: Path, env: dict, timeout: int = 900):
-    return subprocess.run(featbench_cmd() + args, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        featbench_cmd() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _table(results: Path) -> pd.DataFrame:
@@ -111,8 +123,12 @@ def _records(ids: list[str]) -> dict[str, list[str]]:
     """Slurm's own record of each job: every state `sacct` holds for it (the test cluster's
     accounting, slurmdbd), oldest first; `--duplicates` keeps the records a requeued job
     leaves, and "CANCELLED by 0" reads as CANCELLED."""
-    done = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "jobid,state",
-                           "-j", ",".join(ids)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "--duplicates", "-o", "jobid,state", "-j", ",".join(ids)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     records: dict[str, list[str]] = {job: [] for job in ids}
     for line in done.stdout.split("\n"):
@@ -125,17 +141,6 @@ def _records(ids: list[str]) -> dict[str, list[str]]:
 def _states(ids: list[str]) -> dict[str, str]:
     """Each job's last recorded state."""
     return {job: states[-1] for job, states in _records(ids).items() if states}
-
-
-def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(root.rglob(pattern))
-        if found:
-            return found[0]
-        assert proc.poll() is None, f"the sweep ended (rc={proc.returncode}) before {pattern}"
-        time.sleep(0.5)
-    raise AssertionError(f"{pattern} did not appear under {root} in {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +184,11 @@ def test_a_job_stopped_at_its_time_limit_is_requeued_and_resumes_at_its_checkpoi
     submitit checkpoints and requeues it (`max_num_timeout`), and the requeued job resumes
     the steering task from its checkpoints. The rows equal an uninterrupted run's."""
     results = tmp_path / "results"
-    limits = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=25",
-              "hydra.launcher.max_num_timeout=4"]  # fmt: skip
+    limits = [
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=25",
+        "hydra.launcher.max_num_timeout=4",
+    ]
     args = ["-m", "experiment=smoke", "method=random", "logger=none", *LONG, *SLURM, *limits]
     out = _featbench(args + [f"paths.results_dir={results}"], tmp_path, _env(), timeout=1200)
     printed = out.stdout + out.stderr
@@ -204,10 +212,16 @@ def test_a_cancelled_array_task_leaves_nothing_half_written_and_the_rerun_comple
     results = tmp_path / "results"
     args = SWEEP + SLURM + [f"paths.results_dir={results}"]
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(featbench_cmd() + args, cwd=tmp_path, env=_env(cache),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            featbench_cmd() + args,
+            cwd=tmp_path,
+            env=_env(cache),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            _wait_for("*method=random*/features/features.json", results, proc, timeout=600)
+            wait_for("*method=random*/features/features.json", results, proc, timeout=600)
             [task] = [i for i in _job_ids(results) if i.endswith("_1")]  # random: task 1
             subprocess.run(["scancel", task], check=True, timeout=60)
             proc.wait(timeout=600)
@@ -228,11 +242,13 @@ def test_a_cancelled_array_task_leaves_nothing_half_written_and_the_rerun_comple
 def _resume(node: str) -> None:
     """Bring the node back: `state=resume` when it is still down (ReturnToService=2 may
     already have returned it, and then resume is refused), then wait until it takes jobs."""
-    subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"],
-                   capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        ["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True, timeout=60
+    )
     for _ in range(120):
-        state = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
-                               text=True, timeout=30).stdout.strip()  # fmt: skip
+        state = subprocess.run(
+            ["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         if state in ("idle", "mix", "alloc"):
             return
         time.sleep(0.5)
@@ -248,13 +264,27 @@ def test_a_job_whose_node_goes_down_is_requeued_and_the_sweep_completes(
     results = tmp_path / "results"
     args = ["-m", "experiment=smoke", "method=random", "logger=none", *LONG, *SLURM]
     with open(tmp_path / "sweep.log", "w") as log:
-        proc = subprocess.Popen(featbench_cmd() + args + [f"paths.results_dir={results}"],
-                                cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            featbench_cmd() + args + [f"paths.results_dir={results}"],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            _wait_for("*/checkpoints/steering-concept/generated_*.json", results, proc, 600)
-            subprocess.run(["scontrol", "update", f"nodename={cluster}", "state=down",
-                            "reason=featbench test: node lost"], check=True, timeout=60)  # fmt: skip
+            wait_for("*/checkpoints/steering-concept/generated_*.json", results, proc, 600)
+            subprocess.run(
+                [
+                    "scontrol",
+                    "update",
+                    f"nodename={cluster}",
+                    "state=down",
+                    "reason=featbench test: node lost",
+                ],
+                check=True,
+                timeout=60,
+            )
             time.sleep(15)
             _resume(cluster)
             proc.wait(timeout=1200)
@@ -282,8 +312,18 @@ def test_two_sweeps_on_one_shared_cache_build_each_entry_once(cluster, basic, tm
     for name in ("a", "b"):
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed below)
         args = SWEEP + SLURM + [f"paths.results_dir={tmp_path / name}"]
-        procs.append((subprocess.Popen(featbench_cmd() + args, cwd=tmp_path, env=_env(cache),
-                                       stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
+        procs.append(
+            (
+                subprocess.Popen(
+                    featbench_cmd() + args,
+                    cwd=tmp_path,
+                    env=_env(cache),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     for proc, log in procs:
         proc.wait(timeout=1200)
         log.close()

@@ -60,12 +60,20 @@ def test_a_model_source_and_a_dataset_from_outside_the_repo_run_a_job(tmp_path, 
     (plugins / "__init__.py").write_text(PLUGIN)
     env = {**os.environ, "PYTHONPATH": str(plugins.parent)}
     record = tmp_path / "calls.txt"
-    args = ["experiment=smoke", "task=[concept_detection]", "logger=none", "hydra.mode=RUN",
-            f"hydra.run.dir={tmp_path / 'job'}",
-            "model.source._target_=my_sources.Recorded", f"+model.source.record={record}",
-            "dataset._target_=my_sources.food_and_music", "dataset.name=two-concepts"]  # fmt: skip
-    out = subprocess.run(featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    args = [
+        "experiment=smoke",
+        "task=[concept_detection]",
+        "logger=none",
+        "hydra.mode=RUN",
+        f"hydra.run.dir={tmp_path / 'job'}",
+        "model.source._target_=my_sources.Recorded",
+        f"+model.source.record={record}",
+        "dataset._target_=my_sources.food_and_music",
+        "dataset.name=two-concepts",
+    ]
+    out = subprocess.run(
+        featbench_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # checked once before the model loads, then loaded with that answer
     assert record.read_text().splitlines() == ["check smollm2-135m", "load smollm2-135m 2048 True"]
@@ -89,9 +97,14 @@ def test_a_local_source_without_a_path_names_the_override():
 
 
 def test_an_old_style_source_string_is_refused_naming_the_plugins(tmp_path):
-    out = subprocess.run(featbench_cmd() + ["model.source=local", "hydra.mode=RUN",
-                         f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        featbench_cmd()
+        + ["model.source=local", "hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'job'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     printed = out.stdout + out.stderr
     assert out.returncode == 2, printed[-2000:]
     assert "model.source='local' names no _target_" in printed

@@ -54,7 +54,7 @@ def jobs(tmp_path_factory, embedded):
                     "task.steering.protocol=concept",
                     "task.steering.concepts=2",
                 ],
-            )  # fmt: skip
+            )
             for method in ("diffmean", "random")
         },
     }
@@ -110,8 +110,12 @@ def test_rows_carry_the_protocol(jobs):
     held = per_feature[per_feature["metric"] == "heldout_steering_score"]
     # The held-out value is the mean of the odd samples at the chosen target.
     for _, row in held[held["value"].notna() & held["kl_target"].notna()].iterrows():
-        mine = samples[(samples["feature"] == row["feature"]) & (samples["metric"] == "steering_score")
-                       & (samples["kl_target"] == row["kl_target"]) & (samples["sample"] % 2 == 1)]  # fmt: skip
+        mine = samples[
+            (samples["feature"] == row["feature"])
+            & (samples["metric"] == "steering_score")
+            & (samples["kl_target"] == row["kl_target"])
+            & (samples["sample"] % 2 == 1)
+        ]
         assert (
             row["value"] == pytest.approx(mine["value"].mean())
             and row["n"] == mine["value"].notna().sum()
@@ -130,12 +134,19 @@ def test_summary_has_intervals_and_counts(jobs):
         assert summary.loc[metric, "n"] == per_feature.notna().sum()
         assert summary.loc[metric, "value"] == pytest.approx(per_feature.mean())
     assert summary.loc["steered_features", "value"] == 4
-    failed = frame[(frame["metric"] == "heldout_steering_score") & frame["feature"].notna()
-                   & (frame["value"] == 0) & frame["reason"].notna()]  # fmt: skip
+    failed = frame[
+        (frame["metric"] == "heldout_steering_score")
+        & frame["feature"].notna()
+        & (frame["value"] == 0)
+        & frame["reason"].notna()
+    ]
     assert summary.loc["failed_features", "value"] == len(failed)
     assert summary.loc["alpha_search_passes", "value"] <= 10  # vs 20 bisection steps per target
-    judged = frame[frame["metric"].isin(["concept_score", "fluency_score"]) & frame["sample"].notna()
-                   & frame["failure"].isna()]  # fmt: skip
+    judged = frame[
+        frame["metric"].isin(["concept_score", "fluency_score"])
+        & frame["sample"].notna()
+        & frame["failure"].isna()
+    ]
     assert summary.loc["judge_failures", "value"] == judged["value"].isna().sum()
     assert summary.loc["judge_failures", "n"] == len(judged)
 
@@ -175,8 +186,14 @@ def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alon
     model, ds = embedded.model, load()
     acts = extract(model, ds, 3, "mlp_post", model_fingerprint=embedded.fingerprint)
     features = DiffMean().fit(acts.subset(ds.indices("train")))
-    task = Steering(concepts=3, kl_targets=[0.1, 0.5], samples=4, max_new_tokens=24,
-                    baseline_samples=4, batch_size=128)  # fmt: skip
+    task = Steering(
+        concepts=3,
+        kl_targets=[0.1, 0.5],
+        samples=4,
+        max_new_tokens=24,
+        baseline_samples=4,
+        batch_size=128,
+    )
     data = TaskData(
         dataset=ds, activations=acts, seed=42, output_dir=tmp_path, judge=OfflineJudge()
     )
@@ -190,11 +207,18 @@ def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alon
     unit = features.directions / features.directions.norm(dim=1, keepdim=True)
     for key, (concept, mine) in enumerate(samples.groupby("concept", sort=True)):
         f = int(mine["feature"].iloc[0])
-        jobs = sorted({(task.kl_targets.index(r.kl_target), int(r.sign), float(r.alpha), None)
-                       for r in mine.itertuples()})  # fmt: skip
+        jobs = sorted(
+            {
+                (task.kl_targets.index(r.kl_target), int(r.sign), float(r.alpha), None)
+                for r in mine.itertuples()
+            }
+        )
         u = Unit(concept, f, key, hook=features.hook, vector=unit[f], jobs=jobs)
         alone = generate(model, features.hook, task._specs(u, 42), task)  # this unit only
-        expected = {(task.kl_targets[t], sign, s): alone[j * task.samples + s]
-                    for j, (t, sign, _, _) in enumerate(jobs) for s in range(task.samples)}  # fmt: skip
+        expected = {
+            (task.kl_targets[t], sign, s): alone[j * task.samples + s]
+            for j, (t, sign, _, _) in enumerate(jobs)
+            for s in range(task.samples)
+        }
         got = {(r.kl_target, r.sign, int(r.sample)): r.text for r in mine.itertuples()}
         assert got == expected, concept

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bench.results import read_metrics
-from tests.conftest import featbench_cmd
+from tests.conftest import featbench_cmd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +51,6 @@ def _table(results: Path) -> pd.DataFrame:
     return table.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
 
 
-def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(root.rglob(pattern))
-        if found:
-            return found[0]
-        if proc.poll() is not None:
-            raise AssertionError(f"sweep ended (rc={proc.returncode}) before {pattern} appeared")
-        time.sleep(0.2)
-    raise AssertionError(f"{pattern} did not appear under {root} in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, embedded) -> pd.DataFrame:
     results = tmp_path_factory.mktemp("uninterrupted") / "results"
@@ -82,8 +69,9 @@ def test_killed_sweep_resumes_and_matches_an_uninterrupted_one(tmp_path, uninter
     try:
         # The second job (random) has finished its first steered feature: kill the
         # whole process group mid-task, as the OOM killer or a cluster would.
-        checkpoint = _wait_for("*method=random/checkpoints/steering-*/*_*.json", results,
-                               proc, timeout=600)  # fmt: skip
+        checkpoint = wait_for(
+            "*method=random/checkpoints/steering-*/*_*.json", results, proc, timeout=600
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -125,9 +113,10 @@ def test_submitit_local_launcher_gives_the_basic_launchers_table(tmp_path, embed
     basic = _sweep(tmp_path / "basic", "task=[concept_detection,reconstruction]")
     assert basic.returncode == 0, basic.stderr[-3000:]
     local = _sweep(
-        tmp_path / "submitit", "task=[concept_detection,reconstruction]",
+        tmp_path / "submitit",
+        "task=[concept_detection,reconstruction]",
         "hydra/launcher=submitit_local",
-    )  # fmt: skip
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     assert list((tmp_path / "submitit").rglob(".submitit"))  # it did go through submitit
     pd.testing.assert_frame_equal(_table(tmp_path / "submitit"), _table(tmp_path / "basic"))

@@ -29,8 +29,14 @@ from featbench.tasks.synthetic_recovery import (
 )
 from tests.conftest import REPO
 
-SNMF = {"_target_": "featbench.methods.snmf.SNMF", "rank": 100, "sparsity": 0.01, "max_iter": 200,
-        "patience": 50, "device": "cpu"}  # fmt: skip
+SNMF = {
+    "_target_": "featbench.methods.snmf.SNMF",
+    "rank": 100,
+    "sparsity": 0.01,
+    "max_iter": 200,
+    "patience": 50,
+    "device": "cpu",
+}
 PCA = {"_target_": "featbench.methods.pca.PCA", "n_features": 100}
 TOPK = {"_target_": "featbench.methods.topk_sae.TopKSAE", "d_sae": 100, "k": 16, "device": "cpu"}
 RANDOM = {"_target_": "featbench.methods.random.RandomDirections", "n_features": 100, "seed": 0}
@@ -105,10 +111,11 @@ def chance_mcc(k: int, d: int, draws: int = 200, absolute: bool = False) -> tupl
     independent random unit 'true' directions in d dimensions: what chance scores."""
     gen = torch.Generator().manual_seed(12345)
     values = [
-        matched_cosines(torch.randn(k, d, generator=gen), torch.randn(k, d, generator=gen),
-                        absolute=absolute).mean()
+        matched_cosines(
+            torch.randn(k, d, generator=gen), torch.randn(k, d, generator=gen), absolute=absolute
+        ).mean()
         for _ in range(draws)
-    ]  # fmt: skip
+    ]
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -170,8 +177,11 @@ def test_both_families_get_the_same_information(monkeypatch):
             return _original(self, k, generator)
 
         def fake_fit(self, acts):  # no training: this test is about what the methods are told
-            return Features(torch.randn(20, acts.d, generator=torch.Generator().manual_seed(0)),
-                            method=self.name, hook=acts.hook)  # fmt: skip
+            return Features(
+                torch.randn(20, acts.d, generator=torch.Generator().manual_seed(0)),
+                method=self.name,
+                hook=acts.hook,
+            )
 
         monkeypatch.setattr(cls, "at_capacity", record)
         monkeypatch.setattr(cls, "fit", fake_fit)
@@ -198,8 +208,9 @@ def test_both_families_get_the_same_information(monkeypatch):
 def test_capacity_only_never_reveals_the_generators_sparsity():
     topk, snmf = build_method(TOPK), build_method(SNMF)
     for generator in ("snmf", "sae_lens"):
-        sparse, dense = (SyntheticRecovery(active_per_token=a, sparsity=p)
-                         for a, p in ((2.0, 0.02), (5.0, 0.2)))  # fmt: skip
+        sparse, dense = (
+            SyntheticRecovery(active_per_token=a, sparsity=p) for a, p in ((2.0, 0.02), (5.0, 0.2))
+        )
         assert sparse.resize(topk, generator) == dense.resize(topk, generator)
         assert sparse.resize(snmf, generator) == dense.resize(snmf, generator)
         assert sparse.resize(snmf, generator).sparsity == 0.01  # SNMF's own default
@@ -252,9 +263,13 @@ def test_yaml_composes_and_overrides_win():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=["task=[synthetic_recovery]", "method=topk_sae", "seed=7",
-                       "+task.synthetic_recovery.method_overrides.k=5"],
-        )  # fmt: skip
+            overrides=[
+                "task=[synthetic_recovery]",
+                "method=topk_sae",
+                "seed=7",
+                "+task.synthetic_recovery.method_overrides.k=5",
+            ],
+        )
     assert (
         (REPO / "conf/task/synthetic_recovery.yaml")
         .read_text()

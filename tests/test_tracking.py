@@ -184,8 +184,11 @@ def test_offline_run_mirrors_config_summary_tables_plots_and_no_secrets(
     got = _read_run(run_dir)
     run = got["run"]
     assert (run.project, run.run_group, run.display_name, run.job_type) == (
-        "featbench", "sweep-1", "snmf-seed42", "featbench",
-    )  # fmt: skip
+        "featbench",
+        "sweep-1",
+        "snmf-seed42",
+        "featbench",
+    )
     assert list(run.tags) == ["unit"]
     assert got["config"]["judge"] == {"api_key": REDACTED, "model": "gpt-4o-mini"}
     assert got["config"]["method"] == {"_target_": "featbench.methods.snmf.SNMF", "k": 8}
@@ -244,8 +247,9 @@ def test_failed_job_exits_1_and_runs_stay_separate_in_one_process(wandb_env, tmp
     # both closed by featbench, so both marked finished, each with its exit code
     marks = [json.loads((run / FINISHED_MARKER).read_text()) for run in (run0, run1)]
     assert [(m["run_id"], m["exit_code"]) for m in marks] == [
-        (got0["run"].run_id, 0), (got1["run"].run_id, 1),
-    ]  # fmt: skip
+        (got0["run"].run_id, 0),
+        (got1["run"].run_id, 1),
+    ]
 
 
 def test_error_reporting_is_off_for_wandbs_calls_only(wandb_env, tmp_path, monkeypatch):
@@ -298,8 +302,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_killed_jobs_partial_run_is_never_synced(wandb_env, tmp_path, capfd):
     done_dir, killed_dir = tmp_path / "sweep" / "done", tmp_path / "sweep" / "killed"
-    out = subprocess.run([sys.executable, "-c", KILLED_JOB, str(done_dir), str(killed_dir)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED_JOB, str(done_dir), str(killed_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     (done,), (killed,) = _offline_runs(done_dir), _offline_runs(killed_dir)
     assert "exit" in _read_run(done)["kinds"]
@@ -309,8 +317,12 @@ def test_a_killed_jobs_partial_run_is_never_synced(wandb_env, tmp_path, capfd):
     assert not (killed / FINISHED_MARKER).exists()
 
     # The old recipe, `wandb sync <job>/wandb/offline-run-*`, would upload the partial run:
-    plain = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(killed)],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    plain = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Would sync 1 run(s)" in plain.stdout + plain.stderr
 
     sync_cli([str(tmp_path), "--list"])
@@ -319,8 +331,9 @@ def test_a_killed_jobs_partial_run_is_never_synced(wandb_env, tmp_path, capfd):
         sync_cli([str(tmp_path), "--", "--dry-run"])
     assert exited.value.code == 0
     printed = capfd.readouterr()
-    wandb_lines = [line for line in (printed.out + printed.err).splitlines()
-                   if line.startswith("wandb:")]  # fmt: skip
+    wandb_lines = [
+        line for line in (printed.out + printed.err).splitlines() if line.startswith("wandb:")
+    ]
     assert "wandb: Would sync 1 run(s):" in wandb_lines
     assert any(str(done) in line for line in wandb_lines)
     assert not any(str(killed) in line for line in wandb_lines)
@@ -410,8 +423,11 @@ def test_config_file_instantiates_an_offline_logger():
     tracker = instantiate(cfg)
     assert isinstance(tracker, WandbLogger)
     assert (tracker.mode, tracker.project, tracker.entity, tracker.tags) == (
-        "offline", "featbench", None, [],
-    )  # fmt: skip
+        "offline",
+        "featbench",
+        None,
+        [],
+    )
 
 
 def test_summary_metrics_and_table_rows_are_plain_and_capped(monkeypatch, caplog):
@@ -440,8 +456,12 @@ def test_summary_keys_carry_every_dimension_of_their_rows(caplog):
         {"metric": "heldout_steering_score", "value": 0.5, "protocol": "concept"},
         {"metric": "heldout_steering_score", "value": 0.4, "protocol": "feature"},
     ]
-    frame = pd.concat([finalize(rows, {**RUN, "task": "concept_detection"}),
-                       finalize(steering, {**RUN, "task": "steering"})])  # fmt: skip
+    frame = pd.concat(
+        [
+            finalize(rows, {**RUN, "task": "concept_detection"}),
+            finalize(steering, {**RUN, "task": "steering"}),
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger="bench.job.tracking"):
         summary, _ = summary_metrics(frame)
     assert summary["concept_detection/mean_feature_auroc[encoder=native]"] == 0.8
