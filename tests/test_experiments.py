@@ -8,6 +8,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from bench.core.hooks import hook_name
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
@@ -38,7 +39,7 @@ def test_every_snmf_variant_composes_one_factor_away_from_the_default(name, hook
     assert set(grid["snmf_variant"]) <= set(VARIANTS)
     default = _compose([f"experiment={name}"])
     assert default.method._target_.endswith("snmf.SNMF") and list(default.task) == tasks
-    assert f"blocks.{default.layer}.{_short(default.hook)}" == hook
+    assert hook_name(default.layer, default.hook) == hook
     base = dict(default.method)
     for variant in grid["snmf_variant"]:
         cfg = _compose([f"experiment={name}", f"snmf_variant={variant}"])
@@ -55,10 +56,6 @@ def test_every_snmf_variant_composes_one_factor_away_from_the_default(name, hook
             variant,
             changed,
         )
-
-
-def _short(hook: str) -> str:
-    return {"mlp_post": "mlp.hook_post", "resid_post": "hook_resid_post"}[hook]
 
 
 def test_the_output_centric_experiment_reads_mlp_post_with_both_descriptions():
