@@ -23,6 +23,24 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One run's provenance, as bench.core.results.finalize stamps it on every row: the tests
+# that write rows share it and override only the fields they check.
+RUN = {
+    "run_id": "r",
+    "model": "m",
+    "layer": 3,
+    "hook": "blocks.3.mlp.hook_post",
+    "method": "x",
+    "task": "t",
+    "seed": 42,
+    "config_hash": "abc",
+    "setting_hash": "def",
+    "code_version": "featbench 0.1.0+gtest",
+    "code_digest": "digest0",
+    "dataset_hash": "d0",
+    "dataset_version": "v0",
+}
+
 
 def pytest_configure(config):
     """Hydra's typed schema and featbench's folder-name resolvers, for the tests that compose

@@ -27,22 +27,7 @@ from bench.results import (
 from bench.tasks.detection import auroc, auroc_matrix, best_feature_per_concept
 from featbench.methods.base import ActivationSet, ArtifactError, Features
 from featbench.methods.diffmean import DiffMean
-
-RUN = {
-    "run_id": "r",
-    "model": "m",
-    "layer": 3,
-    "hook": "blocks.3.mlp.hook_post",
-    "method": "x",
-    "task": "t",
-    "seed": 42,
-    "config_hash": "abc",
-    "setting_hash": "def",
-    "code_version": "featbench 0.1.0+gtest",
-    "code_digest": "digest0",
-    "dataset_hash": "d0",
-    "dataset_version": "v0",
-}
+from tests.conftest import RUN
 
 
 def test_hook_names_are_canonical_and_checked():

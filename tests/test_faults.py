@@ -24,23 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.results import ResultsError, finalize, read_metrics, write_metrics
-from tests.conftest import featbench_cmd
+from tests.conftest import RUN, featbench_cmd
 
-RUN = {
-    "run_id": "r",
-    "model": "m",
-    "layer": 0,
-    "hook": "h",
-    "method": "x",
-    "task": "t",
-    "seed": 0,
-    "config_hash": "c",
-    "setting_hash": "s",
-    "code_version": "featbench test",
-    "code_digest": "digest0",
-    "dataset_hash": "d",
-    "dataset_version": "v",
-}
 SMOKE = ["experiment=smoke", "task=[concept_detection]", "logger=none"]
 
 
@@ -449,7 +434,7 @@ def test_too_many_judge_failures_mark_the_job_failed_and_a_rerun_runs_it(tmp_pat
     assert not (tmp_path / "failed.json").exists()
     frame = _judged(72, 224)  # the share of a 135M judge's failures in a paper run
     write_metrics(frame, tmp_path / "metrics.parquet", {})
-    assert completed(tmp_path, "c", "digest0") is not None
+    assert completed(tmp_path, RUN["config_hash"], RUN["code_digest"]) is not None
     with pytest.raises(
         JudgeFailures,
         match=r"72 of 224 judgements failed \(32%\), more than "
@@ -459,5 +444,7 @@ def test_too_many_judge_failures_mark_the_job_failed_and_a_rerun_runs_it(tmp_pat
     record = json.loads((tmp_path / "failed.json").read_text())
     assert record["exit_code"] == 2 and record["judge_failures"] == 72
     assert record["judgements"] == 224 and "judge_failure_limit" in record["error"]
-    assert completed(tmp_path, "c", "digest0") is None  # results kept, not "done"
+    assert (
+        completed(tmp_path, RUN["config_hash"], RUN["code_digest"]) is None
+    )  # results kept, not "done"
     check_judge_failures(frame, 0.5, tmp_path)  # a limit raised knowingly lets it pass

@@ -23,22 +23,9 @@ from bench.results import (
     write_metrics,
     write_replicates,
 )
+from tests import conftest
 
-RUN = {
-    "run_id": "r",
-    "model": "m",
-    "layer": 3,
-    "hook": "blocks.3.mlp.hook_post",
-    "method": "x",
-    "task": "t",
-    "seed": 42,
-    "config_hash": "abc",
-    "setting_hash": "def",
-    "code_version": "featbench 0.1.0+gold",
-    "code_digest": "digest0",
-    "dataset_hash": "d0",
-    "dataset_version": "v0",
-}
+RUN = {**conftest.RUN, "code_version": "featbench 0.1.0+gold"}  # named in the log check
 
 
 def _cfg(*overrides: str):

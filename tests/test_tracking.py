@@ -31,24 +31,17 @@ from bench.core.secrets import REDACTED
 from bench.errors import ConfigError
 from bench.job.tracking import FINISHED_MARKER, WandbLogger, summary_metrics, table_rows
 from bench.results import finalize
+from tests import conftest
 
 SECRET = "sk-FAKE-SECRET-123"
 ARGV_SECRET = "sk-ARGV-SECRET-456"
 ENV_SECRET = "wandb-env-secret-789"
 RUN = {
-    "run_id": "r0",
+    **conftest.RUN,
     "model": "smollm2-135m",
-    "layer": 3,
     "hook": "mlp_post",
     "method": "snmf",
     "task": "concept_detection",
-    "seed": 42,
-    "config_hash": "abc123",
-    "setting_hash": "def456",
-    "code_version": "featbench test",
-    "code_digest": "digest0",
-    "dataset_hash": "d0",
-    "dataset_version": "concepts-v2",
 }
 
 
