@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.core.hooks import hook_name, layer_of
+from bench.core.storage import sha256_json
 from bench.errors import ConfigError
 from bench.fit.features import Features
 from bench.judges.base import Judge
@@ -347,8 +348,10 @@ class Steering(SteeringSettings, Task):
         if not data.checkpoint_key:
             log.warning("steering: no checkpoint key, so this run cannot resume if it stops")
             return None
+        # one folder per settings: two steering tasks of a job (output_centric) share features
+        settings = sha256_json({f.name: getattr(self, f.name) for f in fields(self)})[:12]
         return Checkpoints(
-            data.output_dir / "checkpoints" / f"steering-{self.protocol}",
+            data.output_dir / "checkpoints" / f"steering-{self.protocol}-{settings}",
             data.checkpoint_key,
             version=CHECKPOINT_VERSION,
         )

@@ -273,7 +273,7 @@ def test_a_job_whose_node_goes_down_is_requeued_and_the_sweep_completes(
             start_new_session=True,
         )
         try:
-            wait_for("*/checkpoints/steering-concept/generated_*.json", results, proc, 600)
+            wait_for("*/checkpoints/steering-concept-*/generated_*.json", results, proc, 600)
             subprocess.run(
                 [
                     "scontrol",

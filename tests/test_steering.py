@@ -29,6 +29,11 @@ SMALL = [
 HEADLINE = ["heldout_steering_score", "best_kl_steering_score", "concept_score", "fluency_score"]
 
 
+def _small(key: str) -> list[str]:
+    """SMALL's settings for the task configured under `task.<key>`."""
+    return [o.replace("task.steering.", f"task.{key}.") for o in SMALL if o.startswith("task.")]
+
+
 def _job(tmp_path, name, overrides) -> pd.DataFrame:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -41,8 +46,19 @@ def jobs(tmp_path_factory, embedded):
     return {
         "diffmean": _job(tmp, "diffmean", ["method=diffmean", *SMALL]),
         "random": _job(tmp, "random", ["method=random", *SMALL]),
+        # experiment=output_centric's pair of tasks: the same features judged against the
+        # tokens they promote and against their top-activating tokens, in one job
         "random_out": _job(
-            tmp, "random_out", ["method=random", *SMALL, "task.steering.description=output_centric"]
+            tmp,
+            "random_out",
+            [
+                "method=random",
+                "task=[steering_feature,steering_feature_tokens]",
+                "task.steering_feature.description=output_centric",
+                *_small("steering_feature"),
+                *_small("steering_feature_tokens"),
+                "device=cpu",
+            ],
         ),
         **{
             f"{method}_concept": _job(
@@ -153,8 +169,8 @@ def test_summary_has_intervals_and_counts(jobs):
 
 def test_output_centric_descriptions_are_promoted_tokens(jobs):
     frame = jobs["random_out"]
+    frame = frame[frame["description"] == "output_centric"]
     samples = frame[frame["sample"].notna()]
-    assert (samples["description"] == "output_centric").all()
     # Each sign is judged against its own token list.
     per_sign = samples.groupby(["feature", "sign"])["description_text"].nunique().unstack()
     assert (per_sign[1] == 1).all() and (per_sign[-1] == 1).all()
@@ -164,6 +180,27 @@ def test_output_centric_descriptions_are_promoted_tokens(jobs):
     assert not math.isnan(summary.loc["heldout_steering_score", "value"])
     held = frame[(frame["metric"] == "heldout_steering_score") & frame["feature"].notna()]
     assert set(held["sign"].dropna()) <= {1, -1}
+
+
+def test_two_steering_tasks_in_one_job_judge_the_same_features_each_their_own_way(jobs):
+    """experiment=output_centric's pair: both tasks steer the same sampled features; the
+    token task judges the + sign against the top-activating tokens, the output-centric one
+    each sign against its promoted tokens. Neither takes the other's checkpointed results
+    (they once did: one checkpoint folder per protocol, so the second task's rows were the
+    first's)."""
+    frame = jobs["random_out"]
+    samples = frame[frame["sample"].notna()]
+    by_kind = {k: part for k, part in samples.groupby("description")}
+    assert set(by_kind) == {"output_centric", "tokens"}
+    out, tokens = by_kind["output_centric"], by_kind["tokens"]
+    assert set(out["feature"]) == set(tokens["feature"]) and len(set(out["feature"])) == 4
+    assert set(out["sign"]) == {1, -1} and set(tokens["sign"]) == {1}
+    said = {k: part.groupby("feature")["description_text"].first() for k, part in by_kind.items()}
+    plus = out[out["sign"] == 1].groupby("feature")["description_text"].first()
+    assert (plus != said["tokens"]).all(), "the token task was judged against promoted tokens"
+    summary = frame[frame["feature"].isna() & frame["concept"].isna() & frame["kl_target"].isna()]
+    heads = summary[summary["metric"] == "judge_failures"].set_index("description")["n"]
+    assert heads["output_centric"] == 2 * heads["tokens"]  # both signs judged, against one
 
 
 def test_rows_of_many_units_share_batches_and_keep_the_texts_each_unit_gets_alone(

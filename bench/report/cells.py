@@ -194,6 +194,19 @@ def headline_cells(
     ]
     cells = pd.DataFrame(out, columns=CELL_COLUMNS)
     cells["supervised"] = cells["method"].isin(supervised_methods(summary))
+    return _label_kinds(cells)
+
+
+def _label_kinds(cells: pd.DataFrame) -> pd.DataFrame:
+    """A steering protocol judged against several description kinds in one table (two
+    steering tasks in a job, as experiment=output_centric runs) gets a column per kind: the
+    kind joins the label, so no cell hides another of the same setting."""
+    steering = cells[cells["task"] == "steering"]
+    for _, part in steering.groupby([*BLOCK, "protocol"], dropna=False, sort=False):
+        if part["description"].dropna().nunique() > 1:
+            kinds = part["description"].astype(str)
+            cells.loc[part.index, "label"] = part["label"] + " (" + kinds + " descriptions)"
+            cells.loc[part.index, "order"] = part["order"] + ":" + kinds
     return cells
 
 

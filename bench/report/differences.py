@@ -32,6 +32,7 @@ COLUMNS = [
     "metric",
     "encoder",
     "protocol",
+    "description",  # the steering cells' description kind (one per comparison)
     "method_a",
     "setting_a",
     "method_b",
@@ -103,6 +104,7 @@ def differences(cells: pd.DataFrame) -> pd.DataFrame:
                         "metric": metric,
                         "encoder": None if pd.isna(encoder) else encoder,
                         "protocol": None if pd.isna(protocol) else protocol,
+                        "description": _kind(a),  # b's too: kinds are never mixed
                         "method_a": a["method"],
                         "setting_a": a["setting"],
                         "method_b": b["method"],
@@ -184,6 +186,8 @@ def _md_row(row: dict) -> list[str]:
     metric = row["metric"] if pd.isna(row["encoder"]) else f"{row['metric']} ({row['encoder']})"
     if pd.notna(row["protocol"]) and row["protocol"] != DEFAULT_PROTOCOL:
         metric += f" ({row['protocol']} protocol)"
+        if pd.notna(row.get("description")):  # a feature protocol's kinds can differ by task
+            metric += f" ({row['description']} descriptions)"
     delta = num(row["delta"])
     if pd.notna(row["ci_low"]):
         delta += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"

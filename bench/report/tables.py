@@ -131,8 +131,8 @@ def _notes(part: pd.DataFrame) -> list[str]:
     if kinds:
         notes.append(
             f"**WARNING: these steering cells were judged against different "
-            f"description kinds ({', '.join(kinds)}); their scores are not comparable, "
-            f"and no steering difference across kinds is computed.**"
+            f"description kinds ({', '.join(kinds)}); their scores are not comparable: each "
+            f"kind has its own columns, and no steering difference across kinds is computed.**"
         )
     return notes
 
