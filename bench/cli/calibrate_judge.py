@@ -143,6 +143,13 @@ def separation(
         spread = float(np.std(base_v @ judge.embed([desc])[0], ddof=1))
         z_pos.append(pos[-1] / spread)  # the z-score alternative, for comparison
         z_neg.append(neg[-1] / spread)
+    found = _summary(aurocs, pos, neg)
+    found["pooled_auroc_zscore"] = auroc(np.concatenate(z_pos), np.concatenate(z_neg))
+    return found
+
+
+def _summary(aurocs: dict[str, float], pos: list, neg: list) -> dict[str, Any]:
+    """Per-concept AUROCs and the pooled on- and off-concept deltas, as `report` reads them."""
     on, off = np.concatenate(pos), np.concatenate(neg)
     return {
         "aurocs": aurocs,
@@ -150,7 +157,6 @@ def separation(
         "auroc_min": min(aurocs.values()),
         "auroc_min_concept": min(aurocs, key=aurocs.__getitem__),
         "pooled_auroc": auroc(on, off),
-        "pooled_auroc_zscore": auroc(np.concatenate(z_pos), np.concatenate(z_neg)),
         "off_concept_delta_q95": float(np.quantile(off, 0.95)),
         "on_concept_delta_median": float(np.median(on)),
     }
@@ -178,16 +184,7 @@ def example_separation(judge: Any, dataset: Any, seed: int = 0) -> dict[str, Any
         pos.append(on)
         neg.append(off)
         aurocs[concept] = auroc(on, off)
-    on, off = np.concatenate(pos), np.concatenate(neg)
-    return {
-        "aurocs": aurocs,
-        "auroc_mean": float(np.mean(list(aurocs.values()))),
-        "auroc_min": min(aurocs.values()),
-        "auroc_min_concept": min(aurocs, key=aurocs.__getitem__),
-        "pooled_auroc": auroc(on, off),
-        "off_concept_delta_q95": float(np.quantile(off, 0.95)),
-        "on_concept_delta_median": float(np.median(on)),
-    }
+    return _summary(aurocs, pos, neg)
 
 
 def split_texts(dataset: Any, split: str) -> tuple[list[str], list[str], list[str]]:
