@@ -17,6 +17,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from bench.judges.openai import OpenAIJudge
 
 Reply = tuple[int, bytes]  # status, body
 Script = Callable[[int, dict], Reply]
@@ -117,3 +120,15 @@ def serving(script: Script | None = None) -> Iterator[OpenAIDouble]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def double_judge(server: OpenAIDouble, cache_dir: Path, **kwargs) -> OpenAIJudge:
+    """featbench's OpenAI judge pointed at the double: no key, no retries."""
+    return OpenAIJudge(
+        base_url=server.url,
+        model="double",
+        api_key_env=None,
+        max_retries=0,
+        cache_dir=str(cache_dir),
+        **kwargs,
+    )

@@ -12,7 +12,6 @@ from scipy.stats import chisquare
 
 from bench.errors import ConfigError
 from bench.judges.base import Judge, Judgement
-from bench.judges.openai import OpenAIJudge
 from bench.tasks.descriptions import Description, written_output
 from bench.tasks.steering.calibrate import calibrate
 from bench.tasks.steering.generate import generate, mlp_out_image, post_norm_targets
@@ -21,7 +20,7 @@ from bench.tasks.steering.scores import EXCLUDED, aggregate
 from featbench.methods.base import Features
 from featbench.tasks.concept_detection import ConceptDetection
 from featbench.tasks.steering import Steering
-from tests.openai_double import answering, serving
+from tests.openai_double import answering, double_judge, serving
 
 HOOK = "blocks.1.mlp.hook_post"
 
@@ -153,14 +152,7 @@ def test_a_retry_is_a_new_request_and_a_rerun_replays_both_from_the_cache(tmp_pa
     with serving(answering(first_unparsable)) as server:
 
         def judge(**kw):
-            return OpenAIJudge(
-                base_url=server.url,
-                model="double",
-                api_key_env=None,
-                max_retries=0,
-                cache_dir=str(tmp_path / "cache"),
-                **kw,
-            )
+            return double_judge(server, tmp_path / "cache", **kw)
 
         once = judge().concept(["some text"], "food", [])
         assert once[0].score is None and len(server.requests) == 1

@@ -15,14 +15,13 @@ import torch
 
 from bench.activations.extraction import extract
 from bench.data import datasets
-from bench.judges.openai import OpenAIJudge
 from bench.tasks.sentences import diffmean_vector, write_sentences
 from bench.tasks.steering.calibrate import calibrate
 from featbench.methods.pca import PCA
 from featbench.tasks.base import TaskData
 from featbench.tasks.concept_detection import ConceptDetection
 from featbench.tasks.steering import Steering
-from tests.openai_double import serving
+from tests.openai_double import double_judge, serving
 
 HOOK = "blocks.1.mlp.hook_post"
 
@@ -36,16 +35,6 @@ def setup(tiny_model, tmp_path):
     acts = extract(tiny_model, data, 1, "mlp_post", model_fingerprint="tiny-paper", use_cache=False)
     features = PCA(n_features=4).fit(acts.subset(data.indices("train")))
     return data, acts, features
-
-
-def _double_judge(server, tmp_path) -> OpenAIJudge:
-    return OpenAIJudge(
-        base_url=server.url,
-        model="double",
-        api_key_env=None,
-        max_retries=0,
-        cache_dir=str(tmp_path / "judge"),
-    )
 
 
 @torch.no_grad()
@@ -63,7 +52,7 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
             activations=acts,
             seed=0,
             output_dir=tmp_path,
-            judge=_double_judge(server, tmp_path),
+            judge=double_judge(server, tmp_path / "judge"),
         )
         task = ConceptDetection(protocol="paper", max_features=2, resamples=50)
         assert task.needs_judge and task.min_concepts == 0 and task.encoders == ["projection"]
@@ -78,7 +67,7 @@ def test_paper_concept_detection_wiring_against_the_test_double(tiny_model, setu
                 activations=acts,
                 seed=0,
                 output_dir=tmp_path,
-                judge=_double_judge(server, tmp_path),
+                judge=double_judge(server, tmp_path / "judge"),
             ),
             None,
         )
@@ -129,7 +118,7 @@ def test_generated_diffmean_wiring_against_the_test_double(
 
     monkeypatch.setattr(steering, "calibrate", spy)
     with serving() as server:
-        judge = _double_judge(server, tmp_path)
+        judge = double_judge(server, tmp_path / "judge")
         task_data = TaskData(
             dataset=data, activations=acts, seed=0, output_dir=tmp_path, judge=judge
         )
