@@ -83,10 +83,19 @@ def winner_take_all(z: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def multiplicative_step(g: torch.Tensor, xz: torch.Tensor, ztz: torch.Tensor) -> torch.Tensor:
-    """Ding et al.'s semi-NMF update of G (n x k) for fixed Z, given X Z and Z^T Z."""
+    """Ding et al.'s semi-NMF update of G (n x k) for fixed Z, given X Z and Z^T Z.
+
+    Entries the update drives below the dtype's smallest normal float are set to 0: the
+    rule shrinks unused entries geometrically, and once they are subnormal every matmul
+    that reads G takes the CPU's slow path for subnormal arithmetic (1.3-1.6x per
+    iteration at mlp_post, and a paper-length fit slowing 10x as they accumulate; see
+    benchmarks/snmf_denormals.py). This is what a CPU in flush-to-zero mode computes; an
+    entry under 1.2e-38 carries nothing into the loss at float32 precision.
+    """
     numerator = positive(xz) + g @ negative(ztz)
     denominator = negative(xz) + g @ positive(ztz)
-    return g * torch.sqrt(numerator / (denominator + EPS))
+    g = g * torch.sqrt(numerator / (denominator + EPS))
+    return g.masked_fill_(g < torch.finfo(g.dtype).tiny, 0.0)
 
 
 class SNMFFeatures(Features):

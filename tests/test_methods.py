@@ -19,7 +19,7 @@ from featbench.methods.diffmean import DiffMean
 from featbench.methods.neurons import Neurons
 from featbench.methods.pca import PCA
 from featbench.methods.random import RandomDirections
-from featbench.methods.snmf import SNMF, winner_take_all
+from featbench.methods.snmf import EPS, SNMF, multiplicative_step, winner_take_all
 from featbench.methods.snmf_hier import HierarchicalSNMF
 from featbench.tasks.synthetic_recovery import planted_snmf
 from tests.conftest import featbench_cmd
@@ -120,6 +120,22 @@ def test_snmf_bad_settings():
         ValueError, match=r"method.rank=300 exceeds min\(tokens, width\) = min\(3000, 200\)"
     ):
         SNMF(rank=300).factorize(planted()[0], progress=False)
+
+
+def test_snmf_update_sends_entries_below_the_smallest_normal_float_to_zero():
+    """The step the CPU would take in flush-to-zero mode: an entry the rule shrinks into the
+    subnormal range is 0 (no slow subnormal arithmetic afterwards), every other entry is the
+    plain rule's value."""
+    g = torch.tensor([[1e-36], [1.0], [1e-36], [0.0]])
+    xz = torch.tensor([[1e-20], [2.0], [1e-6], [1.0]])
+    ztz = torch.tensor([[1.0]])
+    plain = g * torch.sqrt(xz / (g @ ztz + EPS))  # k = 1, Z^T Z > 0: the rule written out
+    tiny = torch.finfo(torch.float32).tiny
+    assert 0 < plain[0, 0] < tiny  # the case under test: the plain rule gives a subnormal
+    out = multiplicative_step(g.clone(), xz, ztz)
+    assert out[0, 0] == 0
+    torch.testing.assert_close(out[1:], plain[1:], rtol=0, atol=0)
+    assert out[2, 0] >= tiny  # 1e-36 grown by its factor stays: only subnormals are cut
 
 
 def test_winner_take_all_keeps_largest_magnitudes():
