@@ -158,7 +158,8 @@ def code_version() -> str:
     """featbench's version, e.g. `featbench 0.1.0+g7ec37fb` from a clean checkout,
     `featbench 0.1.0+g7ec37fb.dirty-1a2b3c4d` with uncommitted changes (the suffix
     hashes the diff and the untracked files' names, so two different edits of one
-    commit are two versions), and `featbench 0.1.0` for an installed copy.
+    commit are two versions; the committed results folders do not count, see
+    `uncommitted`), and `featbench 0.1.0` for an installed copy.
 
     Computed once per process: a job's rows all name the code that started it."""
     try:
@@ -173,12 +174,25 @@ def code_version() -> str:
     if not commit:
         return f"featbench {version}"
     text = f"featbench {version}+g{commit.strip()[:12]}"
-    diff = _git("diff", "HEAD", "--binary", cwd=here) or ""
-    untracked = _git("ls-files", "--others", "--exclude-standard", cwd=here) or ""
-    if diff or untracked:
-        digest = hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest()[:8]
-        text += f".dirty-{digest}"
-    return text
+    changes = uncommitted(here)
+    return text + (f".dirty-{changes}" if changes else "")
+
+
+#: the checkout's folders of committed outputs: a sweep into one rewrites its files (Hydra's
+#: multirun.yaml first of all) before the first job asks for the code version
+OUTPUT_FOLDERS = ("results",)
+
+
+def uncommitted(inside: Path) -> str | None:
+    """A digest of the checkout's uncommitted changes, the one `inside` is in: the diff
+    against HEAD and the untracked files' names over the whole work tree (not only below
+    `inside`), OUTPUT_FOLDERS left out; None when there are none (or no git)."""
+    where = ["--", ":(top)", *(f":(top,exclude){name}" for name in OUTPUT_FOLDERS)]
+    diff = _git("diff", "HEAD", "--binary", *where, cwd=inside) or ""
+    untracked = _git("ls-files", "--others", "--exclude-standard", *where, cwd=inside) or ""
+    if not (diff or untracked):
+        return None
+    return hashlib.sha256((diff + "\0" + untracked).encode()).hexdigest()[:8]
 
 
 #: the packages whose files compute a job's results, by import name

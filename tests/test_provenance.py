@@ -6,6 +6,7 @@ Fast unit tests: the composed config is real (Hydra), no model is loaded.
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from bench.results import (
     finalize,
     pop_replicates,
     read_replicates,
+    uncommitted,
     write_metrics,
     write_replicates,
 )
@@ -73,6 +75,32 @@ def test_code_version_names_the_package_and_commit():
     if "+g" in version:  # run from a checkout: the commit, and a digest when it is dirty
         commit = version.split("+g", 1)[1]
         assert len(commit.split(".", 1)[0]) == 12
+
+
+def test_uncommitted_changes_count_over_the_whole_tree_but_not_the_results(tmp_path):
+    """A checkout's new method file counts wherever it is asked from (the package folder is
+    not the top); a sweep's rewrite of a committed results folder does not."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "results" / "sweep").mkdir(parents=True)
+    (repo / "bench" / "x.py").write_text("x = 1\n")
+    (repo / "results" / "sweep" / "multirun.yaml").write_text("task: [a]\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], cwd=repo, check=True)
+    inside = repo / "bench"
+    assert uncommitted(inside) is None
+    (repo / "results" / "sweep" / "multirun.yaml").write_text("task: [b]\n")
+    (repo / "results" / "sweep" / "job").mkdir()
+    (repo / "results" / "sweep" / "job" / "metrics.parquet").write_bytes(b"rows")
+    assert uncommitted(inside) is None
+    (repo / "methods").mkdir()
+    (repo / "methods" / "new.py").write_text("y = 2\n")  # outside bench/, untracked
+    added = uncommitted(inside)
+    assert added is not None
+    (repo / "bench" / "x.py").write_text("x = 3\n")
+    assert uncommitted(inside) not in (None, added)
 
 
 def test_results_of_other_code_are_run_again_and_the_log_says_why(tmp_path, caplog):
