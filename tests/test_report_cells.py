@@ -17,6 +17,7 @@ import bench.report as report_module
 from bench.report import ReportError, build, report
 from bench.report.cells import setting_labels
 from bench.report.differences import COLUMNS
+from bench.report.tables import MARK
 from bench.results import read_metrics
 from bench.stats import difference, holm, mean_estimate, percentile_interval
 from tests.conftest import REPO
@@ -428,3 +429,21 @@ def test_the_ranking_samples_are_the_held_out_texts_at_the_chosen_target():
         assert all(t in text for t in shown)
         assert f"{job} animals kl0.5 s0" not in text and f"{job} animals kl0.1" not in text
     assert "snmf-43" not in text
+
+
+def test_a_cell_is_marked_by_its_own_description_kinds_difference_from_random(tmp_path):
+    """The feature protocol judged against two description kinds in one job (the
+    output-centric experiment's pair of steering tasks, one table): each kind's cell carries
+    its own mark. SNMF clears random on one kind and ties it on the other; the first cell is
+    marked and the second is not (one key for both had marked neither)."""
+    low = np.linspace(0.0, 0.2, 24)
+    for name, promoted in (("snmf", UNITS + 1.0), ("random", UNITS)):
+        rows = _heldout(promoted, "u", kind="output_centric") + _heldout(low, "u", kind="tokens")
+        write_job(
+            tmp_path / name, name, 1, {"steering": [{**r, "protocol": "feature"} for r in rows]}
+        )
+    table = report(tmp_path).read_text().split("### Steering")[1].split("\n## ")[0]
+    [snmf_row] = [line for line in table.splitlines() if line.startswith("| snmf |")]
+    cells = [c.strip() for c in snmf_row.split("|")[2:4]]
+    assert cells[0].startswith("2.00") and cells[1].startswith("0.10"), snmf_row
+    assert cells[0].endswith(f" {MARK}") and not cells[1].endswith(f" {MARK}"), snmf_row
