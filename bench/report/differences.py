@@ -227,9 +227,8 @@ def mark_key(row: dict, setting: str) -> tuple[str, ...]:
     """A cell's (model, layer, hook, metric, encoder, protocol, description kind, setting) as
     text, to find its marks: a steering protocol judged against two kinds has a cell, and a
     difference from random, for each."""
-    kind = row.get("description")
-    values = [*(row[k] for k in BLOCK), row["metric"], row["encoder"], row["protocol"], kind]
-    values.append(setting)
+    keys = ("metric", "encoder", "protocol")
+    values = [*(row[k] for k in (*BLOCK, *keys)), row.get("description"), setting]
     return tuple("" if v is None or pd.isna(v) else str(v) for v in values)
 
 
